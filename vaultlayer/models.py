@@ -114,6 +114,11 @@ class InjectReclaimInput(VLModel):
     with_notice: bool = True
 
 
+class ReapInput(VLModel):
+    run_id: str
+    providers: list[str]
+
+
 class CheckpointRef(VLModel):
     """A verified, complete checkpoint that an attempt may resume from."""
 

@@ -1,0 +1,76 @@
+"""Control-plane activities: provision, release, describe, verify, reap, and reclaim injection.
+
+Built once by the control-plane worker. Provider SDKs block, so these run on the worker's thread pool
+(sync activities), except the reclaim injection, which waits out a grace period.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import structlog
+from temporalio import activity
+
+from activities.providers import make_provider
+from activities.providers.base import NoCapacityError, Provider
+from vaultlayer import checkpoint
+from vaultlayer.models import (
+    Host,
+    HostDescription,
+    InjectReclaimInput,
+    ProvisionInput,
+    ProvisionResult,
+    ReapInput,
+    VerifyInput,
+    VerifyResult,
+)
+
+log = structlog.get_logger(__name__)
+
+
+class ControlActivities:
+    def __init__(self, vl_home: Path, temporal_env: dict[str, str]) -> None:
+        self.vl_home = vl_home
+        self.temporal_env = temporal_env
+        self._providers: dict[str, Provider] = {}
+
+    def provider(self, name: str) -> Provider:
+        if name not in self._providers:
+            self._providers[name] = make_provider(name, self.vl_home, self.temporal_env)
+        return self._providers[name]
+
+    @activity.defn(name="provision")
+    def provision(self, inp: ProvisionInput) -> ProvisionResult:
+        provider = self.provider(inp.placement.pool.provider)
+        try:
+            return provider.provision(inp)
+        except NoCapacityError as err:
+            return ProvisionResult(refusal=err.kind, message=str(err))
+
+    @activity.defn(name="release")
+    def release(self, host: Host) -> None:
+        self.provider(host.provider).release(host)
+
+    @activity.defn(name="describe_host")
+    def describe_host(self, host: Host) -> HostDescription:
+        return self.provider(host.provider).describe(host)
+
+    @activity.defn(name="verify_checkpoint")
+    def verify_checkpoint(self, inp: VerifyInput) -> VerifyResult:
+        result = checkpoint.choose_checkpoint(inp.storage_url, inp.run_id, inp.fences)
+        for bad in result.rejected:
+            log.warning("checkpoint rejected", run_id=inp.run_id, checkpoint=bad.name, reason=bad.reason)
+        return result
+
+    @activity.defn(name="reap_run")
+    def reap_run(self, inp: ReapInput) -> list[str]:
+        reaped = []
+        for name in inp.providers:
+            reaped += self.provider(name).reap(inp.run_id)
+        if reaped:
+            log.warning("reaped hosts", run_id=inp.run_id, hosts=reaped)
+        return reaped
+
+    @activity.defn(name="inject_reclaim")
+    async def inject_reclaim(self, inp: InjectReclaimInput) -> None:
+        await self.provider(inp.host.provider).inject_reclaim(inp, heartbeat=activity.heartbeat)

@@ -1,0 +1,238 @@
+"""`run_attempt`: what the host agent does for one attempt of a run.
+
+Restore the verified checkpoint, start the user's command, and supervise it: heartbeat progress,
+upload what the script stages, watch for a reclaim notice. On a notice the script is asked for an
+emergency save (through the SDK's control directory); once that is stored, or the deadline is too
+close, the attempt reports `reclaimed` while the host is still alive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import time
+import uuid
+from pathlib import Path
+
+import structlog
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from activities.notices import NoticeSource
+from vaultlayer import checkpoint
+from vaultlayer.models import AttemptInput, AttemptOutcome, AttemptProgress, AttemptResult, Notice
+
+log = structlog.get_logger(__name__)
+
+POLL_SECONDS = 0.2
+# Report a notice as reclaimed this long before its deadline even when no emergency save came.
+DEADLINE_MARGIN_SECONDS = 3.0
+
+
+class StagedSave:
+    def __init__(self, directory: Path, meta: dict) -> None:
+        self.directory = directory
+        self.step = int(meta["step"])
+        self.emergency = bool(meta.get("emergency"))
+        self.notice_id = meta.get("notice_id")
+
+
+def staged_saves(staging: Path) -> list[StagedSave]:
+    """Complete saves the SDK committed (renamed out of `.tmp-*`), oldest first."""
+    saves = []
+    for entry in staging.iterdir():
+        if entry.name.startswith(".tmp-") or not entry.is_dir():
+            continue
+        meta_file = entry / "vl-save.json"
+        if meta_file.exists():
+            saves.append(StagedSave(entry, json.loads(meta_file.read_text())))
+    return sorted(saves, key=lambda s: s.step)
+
+
+class Uploader:
+    """Uploads staged saves in order, in the background; the newest stored step is `durable_step`."""
+
+    def __init__(self, inp: AttemptInput, staging: Path, durable_step: int | None) -> None:
+        self.inp = inp
+        self.staging = staging
+        self.durable_step = durable_step
+        self.emergency_stored: set[str] = set()
+        self.error: str | None = None
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while True:
+            stopping = stop.is_set()
+            for save in staged_saves(self.staging):
+                await self.upload(save)
+            if stopping:
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), POLL_SECONDS)
+
+    async def upload(self, save: StagedSave) -> None:
+        if self.durable_step is not None and save.step <= self.durable_step and not save.emergency:
+            shutil.rmtree(save.directory, ignore_errors=True)  # older than what is stored
+            return
+        try:
+            await asyncio.to_thread(
+                checkpoint.upload_checkpoint,
+                save.directory,
+                self.inp.storage_url,
+                self.inp.run_id,
+                self.inp.attempt,
+                save.step,
+            )
+        except Exception as err:  # noqa: BLE001 - storage errors are retried inside; report the rest
+            self.error = f"upload of step {save.step} failed: {err}"
+            log.error("checkpoint upload failed", step=save.step, error=str(err))
+            await asyncio.sleep(1)
+            return
+        self.durable_step = max(save.step, self.durable_step or 0)
+        if save.emergency and save.notice_id:
+            self.emergency_stored.add(save.notice_id)
+        shutil.rmtree(save.directory, ignore_errors=True)
+        log.info("checkpoint stored", step=save.step, attempt=self.inp.attempt)
+
+
+def read_progress(control: Path) -> int | None:
+    try:
+        return int(json.loads((control / "progress.json").read_text())["step"])
+    except (FileNotFoundError, json.JSONDecodeError, KeyError, ValueError):
+        return None
+
+
+class HostAgentActivities:
+    def __init__(self, host_id: str, host_dir: Path, notices: NoticeSource) -> None:
+        self.host_id = host_id
+        self.host_dir = host_dir
+        self.notices = notices
+
+    @activity.defn(name="run_attempt")
+    async def run_attempt(self, inp: AttemptInput) -> AttemptResult:
+        bound = log.bind(run_id=inp.run_id, attempt=inp.attempt, host=self.host_id)
+        attempt_dir = self.host_dir / f"a{inp.attempt}"
+        shutil.rmtree(attempt_dir, ignore_errors=True)
+        restore, staging, control = (attempt_dir / name for name in ("restore", "staging", "control"))
+        for directory in (restore, staging, control):
+            directory.mkdir(parents=True)
+
+        start_step = inp.checkpoint.step if inp.checkpoint else 0
+        progress = AttemptProgress(phase="restoring", start_step=start_step, step=start_step,
+                                   durable_step=inp.checkpoint.step if inp.checkpoint else None)
+        heartbeats = asyncio.create_task(self._heartbeat(progress, inp.heartbeat_interval_seconds))
+        try:
+            if inp.checkpoint:
+                try:
+                    await asyncio.to_thread(checkpoint.restore_checkpoint, inp.checkpoint, restore)
+                except checkpoint.CheckpointError as err:
+                    raise ApplicationError(f"restore of {inp.checkpoint.name} failed: {err}",
+                                           type="RestoreFailed", non_retryable=True) from err
+                bound.info("checkpoint restored", step=inp.checkpoint.step)
+            return await self._supervise(inp, progress, restore, staging, control, bound)
+        finally:
+            heartbeats.cancel()
+
+    async def _heartbeat(self, progress: AttemptProgress, interval: float) -> None:
+        while True:
+            activity.heartbeat(progress.model_copy())
+            await asyncio.sleep(interval)
+
+    def _script_env(self, inp: AttemptInput, restore: Path, staging: Path, control: Path) -> dict:
+        env = {**os.environ, **inp.env}
+        for name in [k for k in env if k.startswith("VL_")]:
+            del env[name]
+        env.update(
+            VL_RUN_ID=inp.run_id,
+            VL_ATTEMPT=str(inp.attempt),
+            VL_STAGING_DIR=str(staging),
+            VL_CONTROL_DIR=str(control),
+        )
+        if inp.checkpoint:
+            env.update(VL_RESTORE_DIR=str(restore), VL_RESTORE_STEP=str(inp.checkpoint.step))
+        if inp.checkpoint_every:
+            env["VL_CHECKPOINT_EVERY"] = inp.checkpoint_every
+        return env
+
+    async def _supervise(self, inp, progress, restore, staging, control, bound) -> AttemptResult:
+        log_file = open(self.host_dir / f"a{inp.attempt}.log", "ab")  # noqa: SIM115 - closed below
+        try:
+            process = await asyncio.create_subprocess_exec(
+                *inp.command,
+                cwd=inp.workdir,
+                env=self._script_env(inp, restore, staging, control),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=asyncio.subprocess.STDOUT,
+            )
+        except OSError as err:
+            log_file.close()
+            raise ApplicationError(f"cannot start {inp.command[0]!r}: {err}", type="CommandFailed",
+                                   non_retryable=True) from err
+        bound.info("script started", pid=process.pid, command=inp.command[0])
+        progress.phase = "running"
+        uploader = Uploader(inp, staging, progress.durable_step)
+        stop_uploads = asyncio.Event()
+        uploads = asyncio.create_task(uploader.run(stop_uploads))
+        notice: Notice | None = None
+        notice_id = uuid.uuid4().hex
+        try:
+            while True:
+                step = read_progress(control)
+                if step is not None:
+                    progress.step = step
+                progress.durable_step = uploader.durable_step
+                if process.returncode is not None:
+                    break
+                if notice is None and (notice := await self.notices.poll()):
+                    self._forward_notice(control, notice, notice_id)
+                    progress.notice, progress.phase = notice, "emergency-save"
+                    bound.warning("reclaim notice", deadline=notice.deadline.isoformat())
+                if notice is not None:
+                    stored = notice_id in uploader.emergency_stored
+                    too_late = time.time() > notice.deadline.timestamp() - DEADLINE_MARGIN_SECONDS
+                    if stored or too_late:
+                        progress.durable_step = uploader.durable_step
+                        step = read_progress(control)
+                        return AttemptResult(
+                            outcome=AttemptOutcome.RECLAIMED,
+                            start_step=progress.start_step,
+                            end_step=step if step is not None else progress.step,
+                            durable_step=uploader.durable_step,
+                            notice=notice,
+                            emergency_save="saved" if stored else "missed",
+                            reason="reclaim notice" + ("" if stored else "; emergency save missed the deadline"),
+                        )
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(process.wait(), POLL_SECONDS)
+            progress.phase = "uploading"
+            stop_uploads.set()
+            await uploads
+            exit_code = process.returncode
+            bound.info("script exited", exit_code=exit_code)
+            step = read_progress(control)
+            return AttemptResult(
+                outcome=AttemptOutcome.COMPLETED if exit_code == 0 else AttemptOutcome.FAILED,
+                start_step=progress.start_step,
+                end_step=step if step is not None else progress.step,
+                durable_step=uploader.durable_step,
+                exit_code=exit_code,
+                reason="" if exit_code == 0 else f"the script exited with code {exit_code}",
+            )
+        finally:
+            uploads.cancel()
+            if process.returncode is None and notice is None:
+                # Cancelled: the script must not outlive its attempt.
+                with contextlib.suppress(ProcessLookupError):
+                    process.send_signal(signal.SIGKILL)
+            log_file.close()
+
+    @staticmethod
+    def _forward_notice(control: Path, notice: Notice, notice_id: str) -> None:
+        body = {"id": notice_id, "deadline": notice.deadline.timestamp(), "kind": notice.kind}
+        tmp = control / "notice.json.tmp"
+        tmp.write_text(json.dumps(body))
+        tmp.replace(control / "notice.json")

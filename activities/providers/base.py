@@ -1,0 +1,44 @@
+"""The one small interface every provider implements.
+
+Modelled on SkyPilot's provision API and dstack's Compute: provision returns a host or a typed
+refusal the policy can act on; release is idempotent and fast; describe tells a reclaimed host from a
+broken one after heartbeats stop.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from vaultlayer.models import Host, HostDescription, InjectReclaimInput, ProvisionInput, ProvisionResult
+
+
+class ProviderError(Exception):
+    """Base of provider errors that are not capacity refusals."""
+
+
+class NoCapacityError(ProviderError):
+    """The pool has no capacity now; the policy should move on (another zone, type, market)."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+class Provider(Protocol):
+    name: str
+
+    def provision(self, request: ProvisionInput) -> ProvisionResult: ...
+
+    def release(self, host: Host) -> None: ...
+
+    def describe(self, host: Host) -> HostDescription: ...
+
+    def reap(self, run_id: str) -> list[str]:
+        """Release every host of the run that is still alive; returns their ids."""
+        ...
+
+
+class ReclaimInjector(Protocol):
+    """Providers that can take a host back on request (the local provider, test fakes)."""
+
+    async def inject_reclaim(self, request: InjectReclaimInput) -> None: ...

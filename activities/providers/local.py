@@ -1,0 +1,200 @@
+"""The `local` provider: a host is a `vl agent` process group on this machine.
+
+Each host gets its own working directory under VL_HOME/hosts/<run>/<host>, holding `host.json` (the
+host's tag: run, attempt, process group), the agent's log, and `metadata/`, which stands in for the
+instance-metadata service: a reclaim writes `metadata/spot/instance-action` in the same JSON shape as
+AWS IMDS, waits the grace period, then SIGKILLs the whole group, as a spot provider would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import structlog
+
+from vaultlayer.models import (
+    Host,
+    HostDescription,
+    HostState,
+    InjectReclaimInput,
+    ProvisionInput,
+    ProvisionResult,
+)
+
+log = structlog.get_logger(__name__)
+
+NOTICE_RELATIVE_PATH = Path("spot") / "instance-action"
+
+
+def host_queue(run_id: str, host_id: str) -> str:
+    return f"vl-host-{run_id}-{host_id}"
+
+
+def group_members(pgid: int) -> list[tuple[int, str]]:
+    """(pid, state) of every process in the group, read from /proc."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:
+            members.append((int(stat.parent.name), fields[0]))
+    return members
+
+
+def group_alive(pgid: int) -> bool:
+    """True while any process of the group runs; zombies waiting for a reaper do not count."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return any(state != "Z" for _, state in group_members(pgid))
+
+
+def kill_group(pgid: int, sig: int = signal.SIGKILL) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass
+
+
+class LocalProvider:
+    name = "local"
+
+    def __init__(self, vl_home: Path, temporal_env: dict[str, str]) -> None:
+        self.hosts_root = vl_home / "hosts"
+        self.temporal_env = temporal_env
+
+    def host_dir(self, run_id: str, host_id: str) -> Path:
+        return self.hosts_root / run_id / host_id
+
+    def provision(self, request: ProvisionInput) -> ProvisionResult:
+        placement = request.placement
+        host_id = f"h-{placement.attempt}"
+        directory = self.host_dir(request.run_id, host_id)
+        tag_file = directory / "host.json"
+        if tag_file.exists():
+            # A retried provision: the host from the first try is the one to use, or to replace.
+            tag = json.loads(tag_file.read_text())
+            if not tag.get("released") and group_alive(tag["pgid"]):
+                return ProvisionResult(host=self._host(request, host_id, tag["pgid"]))
+            host_id = f"h-{placement.attempt}-{int(time.time() * 1000) % 100000}"
+            directory = self.host_dir(request.run_id, host_id)
+            tag_file = directory / "host.json"
+        (directory / "metadata").mkdir(parents=True, exist_ok=True)
+        task_queue = host_queue(request.run_id, host_id)
+        env = {**os.environ, **self.temporal_env, "VL_HOST_METADATA_DIR": str(directory / "metadata")}
+        command = [
+            sys.executable, "-m", "cli.main", "agent",
+            "--task-queue", task_queue,
+            "--host-id", host_id,
+            "--host-dir", str(directory),
+        ]
+        with open(directory / "agent.log", "ab") as agent_log:
+            process = subprocess.Popen(
+                command,
+                cwd=directory,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=agent_log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        # Reap the agent when it dies so that a dead host does not linger as a zombie.
+        threading.Thread(target=process.wait, daemon=True).start()
+        tag = {
+            "run_id": request.run_id,
+            "attempt": placement.attempt,
+            "host_id": host_id,
+            "pgid": process.pid,
+            "created_at": time.time(),
+        }
+        tag_file.write_text(json.dumps(tag))
+        log.info("host provisioned", run_id=request.run_id, host=host_id, pgid=process.pid)
+        return ProvisionResult(host=self._host(request, host_id, process.pid))
+
+    def _host(self, request: ProvisionInput, host_id: str, pgid: int) -> Host:
+        return Host(
+            host_id=host_id,
+            provider=self.name,
+            pool=request.placement.pool,
+            task_queue=host_queue(request.run_id, host_id),
+            handle={"pgid": str(pgid), "dir": str(self.host_dir(request.run_id, host_id))},
+        )
+
+    def _update_tag(self, host: Host, **fields: object) -> None:
+        tag_file = Path(host.handle["dir"]) / "host.json"
+        try:
+            tag = json.loads(tag_file.read_text())
+        except FileNotFoundError:
+            return
+        tag.update(fields)
+        tag_file.write_text(json.dumps(tag))
+
+    def release(self, host: Host) -> None:
+        pgid = int(host.handle["pgid"])
+        kill_group(pgid, signal.SIGTERM)
+        deadline = time.monotonic() + 3
+        while group_alive(pgid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        kill_group(pgid, signal.SIGKILL)
+        self._update_tag(host, released=True)
+        log.info("host released", host=host.host_id, pgid=pgid)
+
+    def describe(self, host: Host) -> HostDescription:
+        pgid = int(host.handle["pgid"])
+        if group_alive(pgid):
+            return HostDescription(state=HostState.RUNNING, reason="process group is alive")
+        try:
+            tag = json.loads((Path(host.handle["dir"]) / "host.json").read_text())
+        except FileNotFoundError:
+            tag = {}
+        if tag.get("reclaimed_at"):
+            return HostDescription(state=HostState.GONE, reason="reclaimed by the provider")
+        return HostDescription(state=HostState.GONE, reason="process group is gone")
+
+    def reap(self, run_id: str) -> list[str]:
+        reaped = []
+        for tag_file in sorted((self.hosts_root / run_id).glob("*/host.json")):
+            tag = json.loads(tag_file.read_text())
+            if group_alive(tag["pgid"]):
+                kill_group(tag["pgid"])
+                reaped.append(tag["host_id"])
+            if not tag.get("released"):
+                tag["released"] = True
+                tag_file.write_text(json.dumps(tag))
+        return reaped
+
+    async def inject_reclaim(self, request: InjectReclaimInput, heartbeat=None) -> None:
+        """Take the host back: notice (AWS instance-action shape), grace period, SIGKILL."""
+        host = request.host
+        pgid = int(host.handle["pgid"])
+        self._update_tag(host, reclaimed_at=time.time())
+        if request.with_notice:
+            deadline = datetime.now(UTC) + timedelta(seconds=request.notice_seconds)
+            notice_file = Path(host.handle["dir"]) / "metadata" / NOTICE_RELATIVE_PATH
+            notice_file.parent.mkdir(parents=True, exist_ok=True)
+            body = {"action": "terminate", "time": deadline.strftime("%Y-%m-%dT%H:%M:%SZ")}
+            tmp = notice_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps(body))
+            tmp.replace(notice_file)
+            log.info("reclaim notice", host=host.host_id, deadline=body["time"])
+            end = time.monotonic() + request.notice_seconds
+            while time.monotonic() < end and group_alive(pgid):
+                if heartbeat:
+                    heartbeat()
+                await asyncio.sleep(0.5)
+        kill_group(pgid)
+        log.info("host reclaimed", host=host.host_id, pgid=pgid)

@@ -1,0 +1,437 @@
+"""`vl`: a thin command line over the Python client and the embedded-server bootstrap.
+
+Exit codes of `vl run`: 0 the script succeeded; the script's own exit code when it failed (1 when the
+run failed for another reason, such as a limit); 2 bad input (nothing was provisioned); 3 the run was
+cancelled; 130 detached with Ctrl-C (the run goes on).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import secrets
+import shutil
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+from vaultlayer.models import AttemptOutcome, Limits, Pool, RunSpec, RunState, RunStatus
+
+EXIT_BAD_INPUT = 2
+EXIT_CANCELLED = 3
+EXIT_DETACHED = 130
+DEFAULT_CHECKPOINT_EVERY = "5m"
+
+
+class UsageError(Exception):
+    """Bad input: reported on one line, before anything is provisioned."""
+
+
+def fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
+    print(f"vl: error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+# ---------------------------------------------------------------- input validation
+
+
+def seconds_option(flag: str, text: str | None) -> float | None:
+    from vaultlayer.durations import parse_duration
+
+    if text is None:
+        return None
+    try:
+        return parse_duration(text)
+    except ValueError as err:
+        raise UsageError(f"{flag} {text!r}: {err}") from None
+
+
+def resolve_command(command: list[str], workdir: Path) -> list[str]:
+    """The command with its program resolved now, so a typo fails here and not on a host."""
+    if not command:
+        raise UsageError("no command given; usage: vl run [options] -- python train.py ...")
+    program = command[0]
+    if "/" in program:
+        path = (workdir / program).resolve()
+        if not path.is_file() or not os.access(path, os.X_OK):
+            raise UsageError(f"command {program!r} does not exist or is not executable; check the path")
+        return [str(path), *command[1:]]
+    found = shutil.which(program)
+    if found is None:
+        raise UsageError(f"command {program!r} not found on PATH; check the spelling or give its path")
+    return [os.path.abspath(found), *command[1:]]
+
+
+def build_spec(args: argparse.Namespace) -> RunSpec:
+    from activities.providers import KNOWN_PROVIDERS
+    from vaultlayer import checkpoint
+    from vaultlayer.durations import parse_interval
+    from vaultlayer.home import default_storage_url
+
+    if args.provider not in KNOWN_PROVIDERS:
+        raise UsageError(f"unknown provider {args.provider!r}; use one of: {', '.join(KNOWN_PROVIDERS)}")
+    workdir = Path.cwd()
+    command = resolve_command(args.command, workdir)
+    storage_url = args.storage or default_storage_url()
+    try:
+        checkpoint.validate_storage_url(storage_url)
+    except ValueError as err:
+        raise UsageError(f"--storage: {err}") from None
+    checkpoint_every = args.checkpoint_every or DEFAULT_CHECKPOINT_EVERY
+    try:
+        parse_interval(checkpoint_every)
+    except ValueError as err:
+        raise UsageError(f"--checkpoint-every {checkpoint_every!r}: {err}") from None
+    if args.notice_seconds <= 0:
+        raise UsageError(f"--notice-seconds {args.notice_seconds}: must be positive, such as 30")
+    env = {}
+    for item in args.env:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise UsageError(f"--env {item!r}: expected NAME=VALUE")
+        env[name] = value
+    for name, value in (("--max-reclaims", args.max_reclaims), ("--max-attempts", args.max_attempts)):
+        if value is not None and value < 0:
+            raise UsageError(f"{name} {value}: must be zero or more")
+    limits = Limits(script_retries=args.script_retries)
+    if args.max_reclaims is not None:
+        limits.max_reclaims = args.max_reclaims
+    if args.max_attempts is not None:
+        limits.max_attempts = args.max_attempts
+    return RunSpec(
+        run_id=args.run_id,
+        command=command,
+        workdir=str(workdir),
+        env=env,
+        pools=[Pool(provider=args.provider)],
+        storage_url=storage_url,
+        checkpoint_every=checkpoint_every,
+        notice_seconds=args.notice_seconds,
+        reclaim_every_seconds=seconds_option("--reclaim-every", args.reclaim_every),
+        heartbeat_timeout_seconds=seconds_option("--heartbeat-timeout", args.heartbeat_timeout),
+        start_timeout_seconds=seconds_option("--start-timeout", args.start_timeout),
+        limits=limits,
+        submitted_at=datetime.now(UTC),
+    )
+
+
+def new_run_id() -> str:
+    return f"r-{datetime.now(UTC):%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
+
+
+# ---------------------------------------------------------------- connection
+
+
+class Connection:
+    def __init__(self, client, ui_url: str | None) -> None:
+        self.client = client
+        self.ui_url = ui_url
+
+    def run_link(self, run_id: str) -> str | None:
+        if not self.ui_url:
+            return None
+        return f"{self.ui_url}/namespaces/{self.client.namespace}/workflows/{run_id}"
+
+
+async def connect() -> Connection:
+    from vaultlayer import client as vl_client
+
+    if vl_client.configured_address():
+        return Connection(await vl_client.connect(), os.environ.get("VL_UI_URL"))
+    from worker.local_server import EmbeddedError, ensure_embedded
+
+    try:
+        embedded = await asyncio.to_thread(ensure_embedded)
+    except EmbeddedError as err:
+        fail(str(err), code=1)
+    for what in embedded.started:
+        print(f"started {what} (vl down stops it)", file=sys.stderr)
+    return Connection(await vl_client.connect(embedded.address), embedded.ui_url)
+
+
+# ---------------------------------------------------------------- live view
+
+
+def format_seconds(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
+
+
+def ended_line(record) -> str:
+    if record.outcome == AttemptOutcome.RECLAIMED:
+        return f"reclaimed at step {record.end_step}, durable step {record.durable_step}"
+    if record.outcome == AttemptOutcome.HOST_FAULT:
+        return f"host {record.host} failed ({record.reason}) at step {record.end_step}"
+    if record.outcome == AttemptOutcome.REFUSED:
+        return f"no capacity in {record.pool} ({record.reason})"
+    if record.outcome == AttemptOutcome.FAILED:
+        return f"the script failed with exit code {record.exit_code} at step {record.end_step}"
+    return f"attempt {record.attempt} {record.outcome.value if record.outcome else 'ended'}"
+
+
+class LiveView:
+    """Plain lines: one per event, and a progress line every few seconds while steps advance."""
+
+    PROGRESS_EVERY = 3.0
+
+    def __init__(self) -> None:
+        self.announced: set[int] = set()
+        self.ended: set[int] = set()
+        self.last_progress = (0.0, None)
+
+    def update(self, status: RunStatus) -> None:
+        for index, record in enumerate(status.attempts):
+            previous = status.attempts[index - 1] if index else None
+            if record.host and record.attempt not in self.announced:
+                self.announced.add(record.attempt)
+                if previous is not None and previous.attempt not in self.ended:
+                    self.ended.add(previous.attempt)
+                    print(f"{ended_line(previous)}, resuming on host {record.host}", flush=True)
+                resume = f"resuming from step {record.start_step}" if record.start_step else "starting at step 0"
+                print(f"attempt {record.attempt} on host {record.host} ({record.pool}), {resume}", flush=True)
+        current = status.attempts[-1] if status.attempts else None
+        if current and current.outcome is None and status.step is not None:
+            now = time.monotonic()
+            shown_at, shown = self.last_progress
+            key = (current.attempt, status.step, status.durable_step)
+            if key != shown and now - shown_at >= self.PROGRESS_EVERY:
+                self.last_progress = (now, key)
+                durable = status.durable_step if status.durable_step is not None else "-"
+                print(f"attempt {current.attempt} · host {current.host} · step {status.step} · "
+                      f"durable step {durable}", flush=True)
+
+    def finish(self, status: RunStatus) -> None:
+        for record in status.attempts:
+            if record.outcome not in (None, AttemptOutcome.COMPLETED) and record.attempt not in self.ended:
+                self.ended.add(record.attempt)
+                print(ended_line(record), flush=True)
+        wall = (status.ended_at - status.started_at).total_seconds() if status.ended_at and status.started_at else 0
+        print(f"{status.state.value}: {len(status.attempts)} attempts, {status.reclaims} reclaims, "
+              f"{status.steps_lost} steps lost to reclaims, wall time {format_seconds(wall)}", flush=True)
+        if status.bad_checkpoints:
+            print(f"skipped {len(status.bad_checkpoints)} bad checkpoint(s): "
+                  + "; ".join(f"{c.name}: {c.reason}" for c in status.bad_checkpoints), flush=True)
+        if status.state != RunState.SUCCEEDED and status.stop_reason:
+            print(f"reason: {status.stop_reason}", flush=True)
+
+
+def exit_code_of(status: RunStatus) -> int:
+    if status.state == RunState.SUCCEEDED:
+        return 0
+    if status.state == RunState.CANCELLED:
+        return EXIT_CANCELLED
+    return status.exit_code if status.exit_code else 1
+
+
+async def follow(conn: Connection, run_id: str) -> int:
+    from vaultlayer import client as vl_client
+
+    view = LiveView()
+    while True:
+        status = await vl_client.status(conn.client, run_id)
+        view.update(status)
+        if status.state.finished:
+            view.finish(status)
+            return exit_code_of(status)
+        await asyncio.sleep(1.0)
+
+
+# ---------------------------------------------------------------- commands
+
+
+async def cmd_run(args: argparse.Namespace) -> int:
+    from vaultlayer import client as vl_client
+
+    spec = build_spec(args)  # every input check happens before anything starts
+    conn = await connect()
+    await vl_client.submit(conn.client, spec)
+    print(f"run {spec.run_id}", flush=True)
+    link = conn.run_link(spec.run_id)
+    if link:
+        print(f"Temporal UI: {link}", flush=True)
+    if args.detach:
+        print(f"detached; follow with: vl status {spec.run_id}", flush=True)
+        return 0
+    return await follow(conn, spec.run_id)
+
+
+def status_json(status: RunStatus, with_attempts: bool = True) -> dict:
+    exclude = {"fences", "current_host"} | (set() if with_attempts else {"attempts", "bad_checkpoints"})
+    return status.model_dump(mode="json", exclude=exclude) | {
+        "host": status.current_host.host_id if status.current_host else None
+    }
+
+
+async def cmd_status(args: argparse.Namespace) -> int:
+    from temporalio.service import RPCError
+
+    from vaultlayer import client as vl_client
+
+    conn = await connect()
+    try:
+        status = await vl_client.status(conn.client, args.run_id)
+    except RPCError as err:
+        fail(f"no run {args.run_id!r} ({err.message}); list runs with: vl ls", code=1)
+    if args.json:
+        print(json.dumps(status_json(status), indent=2))
+        return 0
+    print(f"run {status.run_id}: {status.state.value}")
+    if status.current_host:
+        print(f"host {status.current_host.host_id}, step {status.step}, durable step {status.durable_step}")
+    print(f"durable step {status.durable_step}, reclaims {status.reclaims}, steps lost {status.steps_lost}")
+    for record in status.attempts:
+        outcome = record.outcome.value if record.outcome else "running"
+        print(f"  attempt {record.attempt} host {record.host or '-'} {outcome}: steps {record.start_step}"
+              f"..{record.end_step if record.end_step is not None else '?'} durable {record.durable_step} "
+              f"lost {record.steps_lost} {record.reason}")
+    if status.stop_reason:
+        print(f"reason: {status.stop_reason}")
+    link = conn.run_link(status.run_id)
+    if link:
+        print(f"Temporal UI: {link}")
+    return 0
+
+
+async def cmd_ls(args: argparse.Namespace) -> int:
+    from vaultlayer import client as vl_client
+
+    conn = await connect()
+    runs = await vl_client.list_runs(conn.client)
+    if args.json:
+        print(json.dumps([status_json(run, with_attempts=False) for run in runs], indent=2))
+        return 0
+    for run in runs:
+        print(f"{run.run_id}  {run.state.value:<12} durable step {run.durable_step}  reclaims {run.reclaims}")
+    return 0
+
+
+async def cmd_reclaim(args: argparse.Namespace) -> int:
+    from temporalio.client import WorkflowUpdateFailedError
+    from temporalio.service import RPCError
+
+    from vaultlayer import client as vl_client
+
+    conn = await connect()
+    try:
+        ack = await vl_client.reclaim(conn.client, args.run_id, with_notice=not args.no_notice)
+    except WorkflowUpdateFailedError as err:
+        fail(f"cannot reclaim {args.run_id}: {err.cause}", code=1)
+    except RPCError as err:
+        fail(f"cannot reclaim {args.run_id}: {err.message}", code=1)
+    print(f"reclaiming host {ack.host} of {args.run_id}" + (" without notice" if args.no_notice else ""))
+    return 0
+
+
+async def cmd_cancel(args: argparse.Namespace) -> int:
+    from temporalio.service import RPCError
+
+    from vaultlayer import client as vl_client
+
+    conn = await connect()
+    try:
+        await vl_client.cancel(conn.client, args.run_id)
+    except RPCError as err:
+        fail(f"cannot cancel {args.run_id}: {err.message}", code=1)
+    print(f"cancel requested for {args.run_id}: its hosts are released, its checkpoints kept")
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    from worker.local_server import down
+
+    stopped = down()
+    print("stopped: " + ", ".join(stopped) if stopped else "nothing to stop")
+    return 0
+
+
+def cmd_agent(args: argparse.Namespace) -> int:
+    from worker.agent import main as agent_main
+
+    agent_main(args.task_queue, args.host_id, Path(args.host_dir))
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from worker.control import main as worker_main
+
+    worker_main()
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="vl", description="Durable spot GPU training on Temporal.")
+    sub = top.add_subparsers(dest="verb", required=True)
+
+    run = sub.add_parser("run", help="run a training command durably: vl run [options] -- python train.py ...")
+    run.add_argument("--provider", default="local", help="where hosts come from (default: local)")
+    run.add_argument("--storage", help="checkpoint storage URL (default: file://$VL_HOME/storage)")
+    run.add_argument("--checkpoint-every", help=f"steps (50) or a duration (30s, 5m); default {DEFAULT_CHECKPOINT_EVERY}")
+    run.add_argument("--notice-seconds", type=float, default=30.0, help="local reclaim grace period (default 30)")
+    run.add_argument("--reclaim-every", help="inject a reclaim (with notice) this long into each attempt, e.g. 20s")
+    run.add_argument("--heartbeat-timeout", default="30s", help="a host silent this long is lost (default 30s)")
+    run.add_argument("--start-timeout", default="5m", help="a host agent that does not start in this long is faulty")
+    run.add_argument("--max-reclaims", type=int, help="stop after this many reclaims (default 200)")
+    run.add_argument("--max-attempts", type=int, help="stop after this many attempts (default: no limit)")
+    run.add_argument("--script-retries", type=int, default=0, help="retries when the script itself fails")
+    run.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="extra environment")
+    run.add_argument("--run-id", help="run id (default: generated)")
+    run.add_argument("--detach", action="store_true", help="submit and return")
+    run.add_argument("command", nargs=argparse.REMAINDER, help="-- then the command to run")
+    run.set_defaults(handler=cmd_run)
+
+    status = sub.add_parser("status", help="show a run")
+    status.add_argument("run_id")
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(handler=cmd_status)
+
+    ls = sub.add_parser("ls", help="list runs, newest first")
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(handler=cmd_ls)
+
+    reclaim = sub.add_parser("reclaim", help="take the run's current host back now (local provider)")
+    reclaim.add_argument("run_id")
+    reclaim.add_argument("--no-notice", action="store_true", help="SIGKILL at once, with no notice")
+    reclaim.set_defaults(handler=cmd_reclaim)
+
+    cancel = sub.add_parser("cancel", help="cancel a run (releases hosts, keeps checkpoints)")
+    cancel.add_argument("run_id")
+    cancel.set_defaults(handler=cmd_cancel)
+
+    down = sub.add_parser("down", help="stop the embedded server, worker and local hosts vl started")
+    down.set_defaults(handler=cmd_down)
+
+    agent = sub.add_parser("agent", help="host agent (started by providers on each host)")
+    agent.add_argument("--task-queue", required=True)
+    agent.add_argument("--host-id", required=True)
+    agent.add_argument("--host-dir", required=True)
+    agent.set_defaults(handler=cmd_agent)
+
+    worker = sub.add_parser("worker", help="control-plane worker in the foreground (for clusters)")
+    worker.set_defaults(handler=cmd_worker)
+    return top
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    if args.verb == "run":
+        args.command = args.command[1:] if args.command[:1] == ["--"] else args.command
+        args.run_id = args.run_id or new_run_id()
+    try:
+        result = args.handler(args)
+        code = asyncio.run(result) if asyncio.iscoroutine(result) else result
+    except UsageError as err:
+        fail(str(err))
+    except KeyboardInterrupt:
+        run_id = getattr(args, "run_id", None)
+        print("\ndetached; the run goes on" + (f" (vl status {run_id})" if run_id else ""), file=sys.stderr)
+        code = EXIT_DETACHED
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

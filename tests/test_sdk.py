@@ -1,0 +1,197 @@
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import vaultlayer
+from vaultlayer import sdk
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def fresh_session(monkeypatch):
+    """Each test gets the SDK as a new process would: no VL_ variables unless it sets them."""
+    for name in list(os.environ):
+        if name.startswith("VL_"):
+            monkeypatch.delenv(name)
+    sdk._session.cache_clear()
+    yield
+    sdk._session.cache_clear()
+
+
+@pytest.fixture
+def agent(tmp_path, monkeypatch):
+    """The directories and variables a host agent sets up for the script."""
+    staging, control = tmp_path / "staging", tmp_path / "control"
+    staging.mkdir()
+    control.mkdir()
+    monkeypatch.setenv("VL_RUN_ID", "run-1")
+    monkeypatch.setenv("VL_ATTEMPT", "1")
+    monkeypatch.setenv("VL_STAGING_DIR", str(staging))
+    monkeypatch.setenv("VL_CONTROL_DIR", str(control))
+    return staging, control
+
+
+def committed(staging: Path) -> list[Path]:
+    return sorted(p for p in staging.iterdir() if not p.name.startswith(".tmp-"))
+
+
+def save_record(directory: Path) -> dict:
+    return json.loads((directory / "vl-save.json").read_text())
+
+
+def write_notice(control: Path, notice_id: str, deadline: float) -> None:
+    (control / "notice.json").write_text(json.dumps({"id": notice_id, "deadline": deadline, "kind": "spot-termination"}))
+
+
+def test_import_stays_light():
+    heavy = ("torch", "fsspec", "temporalio", "numpy", "pydantic")
+    code = f"import sys, vaultlayer; print(sorted(m for m in {heavy!r} if m in sys.modules))"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    assert out.stdout.strip() == "[]"
+
+
+def test_inactive_without_a_staging_dir(tmp_path):
+    assert not vaultlayer.active()
+    assert vaultlayer.resume() is None
+    assert not any(vaultlayer.should_save(step) for step in range(1000))
+    with vaultlayer.save(10) as scratch:
+        (scratch / "model.pt").write_bytes(b"x")
+        assert scratch.is_dir()
+    assert not scratch.exists(), "an inactive save is thrown away"
+
+
+def test_active_and_resume_from_the_restore_dir(agent, tmp_path, monkeypatch):
+    monkeypatch.setenv("VL_RESTORE_DIR", str(tmp_path / "restore"))
+    monkeypatch.setenv("VL_RESTORE_STEP", "20")
+    assert vaultlayer.active()
+    assert vaultlayer.resume() == vaultlayer.Restored(step=20, path=tmp_path / "restore")
+
+
+def test_fresh_attempt_resumes_nothing(agent):
+    assert vaultlayer.active() and vaultlayer.resume() is None
+
+
+def test_no_interval_means_saves_only_on_notices(agent):
+    assert not any(vaultlayer.should_save(step) for step in range(1, 500))
+
+
+def test_interval_in_steps_counts_from_the_resumed_step(agent, tmp_path, monkeypatch):
+    monkeypatch.setenv("VL_CHECKPOINT_EVERY", "10")
+    monkeypatch.setenv("VL_RESTORE_DIR", str(tmp_path / "restore"))
+    monkeypatch.setenv("VL_RESTORE_STEP", "25")
+    assert [step for step in range(26, 36) if vaultlayer.should_save(step)] == [35]
+    with vaultlayer.save(35):
+        pass
+    assert [step for step in range(36, 46) if vaultlayer.should_save(step)] == [45]
+
+
+def test_interval_in_time(agent, monkeypatch):
+    monkeypatch.setenv("VL_CHECKPOINT_EVERY", "0.3s")
+    assert not vaultlayer.should_save(1)
+    time.sleep(0.35)
+    assert vaultlayer.should_save(2)
+    with vaultlayer.save(2):
+        pass
+    assert not vaultlayer.should_save(3), "the clock restarts at each save"
+
+
+def test_bad_interval_names_the_variable(agent, monkeypatch):
+    monkeypatch.setenv("VL_CHECKPOINT_EVERY", "5 minutes")
+    with pytest.raises(ValueError, match="VL_CHECKPOINT_EVERY.*'5 minutes'"):
+        vaultlayer.should_save(1)
+
+
+def test_save_commits_atomically_with_its_record(agent):
+    staging, _ = agent
+    before = time.time()
+    with vaultlayer.save(30) as directory:
+        assert directory.parent == staging and directory.name.startswith(".tmp-30-")
+        (directory / "model.pt").write_bytes(b"weights")
+        assert committed(staging) == [], "nothing is complete before the block exits"
+    [checkpoint] = committed(staging)
+    assert checkpoint.name.startswith("000000000030-")
+    assert not [p for p in staging.iterdir() if p.name.startswith(".tmp-")]
+    assert (checkpoint / "model.pt").read_bytes() == b"weights"
+    record = save_record(checkpoint)
+    assert record["step"] == 30 and record["emergency"] is False and record["notice_id"] is None
+    assert before <= record["created_at"] <= time.time()
+
+
+def test_failed_save_leaves_nothing_and_reraises(agent):
+    staging, _ = agent
+    with pytest.raises(RuntimeError, match="disk full"):
+        with vaultlayer.save(30) as directory:
+            (directory / "model.pt").write_bytes(b"half")
+            raise RuntimeError("disk full")
+    assert list(staging.iterdir()) == []
+
+
+def test_progress_is_throttled_and_always_written_before_a_save(agent):
+    _, control = agent
+    progress = control / "progress.json"
+    vaultlayer.should_save(1)
+    assert json.loads(progress.read_text())["step"] == 1
+    vaultlayer.should_save(2)
+    assert json.loads(progress.read_text())["step"] == 1, "at most every 0.2 s"
+    time.sleep(0.25)
+    vaultlayer.should_save(3)
+    assert json.loads(progress.read_text())["step"] == 3
+    with vaultlayer.save(4):
+        assert json.loads(progress.read_text())["step"] == 4
+    assert set(json.loads(progress.read_text())) == {"step", "time"}
+    assert [p.name for p in control.iterdir()] == ["progress.json"]
+
+
+def test_notice_makes_the_next_save_an_emergency_that_waits_out_the_deadline(agent, monkeypatch):
+    staging, control = agent
+    monkeypatch.setenv("VL_CHECKPOINT_EVERY", "1000")
+    assert not vaultlayer.should_save(1)
+    deadline = time.time() - 4.0  # the SDK waits until deadline + 5 s: about a second from now
+    write_notice(control, "notice-1", deadline)
+    assert vaultlayer.should_save(2), "a pending notice asks for a save at once"
+    with vaultlayer.save(2) as directory:
+        (directory / "model.pt").write_bytes(b"weights")
+    returned_at = time.time()
+    assert returned_at >= deadline + 5.0
+    assert returned_at < deadline + 5.0 + 1.0
+    [checkpoint] = committed(staging)
+    assert save_record(checkpoint) | {"created_at": None} == {
+        "step": 2,
+        "emergency": True,
+        "notice_id": "notice-1",
+        "created_at": None,
+    }
+    assert save_record(checkpoint)["created_at"] < deadline + 5.0, "committed before the wait, not after"
+    # A false alarm: the host is still here, training goes on and the same notice asks for nothing more.
+    assert not vaultlayer.should_save(3)
+
+    write_notice(control, "notice-2", time.time() - 5.0)
+    assert vaultlayer.should_save(4), "a new notice asks again"
+    with vaultlayer.save(4):
+        pass
+    assert save_record(committed(staging)[-1])["notice_id"] == "notice-2"
+
+
+def test_a_notice_long_past_its_deadline_does_not_block(agent):
+    staging, control = agent
+    write_notice(control, "stale", time.time() - 60)
+    started = time.monotonic()
+    with vaultlayer.save(7):
+        pass
+    assert time.monotonic() - started < 0.5
+    assert save_record(committed(staging)[0])["emergency"] is True
+
+
+def test_a_half_written_notice_is_read_again(agent):
+    _, control = agent
+    (control / "notice.json").write_text('{"id": "notice-1", "dead')
+    assert not vaultlayer.should_save(1)
+    write_notice(control, "notice-1", time.time() + 60)
+    assert vaultlayer.should_save(2)

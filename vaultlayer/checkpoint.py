@@ -1,0 +1,430 @@
+"""The checkpoint format on durable storage (any fsspec URL).
+
+Layout: `<storage_url>/<run_id>/checkpoints/<step:012d>-a<attempt>/{files..., MANIFEST.json}`.
+The manifest is written last, so a checkpoint is complete exactly when its manifest exists; listing
+manifests is the only truth, there is no "latest" pointer a crash could leave wrong. Bad checkpoints
+are not moved (a move is a copy on object stores); a small record under
+`<storage_url>/<run_id>/quarantine/<name>.json` says why they are skipped.
+
+Synchronous on purpose: the agent and the activities call it from threads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from pathlib import Path, PurePosixPath
+from typing import TypeVar
+
+import fsspec
+import structlog
+from fsspec.core import url_to_fs
+from fsspec.registry import known_implementations
+from pydantic import ValidationError
+
+from vaultlayer.models import CheckpointCheck, CheckpointRef, VerifyResult, VLModel
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "MANIFEST.json"
+
+_CHUNK_BYTES = 1 << 20
+_TRANSFER_THREADS = 8
+_RETRY_DELAYS_SECONDS = (0.5, 2.0, 5.0)
+# OSErrors that say something about the request, not about the storage being briefly unavailable.
+_PERMANENT_ERRORS = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
+_NAME = re.compile(r"(?P<step>\d{12,})-a(?P<attempt>[1-9]\d*)")
+
+T = TypeVar("T")
+log = structlog.get_logger(__name__)
+
+
+class CheckpointError(Exception):
+    """A checkpoint cannot be written or restored as asked; the message says what is wrong."""
+
+
+class ManifestFile(VLModel):
+    path: str  # relative posix path inside the checkpoint directory
+    size: int
+    sha256: str
+
+
+class Manifest(VLModel):
+    format_version: int = FORMAT_VERSION
+    run_id: str
+    attempt: int
+    step: int
+    created_at: datetime
+    files: list[ManifestFile]
+
+
+def validate_storage_url(url: str) -> None:
+    """Fail early, with the fix in the message, on a storage URL that fsspec cannot open."""
+    protocol, has_scheme, path = url.partition("://")
+    if not has_scheme:
+        raise ValueError(
+            f"storage URL {url!r} has no scheme; use file:///abs/path, s3://bucket/prefix or gs://bucket/prefix"
+        )
+    try:
+        fsspec.get_filesystem_class(protocol)
+    except ValueError:
+        raise ValueError(
+            f"storage URL {url!r}: fsspec knows no protocol {protocol!r}; use file://, s3:// or gs://"
+        ) from None
+    except ImportError as err:
+        package = known_implementations.get(protocol, {}).get("class", protocol).split(".")[0]
+        raise ValueError(
+            f"storage URL {url!r}: protocol {protocol!r} needs a package that is not installed ({err});"
+            f" install {package} (pip install {package})"
+        ) from None
+    if protocol in ("file", "local") and not path.startswith("/"):
+        raise ValueError(
+            f"storage URL {url!r} is a relative path, which means something different on every host;"
+            f" use file:///abs/path"
+        )
+
+
+def checkpoint_name(step: int, attempt: int) -> str:
+    return f"{step:012d}-a{attempt}"
+
+
+def parse_checkpoint_name(name: str) -> tuple[int, int] | None:
+    """(step, attempt) of a checkpoint directory name, or None for anything else in the directory."""
+    match = _NAME.fullmatch(name)
+    if match is None:
+        return None
+    return int(match["step"]), int(match["attempt"])
+
+
+def upload_checkpoint(
+    local_dir: Path,
+    storage_url: str,
+    run_id: str,
+    attempt: int,
+    step: int,
+    skip: Iterable[str] = ("vl-save.json",),
+) -> CheckpointRef:
+    """Upload every file of `local_dir` (but the top-level names in `skip`), then the manifest, last.
+
+    Each file is hashed from the same bytes that are sent, so the manifest describes exactly what
+    storage got even if the local file changes under us.
+    """
+    local_dir = Path(local_dir)
+    skipped = set(skip)
+    relative_paths = [path for path in _local_files(local_dir) if path not in skipped]
+    for relative in relative_paths:
+        reason = _unsafe_path_reason(relative)
+        if reason is not None:
+            raise CheckpointError(f"cannot upload {local_dir / relative}: {reason}")
+    name = checkpoint_name(step, attempt)
+    url = _checkpoint_url(storage_url, run_id, name)
+    fs, remote_dir = url_to_fs(url)
+
+    def send(relative: str) -> ManifestFile:
+        remote = f"{remote_dir}/{relative}"
+        return _retry(lambda: _send_file(fs, local_dir / relative, remote, relative), f"upload {relative}")
+
+    files = _in_threads(send, relative_paths)
+    files.sort(key=lambda entry: entry.path)
+    manifest = Manifest(run_id=run_id, attempt=attempt, step=step, created_at=datetime.now(UTC), files=files)
+    manifest_bytes = manifest.model_dump_json(indent=2).encode()
+    _retry(lambda: _write_atomically(fs, f"{remote_dir}/{MANIFEST_NAME}", manifest_bytes), "write the manifest")
+    return CheckpointRef(name=name, step=step, attempt=attempt, url=url, manifest_sha256=_sha256(manifest_bytes))
+
+
+def list_checkpoints(storage_url: str, run_id: str) -> list[tuple[str, int, int]]:
+    """(name, step, attempt) of every checkpoint directory, complete or not, newest first."""
+    fs, checkpoints_dir = url_to_fs(_run_url(storage_url, run_id) + "/checkpoints")
+    fs.invalidate_cache(checkpoints_dir)  # another host may have written since this fs listed
+    try:
+        entries = _retry(lambda: fs.ls(checkpoints_dir, detail=True), "list checkpoints")
+    except FileNotFoundError:
+        return []
+    found = []
+    for entry in entries:
+        name = PurePosixPath(entry["name"].rstrip("/")).name
+        parsed = parse_checkpoint_name(name)
+        if entry["type"] == "directory" and parsed is not None:
+            found.append((name, *parsed))
+    return sorted(found, key=lambda item: (item[1], item[2]), reverse=True)
+
+
+def verify_checkpoint(storage_url: str, run_id: str, name: str) -> tuple[CheckpointCheck, CheckpointRef | None]:
+    """Check a checkpoint against its manifest, re-reading every byte from storage.
+
+    A bad checkpoint comes back as ok=False with the reason. Storage that stays unreachable through
+    the retries raises instead: an outage must not get a good checkpoint quarantined.
+    """
+    parsed = parse_checkpoint_name(name)
+    if parsed is None:
+        raise ValueError(f"{name!r} is not a checkpoint name (<step:012d>-a<attempt>)")
+    step, attempt = parsed
+    url = _checkpoint_url(storage_url, run_id, name)
+    fs, remote_dir = url_to_fs(url)
+
+    def bad(reason: str) -> tuple[CheckpointCheck, None]:
+        return CheckpointCheck(name=name, step=step, attempt=attempt, ok=False, reason=reason), None
+
+    try:
+        manifest_bytes = _retry(lambda: fs.cat_file(f"{remote_dir}/{MANIFEST_NAME}"), "read the manifest")
+    except FileNotFoundError:
+        return bad(f"no {MANIFEST_NAME}: the upload never finished")
+    try:
+        manifest = Manifest.model_validate_json(manifest_bytes)
+    except ValidationError as err:
+        return bad(f"unparsable {MANIFEST_NAME}: {_first_error(err)}")
+    reason = _manifest_mismatch(manifest, run_id=run_id, step=step, attempt=attempt)
+    if reason is not None:
+        return bad(reason)
+
+    def check(entry: ManifestFile) -> str | None:
+        remote = f"{remote_dir}/{entry.path}"
+        try:
+            size = _retry(lambda: fs.size(remote), f"stat {entry.path}")
+        except FileNotFoundError:
+            return f"{entry.path}: missing"
+        if size != entry.size:
+            return f"{entry.path}: size {size} bytes, manifest says {entry.size}"
+        digest = _retry(lambda: _remote_sha256(fs, remote), f"read {entry.path}")
+        if digest != entry.sha256:
+            return f"{entry.path}: sha256 {digest}, manifest says {entry.sha256}"
+        return None
+
+    problems = [problem for problem in _in_threads(check, manifest.files) if problem is not None]
+    if problems:
+        return bad(problems[0])
+    ref = CheckpointRef(name=name, step=step, attempt=attempt, url=url, manifest_sha256=_sha256(manifest_bytes))
+    return CheckpointCheck(name=name, step=step, attempt=attempt, ok=True), ref
+
+
+def choose_checkpoint(storage_url: str, run_id: str, fences: dict[int, int]) -> VerifyResult:
+    """The newest checkpoint that is neither fenced, nor quarantined, nor bad; and why the newer ones were not.
+
+    `fences` maps an attempt to the highest step accepted from it: anything newer came from a host
+    that was already written off (a zombie) and must not win.
+    """
+    quarantined = {record.name: record for record in quarantine_records(storage_url, run_id)}
+    result = VerifyResult()
+    for name, step, attempt in list_checkpoints(storage_url, run_id):
+        if attempt in fences and step > fences[attempt]:
+            reason = f"fenced: attempt {attempt} ended at step {fences[attempt]}"
+            result.rejected.append(CheckpointCheck(name=name, step=step, attempt=attempt, ok=False, reason=reason))
+        elif name in quarantined:
+            result.rejected.append(quarantined[name])
+        else:
+            check, ref = verify_checkpoint(storage_url, run_id, name)
+            if ref is not None:
+                result.chosen = ref
+                return result
+            _write_quarantine_record(storage_url, run_id, check)
+            result.rejected.append(check)
+    return result
+
+
+def restore_checkpoint(ref: CheckpointRef, dest_dir: Path) -> None:
+    """Download a verified checkpoint into `dest_dir`, checking every byte against the manifest.
+
+    The manifest must be the very one that was verified (same sha256), and every path in it must stay
+    inside `dest_dir`; both are checked before anything is written.
+    """
+    fs, remote_dir = url_to_fs(ref.url)
+    try:
+        manifest_bytes = _retry(lambda: fs.cat_file(f"{remote_dir}/{MANIFEST_NAME}"), "read the manifest")
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {ref.url} has no {MANIFEST_NAME}") from None
+    if _sha256(manifest_bytes) != ref.manifest_sha256:
+        raise CheckpointError(f"{ref.url}/{MANIFEST_NAME} changed since it was verified: sha256 differs")
+    try:
+        manifest = Manifest.model_validate_json(manifest_bytes)
+    except ValidationError as err:
+        raise CheckpointError(f"unparsable {ref.url}/{MANIFEST_NAME}: {_first_error(err)}") from None
+    if (manifest.step, manifest.attempt) != (ref.step, ref.attempt):
+        raise CheckpointError(
+            f"{ref.url}/{MANIFEST_NAME} is for step {manifest.step} attempt {manifest.attempt},"
+            f" expected step {ref.step} attempt {ref.attempt}"
+        )
+    dest_root = Path(dest_dir).resolve()
+    targets = {}
+    for entry in manifest.files:
+        reason = _unsafe_path_reason(entry.path)
+        target = dest_root.joinpath(*PurePosixPath(entry.path).parts) if reason is None else None
+        if target is not None and not target.resolve().is_relative_to(dest_root):
+            reason = f"resolves to {target.resolve()}, outside {dest_root}"
+        if reason is not None:
+            raise CheckpointError(f"refusing to restore {ref.url}: manifest path {entry.path!r} {reason}")
+        targets[entry.path] = target
+
+    def fetch(entry: ManifestFile) -> None:
+        remote = f"{remote_dir}/{entry.path}"
+        _retry(lambda: _fetch_file(fs, remote, targets[entry.path], entry), f"download {entry.path}")
+
+    _in_threads(fetch, manifest.files)
+
+
+def quarantine_records(storage_url: str, run_id: str) -> list[CheckpointCheck]:
+    """Every checkpoint found bad so far, newest first. An unreadable record is ignored: its checkpoint is
+    simply verified (and quarantined) again."""
+    fs, quarantine_dir = url_to_fs(_run_url(storage_url, run_id) + "/quarantine")
+    fs.invalidate_cache(quarantine_dir)
+    try:
+        paths = _retry(lambda: fs.ls(quarantine_dir, detail=False), "list quarantine records")
+    except FileNotFoundError:
+        return []
+    records = []
+    for path in paths:
+        if not path.endswith(".json"):
+            continue
+        try:
+            record = _retry(lambda: fs.cat_file(path), "read a quarantine record")
+            records.append(CheckpointCheck.model_validate_json(record))
+        except (FileNotFoundError, ValidationError):
+            continue
+    return sorted(records, key=lambda record: (record.step, record.attempt), reverse=True)
+
+
+def _write_quarantine_record(storage_url: str, run_id: str, check: CheckpointCheck) -> None:
+    fs, quarantine_dir = url_to_fs(_run_url(storage_url, run_id) + "/quarantine")
+    record = check.model_dump(mode="json") | {"quarantined_at": datetime.now(UTC).isoformat()}
+    data = json.dumps(record, indent=2).encode()
+    _retry(lambda: _write_atomically(fs, f"{quarantine_dir}/{check.name}.json", data), "write a quarantine record")
+
+
+def _run_url(storage_url: str, run_id: str) -> str:
+    if not run_id or "/" in run_id or "\\" in run_id or run_id in (".", ".."):
+        raise ValueError(f"run id {run_id!r} cannot be a storage directory name")
+    return f"{storage_url.rstrip('/')}/{run_id}"
+
+
+def _checkpoint_url(storage_url: str, run_id: str, name: str) -> str:
+    return f"{_run_url(storage_url, run_id)}/checkpoints/{name}"
+
+
+def _local_files(local_dir: Path) -> list[str]:
+    """Relative posix paths of every file under `local_dir`, sorted."""
+    if not local_dir.is_dir():
+        raise CheckpointError(f"checkpoint directory {local_dir} does not exist")
+    found = []
+    for parent, _, names in os.walk(local_dir):
+        for name in names:
+            found.append((Path(parent) / name).relative_to(local_dir).as_posix())
+    return sorted(found)
+
+
+def _unsafe_path_reason(path: str) -> str | None:
+    """Why a manifest path could land outside its checkpoint directory (or clash with the manifest), if it could."""
+    if not path:
+        return "is empty"
+    if "\\" in path or "\x00" in path:
+        return "holds a backslash or NUL byte"
+    if path.startswith("/") or re.match(r"[A-Za-z]:", path):
+        return "is absolute"
+    if any(part in ("", ".", "..") for part in path.split("/")):
+        return "has an empty, '.' or '..' component"
+    if path == MANIFEST_NAME:
+        return f"clashes with the checkpoint's own {MANIFEST_NAME}"
+    return None
+
+
+def _manifest_mismatch(manifest: Manifest, *, run_id: str, step: int, attempt: int) -> str | None:
+    if manifest.format_version != FORMAT_VERSION:
+        return f"{MANIFEST_NAME} has format_version {manifest.format_version}; this code reads {FORMAT_VERSION}"
+    for field, expected in (("run_id", run_id), ("step", step), ("attempt", attempt)):
+        actual = getattr(manifest, field)
+        if actual != expected:
+            return f"{MANIFEST_NAME} says {field} {actual!r}, the directory says {expected!r}"
+    paths = [entry.path for entry in manifest.files]
+    for path in paths:
+        reason = _unsafe_path_reason(path)
+        if reason is not None:
+            return f"{MANIFEST_NAME} path {path!r} {reason}"
+    if len(set(paths)) != len(paths):
+        return f"{MANIFEST_NAME} lists a path twice"
+    return None
+
+
+def _send_file(fs: fsspec.AbstractFileSystem, local: Path, remote: str, relative: str) -> ManifestFile:
+    digest = hashlib.sha256()
+    size = 0
+    fs.makedirs(remote.rsplit("/", 1)[0], exist_ok=True)
+    with open(local, "rb") as source, fs.open(remote, "wb") as sink:
+        while chunk := source.read(_CHUNK_BYTES):
+            digest.update(chunk)
+            sink.write(chunk)
+            size += len(chunk)
+    return ManifestFile(path=relative, size=size, sha256=digest.hexdigest())
+
+
+def _fetch_file(fs: fsspec.AbstractFileSystem, remote: str, target: Path, entry: ManifestFile) -> None:
+    """Download to a temporary name beside `target` and rename only once size and sha256 match."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{target.name}.vl-partial-{uuid.uuid4().hex[:8]}")
+    digest = hashlib.sha256()
+    size = 0
+    try:
+        with fs.open(remote, "rb") as source, open(partial, "wb") as sink:
+            while chunk := source.read(_CHUNK_BYTES):
+                digest.update(chunk)
+                sink.write(chunk)
+                size += len(chunk)
+        if size != entry.size or digest.hexdigest() != entry.sha256:
+            raise CheckpointError(
+                f"{remote}: got {size} bytes with sha256 {digest.hexdigest()},"
+                f" manifest says {entry.size} bytes with sha256 {entry.sha256}"
+            )
+        os.replace(partial, target)
+    except FileNotFoundError:
+        raise CheckpointError(f"{remote} is in the manifest but missing from storage") from None
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def _write_atomically(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Write then rename, so that a reader never sees half a file (object stores write whole objects anyway)."""
+    partial = f"{path}.vl-partial-{uuid.uuid4().hex[:8]}"
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    fs.pipe_file(partial, data)
+    fs.mv(partial, path)
+
+
+def _remote_sha256(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    digest = hashlib.sha256()
+    with fs.open(path, "rb") as source:
+        while chunk := source.read(_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _first_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    where = ".".join(str(part) for part in first["loc"])
+    return f"{where}: {first['msg']}" if where else first["msg"]
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _retry(action: Callable[[], T], what: str) -> T:
+    """Run `action`, retrying storage errors that may be transient; the last one propagates."""
+    for delay in _RETRY_DELAYS_SECONDS:
+        try:
+            return action()
+        except _PERMANENT_ERRORS:
+            raise
+        except OSError as err:
+            log.warning("storage error, retrying", action=what, error=repr(err), retry_in_s=delay)
+            time.sleep(delay)
+    return action()
+
+
+def _in_threads(work: Callable[[T], object], items: list[T]) -> list:
+    if len(items) <= 1:
+        return [work(item) for item in items]
+    with ThreadPoolExecutor(max_workers=min(_TRANSFER_THREADS, len(items))) as pool:
+        return list(pool.map(work, items))

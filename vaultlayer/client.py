@@ -1,0 +1,109 @@
+"""The Python client: what the CLI is built on and what a notebook imports.
+
+It starts `TrainingRun` by its registered name with the shared models, so it needs no workflow code.
+Connection settings come from Temporal's environment configuration (TEMPORAL_ADDRESS,
+TEMPORAL_NAMESPACE, TEMPORAL_API_KEY, TLS, profiles); every client is made by `connect`, which sets
+the pydantic data converter.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import UTC, datetime
+
+from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.envconfig import ClientConfig
+from temporalio.service import RPCError
+
+from vaultlayer.models import AttemptProgress, ReclaimAck, ReclaimRequest, RunInput, RunSpec, RunState, RunStatus
+
+WORKFLOW_NAME = "TrainingRun"
+DEFAULT_TASK_QUEUE = "vaultlayer"
+
+
+def task_queue() -> str:
+    return os.environ.get("VL_TASK_QUEUE", DEFAULT_TASK_QUEUE)
+
+
+def configured_address() -> str | None:
+    """The cluster the user configured (env or Temporal config profile), or None for the embedded one."""
+    return ClientConfig.load_client_connect_config().get("target_host")
+
+
+async def connect(address: str | None = None, namespace: str | None = None) -> Client:
+    config = dict(ClientConfig.load_client_connect_config())
+    if address:
+        config["target_host"] = address
+    if namespace:
+        config["namespace"] = namespace
+    config.setdefault("target_host", "localhost:7233")
+    return await Client.connect(**config, data_converter=pydantic_data_converter)
+
+
+async def submit(client: Client, spec: RunSpec, queue: str | None = None) -> WorkflowHandle:
+    return await client.start_workflow(
+        WORKFLOW_NAME,
+        RunInput(spec=spec),
+        id=spec.run_id,
+        task_queue=queue or task_queue(),
+        static_summary=f"vl run: {' '.join(spec.command)[:200]}",
+    )
+
+
+_CLOSED_STATES = {
+    WorkflowExecutionStatus.COMPLETED: RunState.SUCCEEDED,
+    WorkflowExecutionStatus.FAILED: RunState.FAILED,
+    WorkflowExecutionStatus.CANCELED: RunState.CANCELLED,
+    WorkflowExecutionStatus.TERMINATED: RunState.CANCELLED,
+    WorkflowExecutionStatus.TIMED_OUT: RunState.FAILED,
+}
+
+
+async def status(client: Client, run_id: str) -> RunStatus:
+    """The run's state, with the live step and durable step read from the attempt's heartbeats."""
+    handle = client.get_workflow_handle(run_id)
+    description = await handle.describe()
+    try:
+        current = await handle.query("status", result_type=RunStatus)
+    except RPCError:
+        current = None
+    if current is None:
+        current = RunStatus(run_id=run_id, started_at=description.start_time)
+    closed = _CLOSED_STATES.get(description.status)
+    if closed is not None and not current.state.finished:
+        current.state = closed  # e.g. terminated from the Temporal UI
+    for pending in description.raw_description.pending_activities:
+        if pending.activity_type.name != "run_attempt" or not pending.heartbeat_details.payloads:
+            continue
+        [progress] = await client.data_converter.decode(pending.heartbeat_details.payloads, [AttemptProgress])
+        current.step = progress.step
+        if progress.durable_step is not None:
+            current.durable_step = max(current.durable_step or 0, progress.durable_step)
+    return current
+
+
+async def list_runs(client: Client, limit: int = 100) -> list[RunStatus]:
+    """Runs, newest first; one entry per run however often it continued as new."""
+    seen: dict[str, RunStatus] = {}
+    async for execution in client.list_workflows(f'WorkflowType = "{WORKFLOW_NAME}"', limit=limit * 4):
+        if execution.id in seen:
+            continue
+        try:
+            seen[execution.id] = await status(client, execution.id)
+        except RPCError:
+            seen[execution.id] = RunStatus(run_id=execution.id, started_at=execution.start_time,
+                                           state=_CLOSED_STATES.get(execution.status, RunState.RUNNING))
+        if len(seen) >= limit:
+            break
+    oldest = datetime.min.replace(tzinfo=UTC)
+    return sorted(seen.values(), key=lambda s: s.started_at or oldest, reverse=True)
+
+
+async def cancel(client: Client, run_id: str) -> None:
+    await client.get_workflow_handle(run_id).cancel()
+
+
+async def reclaim(client: Client, run_id: str, with_notice: bool = True) -> ReclaimAck:
+    handle = client.get_workflow_handle(run_id)
+    return await handle.execute_update("reclaim", ReclaimRequest(with_notice=with_notice), result_type=ReclaimAck)

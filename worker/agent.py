@@ -1,0 +1,53 @@
+"""The host agent: a Temporal worker on the host's own task queue that serves `run_attempt`.
+
+One agent per host; it runs one attempt at a time. The provider started it with the cluster's
+connection settings in its environment; it learns of reclaims from the host's notice source.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from datetime import timedelta
+from pathlib import Path
+
+import structlog
+from temporalio.worker import Worker
+
+from activities.host import HostAgentActivities
+from activities.notices import MetadataDirNoticeSource, NoNoticeSource, NoticeSource
+from vaultlayer import client as vl_client
+from vaultlayer.logs import configure_logging
+
+log = structlog.get_logger(__name__)
+
+
+def notice_source() -> NoticeSource:
+    metadata_dir = os.environ.get("VL_HOST_METADATA_DIR")
+    return MetadataDirNoticeSource(Path(metadata_dir)) if metadata_dir else NoNoticeSource()
+
+
+async def serve(task_queue: str, host_id: str, host_dir: Path) -> None:
+    configure_logging()
+    structlog.contextvars.bind_contextvars(host=host_id)
+    client = await vl_client.connect()
+    activities = HostAgentActivities(host_id=host_id, host_dir=host_dir, notices=notice_source())
+    worker = Worker(
+        client,
+        task_queue=task_queue,
+        activities=[activities.run_attempt],
+        max_concurrent_activities=1,
+        graceful_shutdown_timeout=timedelta(seconds=2),
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("host agent started", task_queue=task_queue, pid=os.getpid())
+    async with worker:
+        await stop.wait()
+
+
+def main(task_queue: str, host_id: str, host_dir: Path) -> None:
+    asyncio.run(serve(task_queue, host_id, host_dir))

@@ -1,0 +1,69 @@
+"""The control-plane worker: the TrainingRun workflow plus the control activities."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+from pathlib import Path
+
+import structlog
+from temporalio.client import Client
+from temporalio.worker import Worker
+
+from activities.control import ControlActivities
+from vaultlayer import client as vl_client
+from vaultlayer.logs import configure_logging
+from vaultlayer.home import vl_home
+from workflows.training_run import TrainingRun
+
+log = structlog.get_logger(__name__)
+
+
+def agent_connection_env(client: Client) -> dict[str, str]:
+    """How hosts reach this cluster: the same settings the worker uses, never passed through history."""
+    env = {"TEMPORAL_ADDRESS": client.service_client.config.target_host, "TEMPORAL_NAMESPACE": client.namespace}
+    return env
+
+
+def create_worker(client: Client, task_queue: str | None = None, home: Path | None = None) -> Worker:
+    activities = ControlActivities(vl_home=home or vl_home(), temporal_env=agent_connection_env(client))
+    return Worker(
+        client,
+        task_queue=task_queue or vl_client.task_queue(),
+        workflows=[TrainingRun],
+        activities=[
+            activities.provision,
+            activities.release,
+            activities.describe_host,
+            activities.verify_checkpoint,
+            activities.reap_run,
+            activities.inject_reclaim,
+        ],
+        activity_executor=ThreadPoolExecutor(max_workers=32),
+        graceful_shutdown_timeout=timedelta(seconds=5),
+    )
+
+
+async def serve() -> None:
+    configure_logging()
+    client = await vl_client.connect()
+    worker = create_worker(client)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("control-plane worker started", task_queue=vl_client.task_queue(), pid=os.getpid())
+    async with worker:
+        await stop.wait()
+    log.info("control-plane worker stopped")
+
+
+def main() -> None:
+    asyncio.run(serve())
+
+
+if __name__ == "__main__":
+    main()
