@@ -98,6 +98,12 @@ class Uploader:
         log.info("checkpoint stored", step=save.step, attempt=self.inp.attempt)
 
 
+def tail(path: Path, max_bytes: int = 2000) -> str:
+    with open(path, "rb") as file:
+        file.seek(max(0, path.stat().st_size - max_bytes))
+        return file.read().decode(errors="replace")
+
+
 def read_progress(control: Path) -> int | None:
     try:
         return int(json.loads((control / "progress.json").read_text())["step"])
@@ -221,6 +227,7 @@ class HostAgentActivities:
                 durable_step=uploader.durable_step,
                 exit_code=exit_code,
                 reason="" if exit_code == 0 else f"the script exited with code {exit_code}",
+                log_tail="" if exit_code == 0 else tail(self.host_dir / f"a{inp.attempt}.log"),
             )
         finally:
             uploads.cancel()

@@ -218,6 +218,10 @@ class LiveView:
                   + "; ".join(f"{c.name}: {c.reason}" for c in status.bad_checkpoints), flush=True)
         if status.state != RunState.SUCCEEDED and status.stop_reason:
             print(f"reason: {status.stop_reason}", flush=True)
+            last = status.attempts[-1] if status.attempts else None
+            if last is not None and last.log_tail:
+                print("the end of the script's output:", flush=True)
+                print(last.log_tail.rstrip(), flush=True)
 
 
 def exit_code_of(status: RunStatus) -> int:
@@ -322,6 +326,8 @@ async def cmd_reclaim(args: argparse.Namespace) -> int:
     except WorkflowUpdateFailedError as err:
         fail(f"cannot reclaim {args.run_id}: {err.cause}", code=1)
     except RPCError as err:
+        if "already completed" in err.message:
+            fail(f"cannot reclaim {args.run_id}: the run has finished; there is no host to reclaim", code=1)
         fail(f"cannot reclaim {args.run_id}: {err.message}", code=1)
     print(f"reclaiming host {ack.host} of {args.run_id}" + (" without notice" if args.no_notice else ""))
     return 0

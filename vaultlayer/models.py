@@ -198,6 +198,7 @@ class AttemptResult(VLModel):
     notice: Notice | None = None
     emergency_save: str | None = None  # "saved", "missed" or None when there was no notice
     reason: str = ""
+    log_tail: str = ""  # the end of the script's output when it failed, so the failure explains itself
 
 
 class AttemptRecord(VLModel):
@@ -211,6 +212,7 @@ class AttemptRecord(VLModel):
     steps_lost: int = 0
     exit_code: int | None = None
     reason: str = ""
+    log_tail: str = ""
     started_at: datetime
     ended_at: datetime | None = None
 

@@ -238,6 +238,7 @@ class TrainingRun:
         record.outcome, record.reason = result.outcome, result.reason
         record.end_step, record.durable_step = result.end_step, result.durable_step
         record.exit_code, record.ended_at = result.exit_code, workflow.now()
+        record.log_tail = result.log_tail
         if result.durable_step is not None:
             status.durable_step = max(status.durable_step or 0, result.durable_step)
         # Fence: nothing this attempt publishes from now on can be newer than what we accepted.

@@ -1,0 +1,108 @@
+"""The `vl` command as a person uses it: the embedded default, live output, JSON status, `vl down`,
+and bad input that is refused on one line before anything starts."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, TRAIN_TINY, assert_same_weights, group_alive
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def cli_env(tmp_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VL_", "TEMPORAL_"))}
+    # As in an activated virtual environment: `python` is the one with this project installed.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.update(VL_HOME=str(tmp_path / "vlhome"), VL_TEMPORAL_PORT=str(free_port()), VL_UI_PORT=str(free_port()),
+               VL_TASK_QUEUE="vaultlayer")
+    return env
+
+
+def vl(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cli.main", *args], env=env, cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+BAD_INPUT = [
+    (["run", "--provider", "nimbus", "--", "python", str(TRAIN_TINY), "--steps", "1", "--out", "x"],
+     "unknown provider 'nimbus'"),
+    (["run", "--", "no-such-program-vl", "--steps", "1"], "'no-such-program-vl' not found on PATH"),
+    (["run", "--reclaim-every", "0", "--", "python", str(TRAIN_TINY), "--steps", "1", "--out", "x"],
+     "--reclaim-every '0'"),
+    (["run", "--storage", "nosuchproto://bucket/x", "--", "python", str(TRAIN_TINY), "--steps", "1", "--out", "x"],
+     "nosuchproto"),
+    (["run", "--checkpoint-every", "soon", "--", "python", str(TRAIN_TINY), "--steps", "1", "--out", "x"],
+     "--checkpoint-every 'soon'"),
+]
+
+
+@pytest.mark.parametrize(("args", "expected"), BAD_INPUT, ids=["provider", "command", "reclaim-every",
+                                                               "storage", "checkpoint-every"])
+def test_bad_input_is_one_clear_line_and_starts_nothing(cli_env, args, expected):
+    result = vl(cli_env, *args)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("vl: error: ") and expected in lines[0]
+    home = Path(cli_env["VL_HOME"])
+    assert not (home / "run").exists(), "no server or worker may start for bad input"
+    assert not (home / "hosts").exists(), "no host may be provisioned for bad input"
+
+
+def test_embedded_default_runs_through_reclaims_and_vl_down_stops_it(cli_env, tmp_path, reference_weights):
+    out = tmp_path / "w.pt"
+    try:
+        result = vl(cli_env, "run", "--reclaim-every", "6s", "--notice-seconds", "10", "--checkpoint-every", "25",
+                    "--", "python", str(TRAIN_TINY), "--steps", "150", "--step-time", "0.05", "--out", str(out),
+                    timeout=300)
+        assert result.returncode == 0, result.stdout + result.stderr
+        lines = result.stdout.splitlines()
+        run_id = lines[0].removeprefix("run ")
+        assert lines[0].startswith("run r-")
+        assert lines[1] == (f"Temporal UI: http://localhost:{cli_env['VL_UI_PORT']}/namespaces/default/"
+                            f"workflows/{run_id}")
+        assert any(line.startswith("reclaimed at step ") and ", resuming on host h-2" in line for line in lines)
+        assert "started temporal dev server" in result.stderr
+        summary = lines[-1]
+        assert summary.startswith("succeeded: ") and "reclaims" in summary and "wall time" in summary
+        assert_same_weights(out, reference_weights(150))
+
+        status = vl(cli_env, "status", run_id, "--json")
+        assert status.returncode == 0, status.stderr
+        assert "started" not in status.stderr, "the second call must reuse the server and worker"
+        document = json.loads(status.stdout)
+        assert document["run_id"] == run_id and document["state"] == "succeeded"
+        assert document["steps_lost"] == 0 and document["durable_step"] >= 25
+        assert len(document["attempts"]) >= 2
+        for attempt in document["attempts"]:
+            assert {"host", "outcome", "start_step", "end_step"} <= attempt.keys()
+        assert document["attempts"][0]["outcome"] == "reclaimed"
+
+        listing = vl(cli_env, "ls", "--json")
+        runs = json.loads(listing.stdout)
+        assert runs[0]["run_id"] == run_id and runs[0]["state"] == "succeeded"
+
+        refused = vl(cli_env, "reclaim", run_id)
+        assert refused.returncode == 1 and "no host to reclaim" in refused.stderr
+    finally:
+        home = Path(cli_env["VL_HOME"])
+        pids = [json.loads((home / "run" / f"{name}.json").read_text())["pid"]
+                for name in ("server", "worker") if (home / "run" / f"{name}.json").exists()]
+        down = vl(cli_env, "down")
+    assert down.returncode == 0 and "temporal dev server" in down.stdout and "control-plane worker" in down.stdout
+    assert len(pids) == 2
+    assert not any(group_alive(pid) for pid in pids), "vl down must stop the server and the worker"
+    assert vl(cli_env, "down").stdout.strip() == "nothing to stop"
