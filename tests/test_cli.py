@@ -106,3 +106,46 @@ def test_embedded_default_runs_through_reclaims_and_vl_down_stops_it(cli_env, tm
     assert len(pids) == 2
     assert not any(group_alive(pid) for pid in pids), "vl down must stop the server and the worker"
     assert vl(cli_env, "down").stdout.strip() == "nothing to stop"
+
+
+def test_with_temporal_address_vl_starts_nothing(cli_env, temporal_address):
+    cli_env["TEMPORAL_ADDRESS"] = temporal_address
+    result = vl(cli_env, "ls", "--json")
+    assert result.returncode == 0, result.stderr
+    assert isinstance(json.loads(result.stdout), list)
+    assert "started" not in result.stderr
+    assert not (Path(cli_env["VL_HOME"]) / "run").exists()
+
+
+def test_ctrl_c_detaches_and_cancel_releases_the_host(cli_env, tmp_path):
+    import signal
+    import time
+
+    run = subprocess.Popen(
+        [sys.executable, "-m", "cli.main", "run", "--checkpoint-every", "10", "--", "python", str(TRAIN_TINY),
+         "--steps", "5000", "--step-time", "0.05", "--out", str(tmp_path / "w.pt")],
+        env=cli_env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        run_id = run.stdout.readline().strip().removeprefix("run ")
+        while "attempt 1 on host h-1" not in run.stdout.readline():
+            pass
+        run.send_signal(signal.SIGINT)
+        _, stderr = run.communicate(timeout=30)
+        assert run.returncode == 130 and "detached; the run goes on" in stderr
+
+        status = json.loads(vl(cli_env, "status", run_id, "--json").stdout)
+        assert status["state"] == "running", "Ctrl-C must not stop the run"
+        pgid = json.loads((Path(cli_env["VL_HOME"]) / "hosts" / run_id / "h-1" / "host.json").read_text())["pgid"]
+        assert group_alive(pgid)
+
+        cancelled = vl(cli_env, "cancel", run_id)
+        assert cancelled.returncode == 0, cancelled.stderr
+        deadline = time.monotonic() + 60
+        while json.loads(vl(cli_env, "status", run_id, "--json").stdout)["state"] != "cancelled":
+            assert time.monotonic() < deadline, "the run did not cancel"
+            time.sleep(0.5)
+        assert not group_alive(pgid), "cancel must release the host"
+    finally:
+        run.kill()
+        vl(cli_env, "down")

@@ -40,7 +40,8 @@ def host_pgids(vl_home: Path) -> list[int]:
 
 async def test_reclaims_with_notice_finish_identically(temporal_env, control, vl_home, tmp_path, reference_weights):
     out = tmp_path / "w.pt"
-    spec = make_spec(tmp_path, steps=150, out=out, reclaim_every_seconds=6.0, checkpoint_every="1000")
+    # An attempt lasts at most ~6 s, so at most ~120 padded steps: 300 steps need at least 3 attempts.
+    spec = make_spec(tmp_path, steps=300, out=out, reclaim_every_seconds=6.0, checkpoint_every="1000")
     client = temporal_env.client
     await vl_client.submit(client, spec, queue=control)
     status = await result_of(client, spec.run_id)
@@ -57,7 +58,7 @@ async def test_reclaims_with_notice_finish_identically(temporal_env, control, vl
     assert len(reclaimed) == status.reclaims
     assert status.attempts[-1].outcome == AttemptOutcome.COMPLETED
     assert status.continued_as_new >= 1  # the test server suggests continue-as-new early
-    assert_same_weights(out, reference_weights(150))
+    assert_same_weights(out, reference_weights(300))
     assert not any(group_alive(pgid) for pgid in host_pgids(vl_home)), "a host outlived its run"
 
 
@@ -184,3 +185,31 @@ async def test_script_failure_fails_the_run_with_its_exit_code(temporal_env, con
     assert status.exit_code == 7
     assert [a.outcome for a in status.attempts] == [AttemptOutcome.FAILED]
     assert "exited with code 7" in status.stop_reason
+
+
+@pytest.mark.parametrize("with_notice", [True, False], ids=["notice", "no-notice"])
+async def test_operator_reclaim(temporal_env, control, vl_home, tmp_path, reference_weights, with_notice):
+    """`vl reclaim RUN` (the `reclaim` update): the host is taken now; the run resumes and finishes."""
+    out = tmp_path / "w.pt"
+    spec = make_spec(tmp_path, steps=150, out=out, heartbeat_timeout_seconds=3.0)
+    client = temporal_env.client
+    await vl_client.submit(client, spec, queue=control)
+
+    async def progressed():
+        status = await live_status(client, spec.run_id)
+        return status if (status.durable_step or 0) >= 10 and status.current_host else None
+
+    status = await wait_until(progressed, 90, "a checkpoint")
+    ack = await vl_client.reclaim(client, spec.run_id, with_notice=with_notice)
+    assert ack.host == status.current_host.host_id == "h-1"
+
+    status = await result_of(client, spec.run_id)
+    first = status.attempts[0]
+    assert first.outcome == AttemptOutcome.RECLAIMED
+    if with_notice:
+        assert first.reason == "reclaim notice" and first.durable_step == first.end_step
+    else:
+        assert "heartbeats stopped; host gone (reclaimed by the provider)" in first.reason
+    assert status.attempts[1].host == "h-2"
+    assert status.state == RunState.SUCCEEDED
+    assert_same_weights(out, reference_weights(150))
