@@ -38,6 +38,10 @@ async def serve(task_queue: str, host_id: str, host_dir: Path) -> None:
         task_queue=task_queue,
         activities=[activities.run_attempt],
         max_concurrent_activities=1,
+        # Heartbeats carry the live step to `vl run`; the SDK would otherwise send them only every
+        # 0.8 x heartbeat timeout. Every 2 s keeps the view live at one small RPC per host.
+        max_heartbeat_throttle_interval=timedelta(seconds=2),
+        default_heartbeat_throttle_interval=timedelta(seconds=2),
         graceful_shutdown_timeout=timedelta(seconds=2),
     )
     stop = asyncio.Event()
