@@ -18,7 +18,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from vaultlayer.models import AttemptOutcome, Limits, Pool, RunSpec, RunState, RunStatus
+from vaultlayer.models import AttemptOutcome, Limits, Market, Pool, RunSpec, RunState, RunStatus
 
 EXIT_BAD_INPUT = 2
 EXIT_CANCELLED = 3
@@ -65,14 +65,43 @@ def resolve_command(command: list[str], workdir: Path) -> list[str]:
     return [os.path.abspath(found), *command[1:]]
 
 
+def pools_from_flags(args: argparse.Namespace) -> list[Pool]:
+    """Candidate pools in preference order: every zone (or region) given, with the GPU and market."""
+    gpu, gpu_count = None, 0
+    if args.gpu:
+        name, _, count = args.gpu.partition(":")
+        if not name or (count and (not count.isdigit() or int(count) < 1)):
+            raise UsageError(f"--gpu {args.gpu!r}: expected CLASS or CLASS:COUNT, such as A10G:1 or L4:2")
+        gpu, gpu_count = name, int(count or 1)
+    try:
+        market = Market(args.market)
+    except ValueError:
+        raise UsageError(f"--market {args.market!r}: use spot or on-demand") from None
+    if args.provider == "local":
+        places = [("local", None)] if not (args.region or args.zone) else \
+            [(r, None) for r in args.region] + [("local", z) for z in args.zone]
+    elif args.zone:
+        # The provider derives the region from a zone when no single region was given.
+        places = [(args.region[0] if len(args.region) == 1 else "", zone) for zone in args.zone]
+    else:
+        places = [(region, None) for region in args.region] or [("", None)]
+    return [Pool(provider=args.provider, region=region, zone=zone, gpu=gpu, gpu_count=gpu_count, market=market)
+            for region, zone in places]
+
+
 def build_spec(args: argparse.Namespace) -> RunSpec:
-    from activities.providers import KNOWN_PROVIDERS
+    from activities.providers import KNOWN_PROVIDERS, validate_pools
     from vaultlayer import checkpoint
     from vaultlayer.durations import parse_interval
     from vaultlayer.home import default_storage_url
 
     if args.provider not in KNOWN_PROVIDERS:
         raise UsageError(f"unknown provider {args.provider!r}; use one of: {', '.join(KNOWN_PROVIDERS)}")
+    pools = pools_from_flags(args)
+    try:
+        validate_pools(pools)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
     workdir = Path.cwd()
     command = resolve_command(args.command, workdir)
     storage_url = args.storage or default_storage_url()
@@ -106,7 +135,7 @@ def build_spec(args: argparse.Namespace) -> RunSpec:
         command=command,
         workdir=str(workdir),
         env=env,
-        pools=[Pool(provider=args.provider)],
+        pools=pools,
         storage_url=storage_url,
         checkpoint_every=checkpoint_every,
         notice_seconds=args.notice_seconds,
@@ -375,6 +404,10 @@ def parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run a training command durably: vl run [options] -- python train.py ...")
     run.add_argument("--provider", default="local", help="where hosts come from (default: local)")
+    run.add_argument("--gpu", help="GPU class and count, such as A10G:1 (cloud providers)")
+    run.add_argument("--region", action="append", default=[], help="allowed region (repeatable), in order")
+    run.add_argument("--zone", action="append", default=[], help="allowed zone (repeatable), in order")
+    run.add_argument("--market", default="spot", help="spot (default) or on-demand")
     run.add_argument("--storage", help="checkpoint storage URL (default: file://$VL_HOME/storage)")
     run.add_argument("--checkpoint-every", help=f"steps (50) or a duration (30s, 5m); default {DEFAULT_CHECKPOINT_EVERY}")
     run.add_argument("--notice-seconds", type=float, default=30.0, help="local reclaim grace period (default 30)")

@@ -81,6 +81,8 @@ class Host(VLModel):
     pool: Pool
     task_queue: str
     handle: dict[str, str] = Field(default_factory=dict)
+    price_per_hour: float | None = None  # what this host costs, USD
+    on_demand_price_per_hour: float | None = None  # what the same capacity costs on demand, USD
 
 
 class ProvisionInput(VLModel):

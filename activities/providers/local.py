@@ -26,6 +26,7 @@ from vaultlayer.models import (
     HostDescription,
     HostState,
     InjectReclaimInput,
+    Pool,
     ProvisionInput,
     ProvisionResult,
 )
@@ -68,6 +69,14 @@ def kill_group(pgid: int, sig: int = signal.SIGKILL) -> None:
         os.killpg(pgid, sig)
     except ProcessLookupError:
         pass
+
+
+def validate_pool(pool: Pool) -> None:
+    if pool.gpu is not None:
+        raise ValueError(f"the local provider runs on this machine and cannot provision --gpu {pool.gpu}; "
+                         "leave --gpu out, or use --provider aws or gcp")
+    if pool.region != "local" or pool.zone is not None:
+        raise ValueError("the local provider has no regions or zones; leave --region and --zone out")
 
 
 class LocalProvider:
