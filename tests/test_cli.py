@@ -149,3 +149,18 @@ def test_ctrl_c_detaches_and_cancel_releases_the_host(cli_env, tmp_path):
     finally:
         run.kill()
         vl(cli_env, "down")
+
+
+def test_a_stale_background_worker_is_replaced(cli_env):
+    """After an upgrade the embedded worker must not keep running the old control-plane code."""
+    try:
+        assert vl(cli_env, "ls").returncode == 0
+        record_file = Path(cli_env["VL_HOME"]) / "run" / "worker.json"
+        record = json.loads(record_file.read_text())
+        record_file.write_text(json.dumps(record | {"code": "older-code"}))
+        again = vl(cli_env, "ls")
+        assert again.returncode == 0 and "started control-plane worker" in again.stderr
+        assert not group_alive(record["pid"])
+        assert json.loads(record_file.read_text())["code"] != "older-code"
+    finally:
+        vl(cli_env, "down")

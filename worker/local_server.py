@@ -10,6 +10,7 @@ configured one (VL_TEMPORAL_BIN), or `temporal` on PATH.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -91,16 +92,27 @@ def _read(name: str) -> dict | None:
     return record if _alive(record) else None
 
 
-def _spawn(name: str, command: list[str], marker: str, env: dict[str, str] | None = None) -> dict:
+def _spawn(name: str, command: list[str], marker: str, env: dict[str, str] | None = None, code: str = "") -> dict:
     log_dir = vl_home() / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     with open(log_dir / f"{name}.log", "ab") as log_file:
         process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
                                    start_new_session=True, env=env, cwd=vl_home())
-    record = {"pid": process.pid, "marker": marker, "command": command}
+    record = {"pid": process.pid, "marker": marker, "command": command, "code": code}
     _state_file(name).parent.mkdir(parents=True, exist_ok=True)
     _state_file(name).write_text(json.dumps(record))
     return record
+
+
+def code_fingerprint() -> str:
+    """Changes whenever the control plane's code does, so a stale background worker gets replaced."""
+    digest = hashlib.sha256()
+    root = Path(__file__).resolve().parent.parent
+    for package in ("vaultlayer", "workflows", "activities", "worker"):
+        for source in sorted((root / package).rglob("*.py")):
+            digest.update(source.relative_to(root).as_posix().encode())
+            digest.update(source.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def ensure_embedded() -> Embedded:
@@ -125,11 +137,16 @@ def ensure_embedded() -> Embedded:
                 raise EmbeddedError(f"the Temporal dev server did not start; see {home / 'logs' / 'server.log'}")
             time.sleep(0.1)
     address = f"127.0.0.1:{port}"
-    if _read("worker") is None:
+    fingerprint = code_fingerprint()
+    worker = _read("worker")
+    if worker is not None and worker.get("code") != fingerprint:
+        _stop("worker", wait_seconds=10)
+        worker = None
+    if worker is None:
         env = {**os.environ, "TEMPORAL_ADDRESS": address, "VL_HOME": str(home)}
         env.pop("TEMPORAL_NAMESPACE", None)
         _spawn("worker", [sys.executable, "-m", "worker.control"], marker="worker.control",
-               env=env)
+               env=env, code=fingerprint)
         started.append("control-plane worker")
     return Embedded(address=address, ui_url=f"http://localhost:{ui_port}", started=started)
 
