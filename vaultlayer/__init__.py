@@ -4,6 +4,6 @@ Importing this package stays light (standard library only): no torch, fsspec or 
 training environment pays nothing for it. PyTorch helpers are in `vaultlayer.pytorch`.
 """
 
-from vaultlayer.sdk import Restored, active, resume, save, should_save
+from vaultlayer.sdk import Restored, active, resume, save, save_async, should_save, wait_for_saves
 
-__all__ = ["Restored", "active", "resume", "save", "should_save"]
+__all__ = ["Restored", "active", "resume", "save", "save_async", "should_save", "wait_for_saves"]

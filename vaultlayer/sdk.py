@@ -13,13 +13,16 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 import time
 import uuid
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from vaultlayer.durations import parse_interval
+from vaultlayer import interval as intervals
+from vaultlayer.durations import parse_duration, parse_interval
 
 SAVE_RECORD = "vl-save.json"
 # After an emergency save the host may still be taken a little after its announced deadline.
@@ -42,6 +45,18 @@ class _Notice:
     deadline: float
 
 
+@dataclass
+class _Slot:
+    """A save being written: its temporary directory becomes a checkpoint on commit."""
+
+    step: int
+    path: Path
+    final: Path
+    notice: _Notice | None
+    abandon: threading.Event = field(default_factory=threading.Event)
+    done: threading.Event = field(default_factory=threading.Event)
+
+
 class _Session:
     """The SDK's state for this process, built once from the environment the agent set."""
 
@@ -52,9 +67,18 @@ class _Session:
         self.restored = _restored_from(environ)
         every = environ.get("VL_CHECKPOINT_EVERY")
         try:
-            self.interval = parse_interval(every) if every else None
+            self.interval = ("auto", 0.0) if every == "auto" else parse_interval(every) if every else None
         except ValueError as err:
             raise ValueError(f"VL_CHECKPOINT_EVERY: {err}") from None
+        try:
+            self.mtbf_seconds = float(environ.get("VL_MTBF_SECONDS", intervals.PRIOR_HOURS * 3600))
+            self.min_seconds = parse_duration(environ.get("VL_CHECKPOINT_MIN", "60s"))
+            self.max_seconds = parse_duration(environ.get("VL_CHECKPOINT_MAX", "30m"))
+        except ValueError as err:
+            raise ValueError(f"VL_CHECKPOINT_*: {err}") from None
+        self.save_cost: float | None = None  # seconds training was blocked by the last periodic save
+        self.in_flight: _Slot | None = None
+        self.coalesced = 0
         self.last_save_step = self.restored.step if self.restored else 0
         self.last_save_time = time.monotonic()
         self.last_progress_time = float("-inf")
@@ -70,38 +94,103 @@ class _Session:
             self.write_progress(step)
         if self.pending_notice() is not None:
             return True
-        if self.interval is None:
-            return False
+        if self.interval is None or self.saving():
+            return False  # one save at a time: requests while one is in flight are coalesced into it
         unit, amount = self.interval
         if unit == "steps":
             return step - self.last_save_step >= amount
-        return time.monotonic() - self.last_save_time >= amount
+        return time.monotonic() - self.last_save_time >= self.interval_seconds()[0]
+
+    def interval_seconds(self) -> tuple[float, str]:
+        unit, amount = self.interval or ("none", 0.0)
+        if unit == "auto":
+            return intervals.choose_interval(self.save_cost, self.mtbf_seconds, self.min_seconds, self.max_seconds)
+        if unit == "seconds":
+            return amount, "--checkpoint-every"
+        return 0.0, f"every {amount:g} steps (--checkpoint-every)" if unit == "steps" else "only on notices"
+
+    def saving(self) -> bool:
+        return self.in_flight is not None and not self.in_flight.done.is_set()
+
+    def begin(self, step: int) -> _Slot:
+        self.write_progress(step)
+        nonce = uuid.uuid4().hex[:12]
+        slot = _Slot(step=step, path=self.staging_dir / f".tmp-{step}-{nonce}",
+                     final=self.staging_dir / f"{step:012d}-{nonce}", notice=self.pending_notice())
+        slot.path.mkdir()
+        return slot
+
+    def commit(self, slot: _Slot) -> None:
+        record = {
+            "step": slot.step,
+            "emergency": slot.notice is not None,
+            "notice_id": slot.notice.id if slot.notice else None,
+            "created_at": time.time(),
+        }
+        (slot.path / SAVE_RECORD).write_text(json.dumps(record))
+        slot.path.rename(slot.final)
+        slot.done.set()
+
+    def abort(self, slot: _Slot) -> None:
+        shutil.rmtree(slot.path, ignore_errors=True)
+        slot.done.set()
+
+    def accepted(self, slot: _Slot, blocked_seconds: float) -> None:
+        self.last_save_step = slot.step
+        self.last_save_time = time.monotonic()
+        if slot.notice is None:
+            self.save_cost = blocked_seconds
 
     @contextlib.contextmanager
     def save(self, step: int) -> Iterator[Path]:
-        self.write_progress(step)
-        notice = self.pending_notice()
-        nonce = uuid.uuid4().hex[:12]
-        tmp_dir = self.staging_dir / f".tmp-{step}-{nonce}"
-        tmp_dir.mkdir()
+        began = time.monotonic()
+        slot = self.begin(step)
+        if slot.notice is not None and self.in_flight is not None:
+            self.in_flight.abandon.set()  # the emergency save goes first; a periodic one in flight is dropped
         try:
-            yield tmp_dir
+            yield slot.path
         except BaseException:
-            shutil.rmtree(tmp_dir, ignore_errors=True)
+            self.abort(slot)
             raise
-        record = {
-            "step": step,
-            "emergency": notice is not None,
-            "notice_id": notice.id if notice else None,
-            "created_at": time.time(),
-        }
-        (tmp_dir / SAVE_RECORD).write_text(json.dumps(record))
-        tmp_dir.rename(self.staging_dir / f"{step:012d}-{nonce}")
-        self.last_save_step = step
-        self.last_save_time = time.monotonic()
-        if notice is not None:
-            self.saved_notice_ids.add(notice.id)
-            _wait_until(notice.deadline + EMERGENCY_GRACE_SECONDS)
+        self.commit(slot)
+        self.accepted(slot, time.monotonic() - began)
+        self.write_progress(step)
+        if slot.notice is not None:
+            self.saved_notice_ids.add(slot.notice.id)
+            _wait_until(slot.notice.deadline + EMERGENCY_GRACE_SECONDS)
+
+    def save_async(self, step: int, snapshot: Callable[[], Any], write: Callable[[Any, Path], None]) -> str:
+        if self.pending_notice() is not None:
+            with self.save(step) as directory:
+                write(snapshot(), directory)
+            return "saved"
+        if self.saving():
+            self.coalesced += 1
+            return "coalesced"
+        began = time.monotonic()
+        state = snapshot()
+        slot = self.begin(step)
+        self.in_flight = slot
+        self.accepted(slot, time.monotonic() - began)
+        self.write_progress(step)
+        threading.Thread(target=self._write_in_background, args=(slot, state, write), name="vl-save").start()
+        return "started"
+
+    def _write_in_background(self, slot: _Slot, state: Any, write: Callable[[Any, Path], None]) -> None:
+        try:
+            write(state, slot.path)
+        except BaseException as err:  # noqa: BLE001 - reported, never raised into an unrelated thread
+            self.abort(slot)
+            print(f"vaultlayer: background save of step {slot.step} failed: {err}", flush=True)
+            return
+        if slot.abandon.is_set():
+            self.abort(slot)
+        else:
+            self.commit(slot)
+
+    def wait(self) -> None:
+        if self.in_flight is not None:
+            self.in_flight.done.wait()
 
     def pending_notice(self) -> _Notice | None:
         """The agent's notice, unless it was already saved for. One stat per call; reads only a changed file."""
@@ -125,8 +214,12 @@ class _Session:
         self.last_progress_time = time.monotonic()
         if self.control_dir is None:
             return
-        partial = self.control_dir / f".progress-{os.getpid()}.tmp"
-        partial.write_text(json.dumps({"step": step, "time": time.time()}))
+        every, why = self.interval_seconds()
+        partial = self.control_dir / f".progress-{os.getpid()}-{threading.get_ident()}.tmp"
+        partial.write_text(json.dumps({
+            "step": step, "time": time.time(), "save_blocked_seconds": self.save_cost,
+            "interval_seconds": every or None, "interval_reason": why, "saves_coalesced": self.coalesced,
+        }))
         os.replace(partial, self.control_dir / "progress.json")
 
 
@@ -193,3 +286,23 @@ def save(step: int) -> Iterator[Path]:
         return
     with session.save(step) as path:
         yield path
+
+
+def save_async(step: int, snapshot: Callable[[], Any], write: Callable[[Any, Path], None]) -> str:
+    """Checkpoint without stalling training: `snapshot()` runs now (copy the state into host memory),
+    `write(state, directory)` runs in a background thread, and the directory becomes a checkpoint when it
+    returns. Returns "started"; "coalesced" when a save is already in flight (nothing is queued, so at
+    most one snapshot is held in memory); "saved" when a reclaim notice is pending: then the save is
+    written at once, ahead of any save in flight, and blocks like an emergency `save`.
+    """
+    session = _session()
+    if session is None:
+        return "coalesced"
+    return session.save_async(step, snapshot, write)
+
+
+def wait_for_saves() -> None:
+    """Block until a background save in flight is written (at the end of training, for instance)."""
+    session = _session()
+    if session is not None:
+        session.wait()
