@@ -6,11 +6,17 @@ manifests is the only truth, there is no "latest" pointer a crash could leave wr
 are not moved (a move is a copy on object stores); a small record under
 `<storage_url>/<run_id>/quarantine/<name>.json` says why they are skipped.
 
+Storage is configured the way each backend is usually configured: s3:// (s3fs) takes credentials and an
+S3-compatible endpoint from the AWS chain (AWS_ENDPOINT_URL, AWS_ENDPOINT_URL_S3, ~/.aws/config), gs://
+(gcsfs) from Google's default credentials or STORAGE_EMULATOR_HOST, and any protocol takes fsspec's own
+config (FSSPEC_S3_ENDPOINT_URL, ~/.config/fsspec/*.json).
+
 Synchronous on purpose: the agent and the activities call it from threads.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -20,6 +26,7 @@ import uuid
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
+from enum import StrEnum
 from pathlib import Path, PurePosixPath
 from typing import TypeVar
 
@@ -31,14 +38,21 @@ from pydantic import ValidationError
 
 from vaultlayer.models import CheckpointCheck, CheckpointRef, VerifyResult, VLModel
 
+if os.environ.get("STORAGE_EMULATOR_HOST"):
+    # gcsfs otherwise first tries gRPC to the emulator, which only speaks JSON over HTTP, for about a minute.
+    # It reads this once, when it is first imported (by fsspec, on the first gs:// URL).
+    os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+
 FORMAT_VERSION = 1
 MANIFEST_NAME = "MANIFEST.json"
 
 _CHUNK_BYTES = 1 << 20
+# Files of at least two parts go up as a multipart upload, parts in parallel (s3fs; gcsfs sends them in turn).
+_PART_BYTES = 8 << 20
 _TRANSFER_THREADS = 8
 _RETRY_DELAYS_SECONDS = (0.5, 2.0, 5.0)
-# OSErrors that say something about the request, not about the storage being briefly unavailable.
-_PERMANENT_ERRORS = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
+# Protocols whose objects appear whole or not at all, so a plain write is already atomic.
+_ATOMIC_WRITE_PROTOCOLS = {"s3", "s3a", "gs", "gcs", "memory"}
 _NAME = re.compile(r"(?P<step>\d{12,})-a(?P<attempt>[1-9]\d*)")
 
 T = TypeVar("T")
@@ -47,6 +61,14 @@ log = structlog.get_logger(__name__)
 
 class CheckpointError(Exception):
     """A checkpoint cannot be written or restored as asked; the message says what is wrong."""
+
+
+# Errors about the request itself, not about the storage being briefly unavailable. Everything else is retried:
+# storage clients raise their own connection errors (botocore's EndpointConnectionError is no OSError).
+_PERMANENT_ERRORS = (
+    FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError,
+    CheckpointError, ValueError, TypeError, KeyError, AttributeError, NotImplementedError,
+)
 
 
 class ManifestFile(VLModel):
@@ -62,6 +84,25 @@ class Manifest(VLModel):
     step: int
     created_at: datetime
     files: list[ManifestFile]
+
+
+class CheckpointState(StrEnum):
+    COMPLETE = "complete"
+    BAD = "bad"  # corrupt, partial or fenced: never resumed from; `reason` says which
+    UPLOADING = "uploading"  # no manifest yet, and its attempt has not ended
+
+
+class CheckpointListing(VLModel):
+    """One checkpoint as `vl checkpoints` shows it."""
+
+    name: str
+    step: int
+    attempt: int
+    url: str
+    state: CheckpointState
+    reason: str = ""
+    size: int  # bytes in storage
+    created_at: datetime | None = None  # from the manifest
 
 
 def validate_storage_url(url: str) -> None:
@@ -171,17 +212,35 @@ def verify_checkpoint(storage_url: str, run_id: str, name: str) -> tuple[Checkpo
     def bad(reason: str) -> tuple[CheckpointCheck, None]:
         return CheckpointCheck(name=name, step=step, attempt=attempt, ok=False, reason=reason), None
 
+    read = _read_manifest(fs, remote_dir, run_id=run_id, step=step, attempt=attempt)
+    if isinstance(read, str):
+        return bad(read)
+    manifest, manifest_bytes = read
+    problem = _stored_files_problem(fs, remote_dir, manifest)
+    if problem is not None:
+        return bad(problem)
+    ref = CheckpointRef(name=name, step=step, attempt=attempt, url=url, manifest_sha256=_sha256(manifest_bytes))
+    return CheckpointCheck(name=name, step=step, attempt=attempt, ok=True), ref
+
+
+def _read_manifest(
+    fs: fsspec.AbstractFileSystem, remote_dir: str, *, run_id: str, step: int, attempt: int
+) -> tuple[Manifest, bytes] | str:
+    """The checkpoint's manifest and its bytes, or why it is not a usable manifest of this checkpoint."""
     try:
         manifest_bytes = _retry(lambda: fs.cat_file(f"{remote_dir}/{MANIFEST_NAME}"), "read the manifest")
     except FileNotFoundError:
-        return bad(f"no {MANIFEST_NAME}: the upload never finished")
+        return f"no {MANIFEST_NAME}: the upload never finished"
     try:
         manifest = Manifest.model_validate_json(manifest_bytes)
     except ValidationError as err:
-        return bad(f"unparsable {MANIFEST_NAME}: {_first_error(err)}")
+        return f"unparsable {MANIFEST_NAME}: {_first_error(err)}"
     reason = _manifest_mismatch(manifest, run_id=run_id, step=step, attempt=attempt)
-    if reason is not None:
-        return bad(reason)
+    return reason if reason is not None else (manifest, manifest_bytes)
+
+
+def _stored_files_problem(fs: fsspec.AbstractFileSystem, remote_dir: str, manifest: Manifest) -> str | None:
+    """The first file whose stored bytes differ from the manifest (size, then sha256 of every byte), if any."""
 
     def check(entry: ManifestFile) -> str | None:
         remote = f"{remote_dir}/{entry.path}"
@@ -197,10 +256,7 @@ def verify_checkpoint(storage_url: str, run_id: str, name: str) -> tuple[Checkpo
         return None
 
     problems = [problem for problem in _in_threads(check, manifest.files) if problem is not None]
-    if problems:
-        return bad(problems[0])
-    ref = CheckpointRef(name=name, step=step, attempt=attempt, url=url, manifest_sha256=_sha256(manifest_bytes))
-    return CheckpointCheck(name=name, step=step, attempt=attempt, ok=True), ref
+    return problems[0] if problems else None
 
 
 def choose_checkpoint(storage_url: str, run_id: str, fences: dict[int, int]) -> VerifyResult:
@@ -212,8 +268,8 @@ def choose_checkpoint(storage_url: str, run_id: str, fences: dict[int, int]) -> 
     quarantined = {record.name: record for record in quarantine_records(storage_url, run_id)}
     result = VerifyResult()
     for name, step, attempt in list_checkpoints(storage_url, run_id):
-        if attempt in fences and step > fences[attempt]:
-            reason = f"fenced: attempt {attempt} ended at step {fences[attempt]}"
+        if _fenced(step, attempt, fences):
+            reason = _fence_reason(attempt, fences)
             result.rejected.append(CheckpointCheck(name=name, step=step, attempt=attempt, ok=False, reason=reason))
         elif name in quarantined:
             result.rejected.append(quarantined[name])
@@ -225,6 +281,87 @@ def choose_checkpoint(storage_url: str, run_id: str, fences: dict[int, int]) -> 
             _write_quarantine_record(storage_url, run_id, check)
             result.rejected.append(check)
     return result
+
+
+def describe_checkpoints(
+    storage_url: str, run_id: str, fences: dict[int, int], ended: Iterable[int] = (), verify: bool = False
+) -> list[CheckpointListing]:
+    """Every checkpoint directory of the run, newest first, as `choose_checkpoint` would judge it.
+
+    `ended`: the attempts that are over; a directory without a manifest is still being uploaded only by an
+    attempt that is not. Reads manifests and quarantine records; with `verify`, also re-hashes every stored
+    byte. Writes nothing.
+    """
+    ended = set(ended)
+    fs, checkpoints_dir = url_to_fs(_run_url(storage_url, run_id) + "/checkpoints")
+    stored = _stored_checkpoints(fs, checkpoints_dir)
+    quarantined = {record.name: record for record in quarantine_records(storage_url, run_id)}
+    listings = []
+    for name, step, attempt in _newest_first(stored):
+        listing = CheckpointListing(name=name, step=step, attempt=attempt, url=_checkpoint_url(storage_url, run_id, name),
+                                    state=CheckpointState.BAD, size=sum(stored[name].values()))
+        listings.append(listing)
+        if _fenced(step, attempt, fences):
+            listing.reason = _fence_reason(attempt, fences)
+            continue
+        if name in quarantined:
+            listing.reason = quarantined[name].reason
+            continue
+        remote_dir = f"{checkpoints_dir}/{name}"
+        read = _read_manifest(fs, remote_dir, run_id=run_id, step=step, attempt=attempt)
+        if isinstance(read, str):
+            if MANIFEST_NAME not in stored[name] and attempt not in ended:
+                listing.state, listing.reason = CheckpointState.UPLOADING, f"attempt {attempt} is still running"
+            else:
+                listing.reason = read
+            continue
+        manifest, _ = read
+        listing.created_at = manifest.created_at
+        problem = _stored_files_problem(fs, remote_dir, manifest) if verify else None
+        if problem is not None:
+            listing.reason = problem
+        else:
+            listing.state = CheckpointState.COMPLETE
+    return listings
+
+
+def prune_checkpoints(
+    storage_url: str,
+    run_id: str,
+    keep: int,
+    fences: dict[int, int],
+    reported: dict[int, int],
+    protect: Iterable[str] = (),
+) -> list[str]:
+    """Retention: remove what no attempt will resume from, and return the names removed.
+
+    Keeps the newest `keep` complete checkpoints (a manifest, neither fenced nor quarantined) and those in
+    `protect` (the one a running attempt resumed from). Removes older complete ones, and the partial uploads
+    left by attempts that ended (`reported`: attempt -> the durable step it reported, -1 for none): no
+    manifest and above that step, so their host died or was written off before finishing them.
+    Fenced and quarantined checkpoints stay as evidence (`vl checkpoints` says why), and so does a directory
+    without a manifest at or below the reported step: it was complete once; verification will report it.
+    """
+    if keep < 1:
+        raise ValueError(f"keep must be at least 1, not {keep}")
+    fs, checkpoints_dir = url_to_fs(_run_url(storage_url, run_id) + "/checkpoints")
+    stored = _stored_checkpoints(fs, checkpoints_dir)
+    quarantined = {record.name for record in quarantine_records(storage_url, run_id)}
+    protected = set(protect)
+    kept, removed = 0, []
+    for name, step, attempt in _newest_first(stored):
+        if MANIFEST_NAME not in stored[name]:
+            if attempt in reported and step > reported[attempt]:
+                _remove_checkpoint(fs, f"{checkpoints_dir}/{name}")
+                removed.append(name)
+        elif _fenced(step, attempt, fences) or name in quarantined:
+            continue
+        elif kept < keep:
+            kept += 1
+        elif name not in protected:
+            _remove_checkpoint(fs, f"{checkpoints_dir}/{name}")
+            removed.append(name)
+    return removed
 
 
 def restore_checkpoint(ref: CheckpointRef, dest_dir: Path) -> None:
@@ -295,6 +432,44 @@ def _write_quarantine_record(storage_url: str, run_id: str, check: CheckpointChe
     _retry(lambda: _write_atomically(fs, f"{quarantine_dir}/{check.name}.json", data), "write a quarantine record")
 
 
+def _fenced(step: int, attempt: int, fences: dict[int, int]) -> bool:
+    return attempt in fences and step > fences[attempt]
+
+
+def _fence_reason(attempt: int, fences: dict[int, int]) -> str:
+    return f"fenced: attempt {attempt} ended at step {fences[attempt]}"
+
+
+def _stored_checkpoints(fs: fsspec.AbstractFileSystem, checkpoints_dir: str) -> dict[str, dict[str, int]]:
+    """Each checkpoint directory's files (relative path -> size), from one recursive listing."""
+    fs.invalidate_cache(checkpoints_dir)
+    try:
+        found = _retry(lambda: fs.find(checkpoints_dir, detail=True), "list checkpoint files")
+    except FileNotFoundError:
+        return {}
+    prefix = checkpoints_dir.rstrip("/") + "/"
+    stored: dict[str, dict[str, int]] = {}
+    for path, info in found.items():
+        name, _, relative = path.removeprefix(prefix).partition("/")
+        if path.startswith(prefix) and relative and parse_checkpoint_name(name) is not None:
+            stored.setdefault(name, {})[relative] = int(info.get("size") or 0)
+    return stored
+
+
+def _newest_first(names: Iterable[str]) -> list[tuple[str, int, int]]:
+    parsed = [(name, *parse_checkpoint_name(name)) for name in names]
+    return sorted(parsed, key=lambda item: (item[1], item[2]), reverse=True)
+
+
+def _remove_checkpoint(fs: fsspec.AbstractFileSystem, remote_dir: str) -> None:
+    """Manifest first: a removal cut short leaves a partial upload, never a complete-looking checkpoint."""
+    with contextlib.suppress(FileNotFoundError):
+        _retry(lambda: fs.rm_file(f"{remote_dir}/{MANIFEST_NAME}"), "remove a manifest")
+    with contextlib.suppress(FileNotFoundError):
+        _retry(lambda: fs.rm(remote_dir, recursive=True), "remove a checkpoint")
+    log.info("checkpoint removed", checkpoint=remote_dir.rsplit("/", 1)[-1])
+
+
 def _run_url(storage_url: str, run_id: str) -> str:
     if not run_id or "/" in run_id or "\\" in run_id or run_id in (".", ".."):
         raise ValueError(f"run id {run_id!r} cannot be a storage directory name")
@@ -349,15 +524,21 @@ def _manifest_mismatch(manifest: Manifest, *, run_id: str, step: int, attempt: i
 
 
 def _send_file(fs: fsspec.AbstractFileSystem, local: Path, remote: str, relative: str) -> ManifestFile:
+    """Hash one file, then upload it (multipart when big); it must not change meanwhile, which stat checks.
+
+    Staged saves belong to the agent once committed, so a change means something else writes there.
+    """
+    before = local.stat()
     digest = hashlib.sha256()
-    size = 0
-    fs.makedirs(remote.rsplit("/", 1)[0], exist_ok=True)
-    with open(local, "rb") as source, fs.open(remote, "wb") as sink:
+    with open(local, "rb") as source:
         while chunk := source.read(_CHUNK_BYTES):
             digest.update(chunk)
-            sink.write(chunk)
-            size += len(chunk)
-    return ManifestFile(path=relative, size=size, sha256=digest.hexdigest())
+    fs.makedirs(remote.rsplit("/", 1)[0], exist_ok=True)
+    fs.put_file(str(local), remote, chunksize=_PART_BYTES)
+    after = local.stat()
+    if (after.st_size, after.st_mtime_ns, after.st_ino) != (before.st_size, before.st_mtime_ns, before.st_ino):
+        raise CheckpointError(f"{local} changed while it was uploaded")
+    return ManifestFile(path=relative, size=before.st_size, sha256=digest.hexdigest())
 
 
 def _fetch_file(fs: fsspec.AbstractFileSystem, remote: str, target: Path, entry: ManifestFile) -> None:
@@ -385,7 +566,12 @@ def _fetch_file(fs: fsspec.AbstractFileSystem, remote: str, target: Path, entry:
 
 
 def _write_atomically(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
-    """Write then rename, so that a reader never sees half a file (object stores write whole objects anyway)."""
+    """Write so that a reader never sees half a file: object stores do that by themselves (and a rename there
+    is a copy), a file system needs a write then a rename."""
+    protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+    if protocols & _ATOMIC_WRITE_PROTOCOLS:
+        fs.pipe_file(path, data)
+        return
     partial = f"{path}.vl-partial-{uuid.uuid4().hex[:8]}"
     fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
     fs.pipe_file(partial, data)
@@ -417,7 +603,7 @@ def _retry(action: Callable[[], T], what: str) -> T:
             return action()
         except _PERMANENT_ERRORS:
             raise
-        except OSError as err:
+        except Exception as err:  # noqa: BLE001 - see _PERMANENT_ERRORS
             log.warning("storage error, retrying", action=what, error=repr(err), retry_in_s=delay)
             time.sleep(delay)
     return action()
