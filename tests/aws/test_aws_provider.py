@@ -1,0 +1,223 @@
+"""The aws provider on its own, against moto over HTTP with the real boto3 client: launches and their
+tags and user-data, capacity outcomes, retries, placement order, describe, reap, prices, the settings a
+host reads, and the IAM policies. Instances are not booted here (the end-to-end tests boot them)."""
+
+from __future__ import annotations
+
+import ast
+import base64
+import json
+from pathlib import Path
+
+import boto3
+import pytest
+
+from activities.providers import aws as aws_module
+from activities.providers import priced_pools
+from activities.providers.aws import AwsProvider, read_temporal_settings
+from activities.providers.base import NoCapacityError
+from tests.aws.conftest import DLAMI_PARAMETER, MOTO_AMI, REGION, SECRET_NAME
+from tests.aws.fakes import parse_user_data
+from tests.conftest import REPO
+from vaultlayer.models import HostState, Market, Placement, Pool, ProvisionInput, Refusal
+
+
+def pool(zone: str | None = None, market: Market = Market.SPOT) -> Pool:
+    return Pool(provider="aws", region="" if zone else REGION, zone=zone, gpu="A10G", gpu_count=1, market=market)
+
+
+def request(run_id: str, attempt: int, zone: str | None = None, market: Market = Market.SPOT) -> ProvisionInput:
+    return ProvisionInput(run_id=run_id, placement=Placement(pool=pool(zone, market), attempt=attempt))
+
+
+@pytest.fixture
+def provider(aws, vl_home) -> AwsProvider:
+    aws.player.booting = False
+    return AwsProvider(vl_home, {})
+
+
+def tags(instance: dict) -> dict[str, str]:
+    return {tag["Key"]: tag["Value"] for tag in instance["Tags"]}
+
+
+def test_spot_launch_is_tagged_and_its_user_data_holds_no_secret(aws, provider, temporal_address):
+    host = provider.provision(request("r-tags", 1, zone="us-east-1b")).host
+    [instance] = aws.instances("r-tags")
+    assert instance["InstanceLifecycle"] == "spot"
+    assert instance["Placement"]["AvailabilityZone"] == "us-east-1b" and instance["SubnetId"] == aws.subnets["us-east-1b"]
+    assert tags(instance).items() >= {"vaultlayer:run-id": "r-tags", "vaultlayer:attempt": "1",
+                                      "vaultlayer:host": "h-1"}.items()
+    assert instance["MetadataOptions"]["HttpTokens"] == "required"
+    assert instance["InstanceType"] == "g5.xlarge"  # the smallest A10G:1 host at the same (moto) spot price
+    ssm = boto3.client("ssm")
+    assert instance["ImageId"] == ssm.get_parameter(Name=DLAMI_PARAMETER)["Parameter"]["Value"]
+    assert host.handle["instance_id"] == instance["InstanceId"] and host.handle["zone"] == "us-east-1b"
+    assert host.price_per_hour == 0.00001  # moto's spot price history
+    assert host.on_demand_price_per_hour == aws_module.ON_DEMAND_PRICES["g5.xlarge"]
+
+    encoded = aws.ec2.describe_instance_attribute(InstanceId=instance["InstanceId"], Attribute="userData")
+    user_data = base64.b64decode(encoded["UserData"]["Value"]).decode()
+    exported, agent = parse_user_data(user_data)
+    assert exported["VL_TEMPORAL_SETTINGS"] == f"secretsmanager:{SECRET_NAME}"
+    assert exported["VL_NOTICE_SOURCE"] == "imds" and exported["AWS_DEFAULT_REGION"] == REGION
+    assert not [name for name in exported if name.startswith("TEMPORAL_")]
+    assert temporal_address not in user_data, "connection settings come from the secret, not the user-data"
+    assert agent[:5] == ["agent", "--task-queue", host.task_queue, "--host-id", "h-1"]
+    assert "pip install --quiet 'vaultlayer[aws]==0.1.0'" in user_data
+
+    on_demand = provider.provision(request("r-tags", 2, zone="us-east-1b", market=Market.ON_DEMAND)).host
+    second = next(i for i in aws.instances("r-tags") if i["InstanceId"] == on_demand.handle["instance_id"])
+    assert "InstanceLifecycle" not in second
+    assert on_demand.price_per_hour == on_demand.on_demand_price_per_hour == 1.006
+
+    assert sorted(provider.reap("r-tags")) == sorted(i["InstanceId"] for i in aws.instances("r-tags"))
+    aws.assert_nothing_left()
+
+
+@pytest.mark.parametrize(("code", "refusal"), [
+    ("InsufficientInstanceCapacity", Refusal.NO_CAPACITY),
+    ("SpotMaxPriceTooLow", Refusal.PRICE_TOO_LOW),
+    ("MaxSpotInstanceCountExceeded", Refusal.QUOTA),
+    ("InstanceLimitExceeded", Refusal.QUOTA),
+    ("VcpuLimitExceeded", Refusal.QUOTA),
+    ("Unsupported", Refusal.UNSUPPORTED),
+])
+def test_capacity_errors_come_back_as_typed_refusals(aws, provider, code, refusal):
+    aws.proxy.refuse("us-east-1a", code)
+    with pytest.raises(NoCapacityError) as caught:
+        provider.provision(request("r-refused", 1, zone="us-east-1a"))
+    assert caught.value.kind == refusal
+    assert f"g5.xlarge in us-east-1a: {code}" in str(caught.value)
+    tried = [itype for zone, itype, outcome in aws.proxy.launches if outcome == code]
+    # A quota is the region's: the other types would hit it too. Anything else: every type was tried.
+    assert tried == (["g5.xlarge"] if refusal == Refusal.QUOTA else aws_module.INSTANCE_TYPES["A10G:1"])
+    assert aws.instances("r-refused") == []
+    aws.assert_nothing_left()
+
+
+def test_throttling_and_server_errors_are_retried_without_a_second_launch(aws, provider):
+    aws.proxy.fail_next("us-east-1a", "RequestLimitExceeded", "InternalError")
+    host = provider.provision(request("r-throttled", 1, zone="us-east-1a")).host
+    assert aws.proxy.launches == [("us-east-1a", "g5.xlarge", "RequestLimitExceeded"),
+                                  ("us-east-1a", "g5.xlarge", "InternalError"),
+                                  ("us-east-1a", "g5.xlarge", "launched")]
+    assert [i["InstanceId"] for i in aws.instances("r-throttled")] == [host.handle["instance_id"]]
+    provider.reap("r-throttled")
+    aws.assert_nothing_left()
+
+
+def test_a_region_pool_moves_off_the_reclaimed_zone_and_past_refusing_ones(aws, provider):
+    first = provider.provision(request("r-region", 1)).host
+    assert first.handle["zone"] == "us-east-1a"  # equal prices: the zones' order
+    aws.market.reclaim_now(first.handle["instance_id"])
+    aws.proxy.refuse("us-east-1b", "InsufficientInstanceCapacity")
+    second = provider.provision(request("r-region", 2)).host
+    assert second.handle["zone"] == "us-east-1c"
+    # b was tried type by type and refused; a, where the run was just reclaimed, would have come last.
+    assert [zone for zone, _, _ in aws.proxy.launches] == ["us-east-1a"] + ["us-east-1b"] * 5 + ["us-east-1c"]
+    provider.reap("r-region")
+    aws.assert_nothing_left()
+
+
+def test_a_retried_provision_gets_the_host_of_the_first_try(aws, provider):
+    first = provider.provision(request("r-retry", 1, zone="us-east-1a")).host
+    again = provider.provision(request("r-retry", 1, zone="us-east-1a")).host
+    assert again.handle["instance_id"] == first.handle["instance_id"] and again.task_queue == first.task_queue
+    assert len(aws.instances("r-retry")) == 1
+    provider.reap("r-retry")
+    aws.assert_nothing_left()
+
+
+def test_describe_tells_a_reclaim_from_a_fault(aws, provider):
+    reclaimed = provider.provision(request("r-describe", 1, zone="us-east-1a")).host
+    assert provider.describe(reclaimed).state == HostState.RUNNING
+    aws.market.reclaim_now(reclaimed.handle["instance_id"])
+    described = provider.describe(reclaimed)
+    assert described.state == HostState.GONE and "Server.SpotInstanceTermination" in described.reason
+
+    failed = provider.provision(request("r-describe", 2, zone="us-east-1a")).host
+    aws.ec2.stop_instances(InstanceIds=[failed.handle["instance_id"]])  # not EC2's doing: someone, or the host
+    described = provider.describe(failed)
+    assert described.state == HostState.FAULTY and "Client.UserInitiatedShutdown" in described.reason
+
+    provider.release(failed)
+    provider.release(failed)  # idempotent
+    vanished = failed.model_copy(update={"handle": {**failed.handle, "instance_id": "i-0123456789abcdef0"}})
+    assert provider.describe(vanished).state == HostState.GONE
+    aws.assert_nothing_left()
+
+
+def test_reap_and_live_runs_see_only_tagged_instances_of_the_run(aws, provider):
+    provider.provision(request("r-one", 1, zone="us-east-1a"))
+    other = provider.provision(request("r-two", 1, zone="us-east-1b")).host
+    aws.ec2.run_instances(ImageId=MOTO_AMI, MinCount=1, MaxCount=1)  # not ours: untagged
+    restricted = aws.settings_file.read_text()
+    aws.settings_file.write_text(restricted.replace('regions = ["us-east-1"]', ""))
+    assert provider.live_runs() == {"r-one", "r-two"}  # found by looking in every enabled region
+    aws.settings_file.write_text(restricted)
+    [reaped] = provider.reap("r-one")
+    assert aws.instances("r-one")[0]["InstanceId"] == reaped
+    assert provider.live_runs() == {"r-two"}
+    assert provider.reap("r-two") == [other.handle["instance_id"]]
+    assert provider.reap("r-two") == []
+    untagged = [i for r in aws.ec2.describe_instances()["Reservations"] for i in r["Instances"] if "Tags" not in i]
+    assert [i["State"]["Name"] for i in untagged] == ["running"]
+    aws.ec2.terminate_instances(InstanceIds=[untagged[0]["InstanceId"]])
+    aws.assert_nothing_left()
+
+
+def test_pools_get_list_prices_from_spot_history_and_the_table(aws):
+    spot, on_demand = priced_pools([pool("us-east-1a"), pool("us-east-1a", Market.ON_DEMAND)])
+    assert spot.price_per_hour == 0.00001 and spot.on_demand_price_per_hour == 1.006
+    assert on_demand.price_per_hour == on_demand.on_demand_price_per_hour == 1.006
+    aws.settings_file.write_text(aws.settings_file.read_text() + '[on_demand_prices]\n"g5.xlarge" = 0.91\n')
+    [overridden] = priced_pools([pool(None, Market.ON_DEMAND)])
+    assert overridden.price_per_hour == 0.91
+    aws.assert_nothing_left()
+
+
+def test_a_host_reads_its_temporal_settings_with_its_role(aws, temporal_address):
+    assert read_temporal_settings(f"secretsmanager:{SECRET_NAME}") == {
+        "TEMPORAL_ADDRESS": temporal_address, "TEMPORAL_NAMESPACE": "default"}
+    ssm = boto3.client("ssm")
+    ssm.put_parameter(Name="/vaultlayer/temporal", Type="SecureString",
+                      Value=json.dumps({"TEMPORAL_ADDRESS": "t.example:7233", "TEMPORAL_API_KEY": "k-123"}))
+    assert read_temporal_settings("ssm:/vaultlayer/temporal")["TEMPORAL_API_KEY"] == "k-123"
+    ssm.put_parameter(Name="/vaultlayer/odd", Type="SecureString",
+                      Value=json.dumps({"TEMPORAL_ADDRESS": "t.example:7233", "API_KEY": "k-secret-value"}))
+    with pytest.raises(ValueError) as caught:
+        read_temporal_settings("ssm:/vaultlayer/odd")
+    assert "API_KEY" in str(caught.value) and "k-secret-value" not in str(caught.value)
+    aws.assert_nothing_left()
+
+
+def aws_calls() -> dict[str, set[str]]:
+    """Every AWS operation aws.py makes through `call`, by the role that makes it: the host's
+    (`read_temporal_settings`) or the control-plane worker's (everything else)."""
+    tree = ast.parse(Path(aws_module.__file__).read_text())
+    service_of = {"get_secret_value": "secretsmanager", "get_parameter": "ssm"}
+    calls: dict[str, set[str]] = {"host": set(), "worker": set()}
+    for function in (n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)):
+        role = "host" if function.name == "read_temporal_settings" else "worker"
+        for node in ast.walk(function):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "call":
+                method = node.args[0].attr
+                action = "".join(part.title() for part in method.split("_"))
+                calls[role].add(f"{service_of.get(method, 'ec2')}:{action}")
+    return calls
+
+
+def test_iam_policies_grant_exactly_the_calls_made():
+    def actions(name: str) -> set[str]:
+        document = json.loads((REPO / "deploy" / "aws" / name).read_text())
+        found = set()
+        for statement in document["Statement"]:
+            listed = statement["Action"]
+            found |= {listed} if isinstance(listed, str) else set(listed)
+        return found
+
+    calls = aws_calls()
+    assert "ec2:RunInstances" in calls["worker"] and "secretsmanager:GetSecretValue" in calls["host"]
+    # Beyond the calls: tagging at launch and passing the instance role are authorised separately.
+    assert actions("worker-policy.json") == calls["worker"] | {"ec2:CreateTags", "iam:PassRole"}
+    assert actions("instance-policy.json") == calls["host"] | {"kms:Decrypt"}  # settings under a customer key
