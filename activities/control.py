@@ -10,9 +10,10 @@ from pathlib import Path
 
 import structlog
 from temporalio import activity
+from temporalio.exceptions import ApplicationError
 
 from activities.providers import make_provider
-from activities.providers.base import NoCapacityError, Provider
+from activities.providers.base import NoCapacityError, Provider, ProviderConfigError
 from vaultlayer import checkpoint
 from vaultlayer.models import (
     Host,
@@ -20,6 +21,7 @@ from vaultlayer.models import (
     InjectReclaimInput,
     ProvisionInput,
     ProvisionResult,
+    PruneInput,
     ReapInput,
     VerifyInput,
     VerifyResult,
@@ -46,6 +48,8 @@ class ControlActivities:
             return provider.provision(inp)
         except NoCapacityError as err:
             return ProvisionResult(refusal=err.kind, message=str(err))
+        except ProviderConfigError as err:  # no retry can fix settings: fail the run with the reason
+            raise ApplicationError(str(err), type="ProviderConfigError", non_retryable=True) from None
 
     @activity.defn(name="release")
     def release(self, host: Host) -> None:
@@ -61,6 +65,15 @@ class ControlActivities:
         for bad in result.rejected:
             log.warning("checkpoint rejected", run_id=inp.run_id, checkpoint=bad.name, reason=bad.reason)
         return result
+
+    @activity.defn(name="prune_checkpoints")
+    def prune_checkpoints(self, inp: PruneInput) -> list[str]:
+        """Retention (checkpoint.prune_checkpoints): here, because hosts come and go and may die mid-upload."""
+        removed = checkpoint.prune_checkpoints(inp.storage_url, inp.run_id, inp.keep, inp.fences, inp.reported,
+                                               inp.protect)
+        if removed:
+            log.info("checkpoints pruned", run_id=inp.run_id, removed=removed)
+        return removed
 
     @activity.defn(name="reap_run")
     def reap_run(self, inp: ReapInput) -> list[str]:

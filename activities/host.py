@@ -3,7 +3,9 @@
 Restore the verified checkpoint, start the user's command, and supervise it: heartbeat progress,
 upload what the script stages, watch for a reclaim notice. On a notice the script is asked for an
 emergency save (through the SDK's control directory); once that is stored, or the deadline is too
-close, the attempt reports `reclaimed` while the host is still alive.
+close, the attempt reports `reclaimed` while the host is still alive. In zero-code mode
+(`checkpoint_dir`) the agent restores and snapshots the script's own checkpoint directory instead
+(activities/snapshots.py).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities.notices import NoticeSource
+from activities.snapshots import SETTLE_SECONDS, DirectorySnapshots, restore_directory
 from vaultlayer import checkpoint
 from vaultlayer.models import AttemptInput, AttemptOutcome, AttemptProgress, AttemptResult, Notice
 
@@ -31,6 +34,8 @@ log = structlog.get_logger(__name__)
 POLL_SECONDS = 0.2
 # Report a notice as reclaimed this long before its deadline even when no emergency save came.
 DEADLINE_MARGIN_SECONDS = 3.0
+# Waits between tries of a failing upload: a storage outage delays checkpoints, it never loses them.
+UPLOAD_BACKOFF_SECONDS = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
 
 
 class StagedSave:
@@ -54,29 +59,47 @@ def staged_saves(staging: Path) -> list[StagedSave]:
 
 
 class Uploader:
-    """Uploads staged saves in order, in the background; the newest stored step is `durable_step`."""
+    """Uploads staged saves in order, in the background; the newest stored step is `durable_step`.
+
+    Files go up in parallel (multipart when big), the manifest last (checkpoint.upload_checkpoint). A save
+    that fails is tried again, with backoff, until it is stored; later saves wait, so steps stay in order.
+    """
 
     def __init__(self, inp: AttemptInput, staging: Path, durable_step: int | None) -> None:
         self.inp = inp
         self.staging = staging
         self.durable_step = durable_step
         self.emergency_stored: set[str] = set()
-        self.error: str | None = None
+        self.failures = 0  # in a row
+        self.busy = False
 
     async def run(self, stop: asyncio.Event) -> None:
+        """Upload until `stop` is set and every save staged before it is stored."""
         while True:
             stopping = stop.is_set()
+            stored_all = True
             for save in staged_saves(self.staging):
-                await self.upload(save)
-            if stopping:
+                if not await self.upload(save):
+                    stored_all = False
+                    break
+            if not stored_all:
+                await asyncio.sleep(UPLOAD_BACKOFF_SECONDS[min(self.failures, len(UPLOAD_BACKOFF_SECONDS)) - 1])
+            elif stopping:
                 return
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), POLL_SECONDS)
+            else:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), POLL_SECONDS)
 
-    async def upload(self, save: StagedSave) -> None:
+    def idle(self) -> bool:
+        """Nothing in flight and nothing staged."""
+        return not self.busy and not staged_saves(self.staging)
+
+    async def upload(self, save: StagedSave) -> bool:
+        """Whether the save is done with (stored, or older than what is stored); False: try again later."""
         if self.durable_step is not None and save.step <= self.durable_step and not save.emergency:
             shutil.rmtree(save.directory, ignore_errors=True)  # older than what is stored
-            return
+            return True
+        self.busy = True
         try:
             await asyncio.to_thread(
                 checkpoint.upload_checkpoint,
@@ -86,16 +109,24 @@ class Uploader:
                 self.inp.attempt,
                 save.step,
             )
-        except Exception as err:  # noqa: BLE001 - storage errors are retried inside; report the rest
-            self.error = f"upload of step {save.step} failed: {err}"
-            log.error("checkpoint upload failed", step=save.step, error=str(err))
-            await asyncio.sleep(1)
-            return
+        except checkpoint.CheckpointError as err:  # the save itself is unusable: no retry can store it
+            log.error("checkpoint cannot be stored; dropped", step=save.step, error=str(err))
+            shutil.rmtree(save.directory, ignore_errors=True)
+            return True
+        except Exception as err:  # noqa: BLE001 - storage errors (retried inside already): retry the save
+            self.failures += 1
+            log.warning("checkpoint upload failed; retrying", step=save.step, failures=self.failures,
+                        error=str(err))
+            return False
+        finally:
+            self.busy = False
+        self.failures = 0
         self.durable_step = max(save.step, self.durable_step or 0)
         if save.emergency and save.notice_id:
             self.emergency_stored.add(save.notice_id)
         shutil.rmtree(save.directory, ignore_errors=True)
         log.info("checkpoint stored", step=save.step, attempt=self.inp.attempt)
+        return True
 
 
 def tail(path: Path, max_bytes: int = 2000) -> str:
@@ -109,6 +140,16 @@ def read_progress(control: Path) -> int | None:
         return int(json.loads((control / "progress.json").read_text())["step"])
     except (FileNotFoundError, json.JSONDecodeError, KeyError, ValueError):
         return None
+
+
+def read_interval(control: Path) -> str:
+    """The SDK's checkpoint interval and why, as `vl status` shows it."""
+    try:
+        progress = json.loads((control / "progress.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return ""
+    seconds, why = progress.get("interval_seconds"), progress.get("interval_reason") or ""
+    return f"every {seconds:.0f} s: {why}" if seconds else why
 
 
 class HostAgentActivities:
@@ -133,7 +174,10 @@ class HostAgentActivities:
         try:
             if inp.checkpoint:
                 try:
-                    await asyncio.to_thread(checkpoint.restore_checkpoint, inp.checkpoint, restore)
+                    if inp.checkpoint_dir:
+                        await asyncio.to_thread(restore_directory, inp.checkpoint, Path(inp.checkpoint_dir))
+                    else:
+                        await asyncio.to_thread(checkpoint.restore_checkpoint, inp.checkpoint, restore)
                 except checkpoint.CheckpointError as err:
                     raise ApplicationError(f"restore of {inp.checkpoint.name} failed: {err}",
                                            type="RestoreFailed", non_retryable=True) from err
@@ -151,19 +195,24 @@ class HostAgentActivities:
         env = {**os.environ, **inp.env}
         for name in [k for k in env if k.startswith("VL_")]:
             del env[name]
-        env.update(
-            VL_RUN_ID=inp.run_id,
-            VL_ATTEMPT=str(inp.attempt),
-            VL_STAGING_DIR=str(staging),
-            VL_CONTROL_DIR=str(control),
-        )
+        env.update(VL_RUN_ID=inp.run_id, VL_ATTEMPT=str(inp.attempt))
+        if inp.checkpoint_dir:  # zero-code mode: the script keeps its own checkpoints; the SDK stays inactive
+            env["VL_CHECKPOINT_DIR"] = inp.checkpoint_dir
+            return env
+        env.update(VL_STAGING_DIR=str(staging), VL_CONTROL_DIR=str(control))
         if inp.checkpoint:
             env.update(VL_RESTORE_DIR=str(restore), VL_RESTORE_STEP=str(inp.checkpoint.step))
-        if inp.checkpoint_every:
-            env["VL_CHECKPOINT_EVERY"] = inp.checkpoint_every
+        env.update(VL_CHECKPOINT_EVERY=inp.checkpoint_every or "auto", VL_CHECKPOINT_MIN=inp.checkpoint_min,
+                   VL_CHECKPOINT_MAX=inp.checkpoint_max)
+        if inp.mtbf_seconds:
+            env["VL_MTBF_SECONDS"] = str(inp.mtbf_seconds)
         return env
 
     async def _supervise(self, inp, progress, restore, staging, control, bound) -> AttemptResult:
+        snapshots = None
+        if inp.checkpoint_dir:
+            snapshots = DirectorySnapshots(Path(inp.checkpoint_dir), staging, progress.start_step,
+                                           restored=inp.checkpoint is not None)
         log_file = open(self.host_dir / f"a{inp.attempt}.log", "ab")  # noqa: SIM115 - closed below
         try:
             process = await asyncio.create_subprocess_exec(
@@ -190,6 +239,12 @@ class HostAgentActivities:
                 step = read_progress(control)
                 if step is not None:
                     progress.step = step
+                    progress.checkpoint_interval = read_interval(control)
+                if snapshots is not None and snapshots.covered_notice is None:
+                    # After a notice: as soon as the directory holds still, and tagged with the notice.
+                    settle = POLL_SECONDS if notice is not None else SETTLE_SECONDS
+                    await asyncio.to_thread(snapshots.snapshot_if_settled, settle, notice_id if notice else None)
+                    progress.step = snapshots.step
                 progress.durable_step = uploader.durable_step
                 if process.returncode is not None:
                     break
@@ -198,7 +253,10 @@ class HostAgentActivities:
                     progress.notice, progress.phase = notice, "emergency-save"
                     bound.warning("reclaim notice", deadline=notice.deadline.isoformat())
                 if notice is not None:
-                    stored = notice_id in uploader.emergency_stored
+                    if snapshots is None:
+                        stored = notice_id in uploader.emergency_stored
+                    else:  # the directory as of the notice, and every snapshot before it, is in storage
+                        stored = snapshots.covered_notice == notice_id and uploader.idle()
                     too_late = time.time() > notice.deadline.timestamp() - DEADLINE_MARGIN_SECONDS
                     if stored or too_late:
                         progress.durable_step = uploader.durable_step
@@ -215,6 +273,9 @@ class HostAgentActivities:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(process.wait(), POLL_SECONDS)
             progress.phase = "uploading"
+            if snapshots is not None and snapshots.covered_notice is None:
+                await asyncio.to_thread(snapshots.snapshot_if_settled, 0.0)  # the script is done writing
+                progress.step = snapshots.step
             stop_uploads.set()
             await uploads
             exit_code = process.returncode

@@ -15,7 +15,7 @@ import secrets
 import shutil
 import sys
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from vaultlayer.models import AttemptOutcome, Limits, Market, Pool, RunSpec, RunState, RunStatus
@@ -23,7 +23,6 @@ from vaultlayer.models import AttemptOutcome, Limits, Market, Pool, RunSpec, Run
 EXIT_BAD_INPUT = 2
 EXIT_CANCELLED = 3
 EXIT_DETACHED = 130
-DEFAULT_CHECKPOINT_EVERY = "5m"
 
 
 class UsageError(Exception):
@@ -85,12 +84,36 @@ def pools_from_flags(args: argparse.Namespace) -> list[Pool]:
         places = [(args.region[0] if len(args.region) == 1 else "", zone) for zone in args.zone]
     else:
         places = [(region, None) for region in args.region] or [("", None)]
-    return [Pool(provider=args.provider, region=region, zone=zone, gpu=gpu, gpu_count=gpu_count, market=market)
-            for region, zone in places]
+    for flag, price in (("--price", args.price), ("--on-demand-price", args.on_demand_price)):
+        if price is not None and price < 0:
+            raise UsageError(f"{flag} {price}: must be zero or more (USD per hour)")
+    pools = [Pool(provider=args.provider, region=region, zone=zone, gpu=gpu, gpu_count=gpu_count, market=market,
+                  price_per_hour=args.price, on_demand_price_per_hour=args.on_demand_price)
+             for region, zone in places]
+    if args.on_demand_fallback and market == Market.SPOT:
+        # After every spot pool: the policy uses them only when spot cannot meet the deadline.
+        pools += [pool.model_copy(update={"market": Market.ON_DEMAND, "price_per_hour": args.on_demand_price})
+                  for pool in pools]
+    return pools
+
+
+def checkpoint_dir_option(text: str | None, workdir: Path) -> str | None:
+    """The zero-code directory, absolute. A restore replaces its contents, so it must not hold the work
+    directory or the home directory."""
+    if text is None:
+        return None
+    directory = (workdir / Path(text).expanduser()).resolve()
+    for precious in (workdir.resolve(), Path.home().resolve()):
+        if precious.is_relative_to(directory):
+            raise UsageError(f"--checkpoint-dir {text!r} holds {precious}, and a restore replaces its contents;"
+                             f" give the checkpoints a directory of their own, such as ./checkpoints")
+    if directory.exists() and not directory.is_dir():
+        raise UsageError(f"--checkpoint-dir {text!r} is not a directory")
+    return str(directory)
 
 
 def build_spec(args: argparse.Namespace) -> RunSpec:
-    from activities.providers import KNOWN_PROVIDERS, validate_pools
+    from activities.providers import KNOWN_PROVIDERS, priced_pools, validate_pools
     from vaultlayer import checkpoint
     from vaultlayer.durations import parse_interval
     from vaultlayer.home import default_storage_url
@@ -102,6 +125,10 @@ def build_spec(args: argparse.Namespace) -> RunSpec:
         validate_pools(pools)
     except ValueError as err:
         raise UsageError(str(err)) from None
+    try:
+        pools = priced_pools(pools)
+    except ValueError as err:  # prices only rank the pools: go on without them
+        print(f"vl: warning: {err}; pools are ranked without prices", file=sys.stderr)
     workdir = Path.cwd()
     command = resolve_command(args.command, workdir)
     storage_url = args.storage or default_storage_url()
@@ -109,13 +136,21 @@ def build_spec(args: argparse.Namespace) -> RunSpec:
         checkpoint.validate_storage_url(storage_url)
     except ValueError as err:
         raise UsageError(f"--storage: {err}") from None
-    checkpoint_every = args.checkpoint_every or DEFAULT_CHECKPOINT_EVERY
-    try:
-        parse_interval(checkpoint_every)
-    except ValueError as err:
-        raise UsageError(f"--checkpoint-every {checkpoint_every!r}: {err}") from None
+    checkpoint_every = args.checkpoint_every
+    if checkpoint_every is not None:
+        try:
+            parse_interval(checkpoint_every)
+        except ValueError as err:
+            raise UsageError(f"--checkpoint-every {checkpoint_every!r}: {err}") from None
+    bounds = [seconds_option(flag, text) for flag, text in (("--checkpoint-min", args.checkpoint_min),
+                                                             ("--checkpoint-max", args.checkpoint_max))]
+    if bounds[0] > bounds[1]:
+        raise UsageError(f"--checkpoint-min {args.checkpoint_min} is above --checkpoint-max {args.checkpoint_max}")
     if args.notice_seconds <= 0:
         raise UsageError(f"--notice-seconds {args.notice_seconds}: must be positive, such as 30")
+    checkpoint_dir = checkpoint_dir_option(args.checkpoint_dir, workdir)
+    if args.keep_checkpoints < 1:
+        raise UsageError(f"--keep-checkpoints {args.keep_checkpoints}: must be at least 1")
     env = {}
     for item in args.env:
         name, sep, value = item.partition("=")
@@ -125,7 +160,17 @@ def build_spec(args: argparse.Namespace) -> RunSpec:
     for name, value in (("--max-reclaims", args.max_reclaims), ("--max-attempts", args.max_attempts)):
         if value is not None and value < 0:
             raise UsageError(f"{name} {value}: must be zero or more")
-    limits = Limits(script_retries=args.script_retries)
+    for name, value in (("--max-cost", args.max_cost), ("--total-steps", args.total_steps)):
+        if value is not None and value <= 0:
+            raise UsageError(f"{name} {value}: must be more than zero")
+    deadline = seconds_option("--deadline", args.deadline)
+    work_seconds = seconds_option("--work", args.work)
+    if deadline is not None and args.total_steps is None:
+        print("vl: warning: --deadline without --total-steps only stops the run at the deadline; give "
+              "--total-steps (and --work) so that the policy plans to finish before it", file=sys.stderr)
+    limits = Limits(script_retries=args.script_retries, max_cost=args.max_cost,
+                    deadline=datetime.now(UTC) + timedelta(seconds=deadline) if deadline else None,
+                    host_exclusion_seconds=seconds_option("--exclude-hosts-for", args.exclude_hosts_for))
     if args.max_reclaims is not None:
         limits.max_reclaims = args.max_reclaims
     if args.max_attempts is not None:
@@ -138,12 +183,20 @@ def build_spec(args: argparse.Namespace) -> RunSpec:
         pools=pools,
         storage_url=storage_url,
         checkpoint_every=checkpoint_every,
+        checkpoint_min=args.checkpoint_min,
+        checkpoint_max=args.checkpoint_max,
+        checkpoint_dir=checkpoint_dir,
+        keep_checkpoints=args.keep_checkpoints,
         notice_seconds=args.notice_seconds,
         reclaim_every_seconds=seconds_option("--reclaim-every", args.reclaim_every),
         heartbeat_timeout_seconds=seconds_option("--heartbeat-timeout", args.heartbeat_timeout),
         start_timeout_seconds=seconds_option("--start-timeout", args.start_timeout),
         limits=limits,
         submitted_at=datetime.now(UTC),
+        total_steps=args.total_steps,
+        work_seconds=work_seconds,
+        changeover_seconds=seconds_option("--changeover", args.changeover),
+        reclaim_only_in=args.reclaim_in,
     )
 
 
@@ -192,6 +245,9 @@ def format_seconds(seconds: float) -> str:
 
 
 def ended_line(record) -> str:
+    if record.outcome == AttemptOutcome.RECLAIMED and record.emergency_save == "missed":
+        return (f"reclaimed at step {record.end_step}; the emergency save missed the notice deadline, "
+                f"durable step {record.durable_step}")
     if record.outcome == AttemptOutcome.RECLAIMED:
         return f"reclaimed at step {record.end_step}, durable step {record.durable_step}"
     if record.outcome == AttemptOutcome.HOST_FAULT:
@@ -241,7 +297,8 @@ class LiveView:
                 print(ended_line(record), flush=True)
         wall = (status.ended_at - status.started_at).total_seconds() if status.ended_at and status.started_at else 0
         print(f"{status.state.value}: {len(status.attempts)} attempts, {status.reclaims} reclaims, "
-              f"{status.steps_lost} steps lost to reclaims, wall time {format_seconds(wall)}", flush=True)
+              f"{status.steps_lost} steps lost to reclaims, wall time {format_seconds(wall)}, "
+              f"{cost_line(status)}", flush=True)
         if status.bad_checkpoints:
             print(f"skipped {len(status.bad_checkpoints)} bad checkpoint(s): "
                   + "; ".join(f"{c.name}: {c.reason}" for c in status.bad_checkpoints), flush=True)
@@ -300,6 +357,22 @@ def status_json(status: RunStatus, with_attempts: bool = True) -> dict:
     }
 
 
+def cost_line(status: RunStatus) -> str:
+    """What the run paid, and what the same host-hours would have cost on demand (closed attempts)."""
+    line = f"cost ${status.cost_usd:.2f}, on demand ${status.on_demand_cost_usd:.2f}"
+    if status.on_demand_cost_usd > 0:
+        line += f" ({status.cost_usd / status.on_demand_cost_usd:.0%} of on-demand)"
+    return line
+
+
+def attempt_line(record) -> str:
+    outcome = record.outcome.value if record.outcome else "running"
+    cost = f" ${record.cost_usd:.2f}" if record.cost_usd is not None else ""
+    return (f"  attempt {record.attempt} {record.pool} host {record.host or '-'} {outcome}: steps {record.start_step}"
+            f"..{record.end_step if record.end_step is not None else '?'} durable {record.durable_step} "
+            f"lost {record.steps_lost}{cost} {record.reason}")
+
+
 async def cmd_status(args: argparse.Namespace) -> int:
     from temporalio.service import RPCError
 
@@ -317,11 +390,11 @@ async def cmd_status(args: argparse.Namespace) -> int:
     if status.current_host:
         print(f"host {status.current_host.host_id}, step {status.step}, durable step {status.durable_step}")
     print(f"durable step {status.durable_step}, reclaims {status.reclaims}, steps lost {status.steps_lost}")
+    print(cost_line(status))
+    if status.checkpoint_interval:
+        print(f"checkpoint interval: {status.checkpoint_interval}")
     for record in status.attempts:
-        outcome = record.outcome.value if record.outcome else "running"
-        print(f"  attempt {record.attempt} host {record.host or '-'} {outcome}: steps {record.start_step}"
-              f"..{record.end_step if record.end_step is not None else '?'} durable {record.durable_step} "
-              f"lost {record.steps_lost} {record.reason}")
+        print(attempt_line(record))
     if status.stop_reason:
         print(f"reason: {status.stop_reason}")
     link = conn.run_link(status.run_id)
@@ -376,11 +449,93 @@ async def cmd_cancel(args: argparse.Namespace) -> int:
     return 0
 
 
+def format_bytes(size: float) -> str:
+    for unit in ("B", "KB", "MB"):
+        if size < 1000:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{size:.1f} GB"
+
+
+async def cmd_checkpoints(args: argparse.Namespace) -> int:
+    from temporalio.service import RPCError
+
+    from vaultlayer import checkpoint
+    from vaultlayer import client as vl_client
+
+    conn = await connect()
+    try:
+        spec = await vl_client.spec(conn.client, args.run_id)
+        status = await vl_client.status(conn.client, args.run_id)
+    except RPCError as err:
+        fail(f"no run {args.run_id!r} ({err.message}); list runs with: vl ls", code=1)
+    try:
+        ended = [record.attempt for record in status.attempts if record.outcome is not None]
+        listings = await asyncio.to_thread(checkpoint.describe_checkpoints, spec.storage_url, spec.run_id,
+                                           status.fences, ended, args.verify)
+    except Exception as err:  # noqa: BLE001 - storage errors, after retries: say so on one line
+        fail(f"cannot read the checkpoints of {args.run_id} in {spec.storage_url}: {err}", code=1)
+    now = datetime.now(UTC)
+    ages = [(now - item.created_at).total_seconds() if item.created_at else None for item in listings]
+    if args.json:
+        print(json.dumps([item.model_dump(mode="json") | {"age_seconds": age} for item, age in zip(listings, ages)],
+                         indent=2))
+        return 0
+    if not listings:
+        print(f"no checkpoints in {spec.storage_url}/{spec.run_id}")
+        return 0
+    print(f"{'STEP':>10}  {'ATTEMPT':>7}  {'SIZE':>9}  {'AGE':>9}  STATE")
+    for item, age in zip(listings, ages):
+        state = f"{item.state.value}: {item.reason}" if item.reason else item.state.value
+        print(f"{item.step:>10}  {item.attempt:>7}  {format_bytes(item.size):>9}  "
+              f"{format_seconds(age) if age is not None else '-':>9}  {state}")
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from workflows import baselines, simulate
+
+    if args.policy not in (*baselines.POLICY_NAMES, "all"):
+        raise UsageError(f"--policy {args.policy!r}: use one of {', '.join(baselines.POLICY_NAMES)} or all")
+    try:
+        model = simulate.model_from_args(args, args.work, args.deadline)
+        traces = simulate.load_traces(Path(args.traces))
+    except (ValueError, OSError) as err:
+        raise UsageError(str(err)) from None
+    names = baselines.POLICY_NAMES if args.policy == "all" else (args.policy,)
+    summaries = simulate.compare({name: baselines.STRATEGIES[name] for name in names}, traces, model, args.starts)
+    if args.json:
+        print(json.dumps([summary.as_dict() for summary in summaries], indent=2))
+        return 0
+    print(f"{len(traces)} pools, {args.starts} starts, {args.work:g} h of work, deadline {args.deadline:g} h")
+    print(simulate.format_table(summaries))
+    return 0
+
+
 def cmd_down(args: argparse.Namespace) -> int:
     from worker.local_server import down
 
     stopped = down()
     print("stopped: " + ", ".join(stopped) if stopped else "nothing to stop")
+    return 0
+
+
+async def cmd_reap(args: argparse.Namespace) -> int:
+    from vaultlayer.home import vl_home
+    from vaultlayer.logs import configure_logging
+    from worker.reaper import run_finished, sweep
+
+    configure_logging()  # the providers' logs go to stderr; stdout says what was released
+    conn = await connect()
+    for run_id in args.run_ids:
+        if await run_finished(conn.client, run_id) is False:
+            fail(f"run {run_id} is still running; cancel it (vl cancel {run_id}) and its hosts are released",
+                 code=1)
+    released = await sweep(conn.client, vl_home(), args.run_ids or None)
+    for run_id, hosts in released.items():
+        print(f"{run_id}: released {', '.join(hosts)}")
+    if not released:
+        print("nothing to reap")
     return 0
 
 
@@ -409,13 +564,36 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--zone", action="append", default=[], help="allowed zone (repeatable), in order")
     run.add_argument("--market", default="spot", help="spot (default) or on-demand")
     run.add_argument("--storage", help="checkpoint storage URL (default: file://$VL_HOME/storage)")
-    run.add_argument("--checkpoint-every", help=f"steps (50) or a duration (30s, 5m); default {DEFAULT_CHECKPOINT_EVERY}")
+    run.add_argument("--checkpoint-every", help="steps (50) or a duration (30s, 5m); default: Young/Daly from "
+                                                "the measured save cost and the pool's reclaim rate")
+    run.add_argument("--checkpoint-min", default="60s", help="shortest automatic interval (default 60s)")
+    run.add_argument("--checkpoint-max", default="30m", help="longest automatic interval (default 30m)")
+    run.add_argument("--checkpoint-dir", help="zero-code mode: the script saves and resumes its own checkpoints "
+                                              "in DIR; vl restores DIR before each attempt and stores it when it "
+                                              "changes and on a notice")
+    run.add_argument("--keep-checkpoints", type=int, default=3, help="complete checkpoints kept (default 3)")
     run.add_argument("--notice-seconds", type=float, default=30.0, help="local reclaim grace period (default 30)")
     run.add_argument("--reclaim-every", help="inject a reclaim (with notice) this long into each attempt, e.g. 20s")
     run.add_argument("--heartbeat-timeout", default="30s", help="a host silent this long is lost (default 30s)")
     run.add_argument("--start-timeout", default="5m", help="a host agent that does not start in this long is faulty")
     run.add_argument("--max-reclaims", type=int, help="stop after this many reclaims (default 200)")
     run.add_argument("--max-attempts", type=int, help="stop after this many attempts (default: no limit)")
+    run.add_argument("--max-cost", type=float, help="stop once the run has cost this much, USD")
+    run.add_argument("--deadline", help="stop this long from now, such as 36h; with --total-steps the policy "
+                                        "plans to finish before it (docs/policy.md)")
+    run.add_argument("--total-steps", type=int, help="the step the script finishes at: how the policy measures "
+                                                     "the work left")
+    run.add_argument("--work", help="how long the run takes uninterrupted, such as 24h (default: measured)")
+    run.add_argument("--on-demand-fallback", action="store_true",
+                     help="add an on-demand pool after each spot pool, used only when spot cannot meet --deadline")
+    run.add_argument("--price", type=float, help="USD per hour of the pools' hosts (overrides the provider's "
+                                                 "list price; the local provider reports it, default 0)")
+    run.add_argument("--on-demand-price", type=float, help="USD per hour of the same capacity on demand")
+    run.add_argument("--changeover", default="6m",
+                     help="from a placement decision to training again, for the deadline rule (default 6m)")
+    run.add_argument("--exclude-hosts-for", help="how long a host that failed is excluded (default: the whole run)")
+    run.add_argument("--reclaim-in", action="append", default=[], metavar="ZONE",
+                     help="--reclaim-every only in this zone or region (repeatable)")
     run.add_argument("--script-retries", type=int, default=0, help="retries when the script itself fails")
     run.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="extra environment")
     run.add_argument("--run-id", help="run id (default: generated)")
@@ -441,8 +619,29 @@ def parser() -> argparse.ArgumentParser:
     cancel.add_argument("run_id")
     cancel.set_defaults(handler=cmd_cancel)
 
+    checkpoints = sub.add_parser("checkpoints", help="a run's checkpoints: step, attempt, size, age, state")
+    checkpoints.add_argument("run_id")
+    checkpoints.add_argument("--verify", action="store_true", help="re-hash every stored byte against the manifests")
+    checkpoints.add_argument("--json", action="store_true")
+    checkpoints.set_defaults(handler=cmd_checkpoints)
+
+    simulate = sub.add_parser("simulate", help="replay spot availability traces through the placement policy")
+    simulate.add_argument("--traces", required=True, metavar="DIR", help="a folder of trace files, one per pool")
+    simulate.add_argument("--work", type=float, required=True, metavar="HOURS", help="uninterrupted training time")
+    simulate.add_argument("--deadline", type=float, required=True, metavar="HOURS", help="from the start")
+    simulate.add_argument("--policy", default="vaultlayer", help="vaultlayer (default), a baseline, or all")
+    simulate.add_argument("--json", action="store_true")
+    from workflows.simulate import add_model_arguments
+
+    add_model_arguments(simulate)
+    simulate.set_defaults(handler=cmd_simulate)
+
     down = sub.add_parser("down", help="stop the embedded server, worker and local hosts vl started")
     down.set_defaults(handler=cmd_down)
+
+    reap = sub.add_parser("reap", help="release hosts still alive for finished runs (all, or the runs named)")
+    reap.add_argument("run_ids", nargs="*", metavar="RUN")
+    reap.set_defaults(handler=cmd_reap)
 
     agent = sub.add_parser("agent", help="host agent (started by providers on each host)")
     agent.add_argument("--task-queue", required=True)

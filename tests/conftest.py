@@ -20,6 +20,8 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
 from activities.providers.local import group_alive, group_members  # noqa: F401 - used by tests
+from tests.fakes.gce import gce, gce_hosts  # noqa: F401 - fixtures: a fake GCP project, its VMs played
+from tests.object_storage import gcs_server, s3_server  # noqa: F401 - session fixtures
 from vaultlayer.models import Limits, Pool, RunSpec
 
 REPO = Path(__file__).resolve().parent.parent
@@ -61,6 +63,15 @@ def vl_home(tmp_path: Path, monkeypatch) -> Path:
     home.mkdir()
     monkeypatch.setenv("VL_HOME", str(home))
     return home
+
+
+@pytest.fixture
+def storage_url(request, tmp_path: Path) -> str:
+    """A fresh checkpoint storage URL on the backend a test is parametrized with (indirect): file, s3 or gs."""
+    backend = getattr(request, "param", "file")
+    if backend == "file":
+        return (tmp_path / "storage").as_uri()
+    return request.getfixturevalue({"s3": "s3_server", "gs": "gcs_server"}[backend]).new_bucket_url()
 
 
 @pytest_asyncio.fixture

@@ -25,7 +25,18 @@ from vaultlayer.models import AttemptOutcome, RunState, RunStatus
 async def result_of(client, run_id: str, timeout: float = 240) -> RunStatus:
     handle = client.get_workflow_handle(run_id)
     await asyncio.wait_for(handle.result(), timeout)
+    await record_histories(client, run_id)
     return await vl_client.status(client, run_id)
+
+
+async def record_histories(client, run_id: str) -> None:
+    """With VL_RECORD_HISTORIES=DIR, keep every run of this workflow for tests/test_replay.py."""
+    target = os.environ.get("VL_RECORD_HISTORIES")
+    if not target:
+        return
+    async for execution in client.list_workflows(f'WorkflowId = "{run_id}"'):
+        history = await client.get_workflow_handle(run_id, run_id=execution.run_id).fetch_history()
+        Path(target, f"{run_id}-{execution.run_id[:8]}.json").write_text(history.to_json())
 
 
 async def live_status(client, run_id: str) -> RunStatus:
@@ -38,12 +49,21 @@ def host_pgids(vl_home: Path) -> list[int]:
     return [json.loads(p.read_text())["pgid"] for p in (vl_home / "hosts").glob("*/*/host.json")]
 
 
-async def test_reclaims_with_notice_finish_identically(temporal_env, control, vl_home, tmp_path, reference_weights):
+@pytest.mark.parametrize("storage_url", ["file", "s3", "gs"], indirect=True)
+async def test_reclaims_with_notice_finish_identically(temporal_env, control, vl_home, tmp_path, reference_weights,
+                                                       storage_url):
     out = tmp_path / "w.pt"
     # An attempt lasts at most ~6 s, so at most ~120 padded steps: 300 steps need at least 3 attempts.
-    spec = make_spec(tmp_path, steps=300, out=out, reclaim_every_seconds=6.0, checkpoint_every="1000")
+    spec = make_spec(tmp_path, steps=300, out=out, reclaim_every_seconds=6.0, checkpoint_every=None,
+                     storage_url=storage_url)
     client = temporal_env.client
     await vl_client.submit(client, spec, queue=control)
+
+    async def interval_reported():
+        return (await live_status(client, spec.run_id)).checkpoint_interval
+
+    # No --checkpoint-every: the SDK picks the interval (Young/Daly) and says why, live.
+    assert "measure its cost" in await wait_until(interval_reported, 60, "the checkpoint interval")
     status = await result_of(client, spec.run_id)
 
     assert status.state == RunState.SUCCEEDED
@@ -214,5 +234,29 @@ async def test_operator_reclaim(temporal_env, control, vl_home, tmp_path, refere
     else:
         assert "heartbeats stopped; host gone (reclaimed by the provider)" in first.reason
     assert status.attempts[1].host == "h-2"
+    assert status.state == RunState.SUCCEEDED
+    assert_same_weights(out, reference_weights(150))
+
+
+async def test_a_notice_whose_deadline_cannot_be_met_is_reported_and_the_older_checkpoint_used(
+        temporal_env, control, vl_home, tmp_path, reference_weights):
+    out = tmp_path / "w.pt"
+    # A 1 s notice is inside the agent's safety margin: no emergency save can be stored in time.
+    spec = make_spec(tmp_path, steps=150, out=out, notice_seconds=1.0)
+    client = temporal_env.client
+    await vl_client.submit(client, spec, queue=control)
+
+    async def checkpointed():
+        status = await live_status(client, spec.run_id)
+        return status if (status.durable_step or 0) >= 10 and status.current_host else None
+
+    await wait_until(checkpointed, 90, "a periodic checkpoint")
+    await vl_client.reclaim(client, spec.run_id)
+    status = await result_of(client, spec.run_id)
+    first, second = status.attempts[0], status.attempts[1]
+    assert first.outcome == AttemptOutcome.RECLAIMED and first.emergency_save == "missed"
+    assert "missed the deadline" in first.reason
+    assert first.durable_step is not None and first.durable_step % 10 == 0, "the last periodic checkpoint"
+    assert second.start_step == first.durable_step
     assert status.state == RunState.SUCCEEDED
     assert_same_weights(out, reference_weights(150))

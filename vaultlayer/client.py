@@ -9,6 +9,7 @@ the pydantic data converter.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from datetime import UTC, datetime
 
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
@@ -31,8 +32,10 @@ def configured_address() -> str | None:
     return ClientConfig.load_client_connect_config().get("target_host")
 
 
-async def connect(address: str | None = None, namespace: str | None = None) -> Client:
-    config = dict(ClientConfig.load_client_connect_config())
+async def connect(address: str | None = None, namespace: str | None = None,
+                  env: Mapping[str, str] | None = None) -> Client:
+    """`env`: Temporal environment-config variables to use instead of this process's environment."""
+    config = dict(ClientConfig.load_client_connect_config(override_env_vars=env))
     if address:
         config["target_host"] = address
     if namespace:
@@ -78,9 +81,15 @@ async def status(client: Client, run_id: str) -> RunStatus:
             continue
         [progress] = await client.data_converter.decode(pending.heartbeat_details.payloads, [AttemptProgress])
         current.step = progress.step
+        current.checkpoint_interval = progress.checkpoint_interval
         if progress.durable_step is not None:
             current.durable_step = max(current.durable_step or 0, progress.durable_step)
     return current
+
+
+async def spec(client: Client, run_id: str) -> RunSpec:
+    """What the run was submitted with (its storage URL, command, limits)."""
+    return await client.get_workflow_handle(run_id).query("spec", result_type=RunSpec)
 
 
 async def list_runs(client: Client, limit: int = 100) -> list[RunStatus]:

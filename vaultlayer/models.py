@@ -32,6 +32,10 @@ class Pool(VLModel):
     gpu: str | None = None
     gpu_count: int = 0
     market: Market = Market.SPOT
+    # Expected prices, USD per hour (a provider's price list, or the user's): they rank pools before any
+    # host of the pool was seen. The host a provider hands back carries what it actually costs.
+    price_per_hour: float | None = None
+    on_demand_price_per_hour: float | None = None
 
     @property
     def key(self) -> str:
@@ -47,6 +51,9 @@ class Limits(VLModel):
     max_reclaims: int = 200
     max_host_faults: int = 3
     script_retries: int = 0
+    max_cost: float | None = None  # USD, over all attempts
+    deadline: datetime | None = None  # stop here; with a work estimate the policy plans to finish before it
+    host_exclusion_seconds: float | None = None  # how long a faulty host stays excluded; None: the whole run
 
 
 class RunSpec(VLModel):
@@ -58,13 +65,25 @@ class RunSpec(VLModel):
     env: dict[str, str] = Field(default_factory=dict)
     pools: list[Pool] = Field(default_factory=lambda: [Pool()])
     storage_url: str
-    checkpoint_every: str | None = None
+    checkpoint_every: str | None = None  # None: Young/Daly from the measured save cost and the pool's MTBF
+    checkpoint_min: str = "60s"
+    checkpoint_max: str = "30m"
     notice_seconds: float = 30.0
     reclaim_every_seconds: float | None = None
     heartbeat_timeout_seconds: float = 30.0
     start_timeout_seconds: float = 300.0
     limits: Limits = Field(default_factory=Limits)
     submitted_at: datetime | None = None
+    # What the deadline rule needs to know how much work is left: the step the script ends at, and how long
+    # the whole run takes uninterrupted (without it, the speed is measured from the attempts).
+    total_steps: int | None = None
+    work_seconds: float | None = None
+    changeover_seconds: float = 360.0  # from a placement decision to training again (provision + restore)
+    reclaim_only_in: list[str] = Field(default_factory=list)  # zones/regions --reclaim-every applies to
+    # Zero-code mode: the script writes its own checkpoints here; the agent restores and snapshots it.
+    checkpoint_dir: str | None = None
+    keep_checkpoints: int = 3  # retention: the newest complete checkpoints kept
+    prune_every_seconds: float = 600.0  # retention also runs this often while an attempt runs
 
 
 class Placement(VLModel):
@@ -95,13 +114,23 @@ class ProvisionResult(VLModel):
     """A host, or a typed refusal (no capacity, quota) the policy can act on."""
 
     host: Host | None = None
-    refusal: str | None = None
+    refusal: str | None = None  # a `Refusal` value
     message: str = ""
+
+
+class Refusal(StrEnum):
+    """Why a provider gave no host: each calls for a different move (other zone, type or market)."""
+
+    NO_CAPACITY = "no-capacity"  # the zone has none of the type now
+    PRICE_TOO_LOW = "price-too-low"  # the spot price is above the maximum price
+    QUOTA = "quota"  # an account limit for the region and market: other zones of it will refuse too
+    UNSUPPORTED = "unsupported"  # the type is not offered in the zone
 
 
 class HostState(StrEnum):
     RUNNING = "running"
     GONE = "gone"  # taken or terminated by the provider
+    FAULTY = "faulty"  # stopped for a reason of its own (crash, shutdown from inside, hardware)
     UNKNOWN = "unknown"
 
 
@@ -145,6 +174,15 @@ class VerifyInput(VLModel):
     fences: dict[int, int] = Field(default_factory=dict)  # attempt -> highest step accepted from it
 
 
+class PruneInput(VLModel):
+    run_id: str
+    storage_url: str
+    keep: int
+    fences: dict[int, int] = Field(default_factory=dict)
+    reported: dict[int, int] = Field(default_factory=dict)  # ended attempt -> durable step it reported, or -1
+    protect: list[str] = Field(default_factory=list)  # checkpoint names never removed
+
+
 class VerifyResult(VLModel):
     chosen: CheckpointRef | None = None
     rejected: list[CheckpointCheck] = Field(default_factory=list)
@@ -166,6 +204,7 @@ class AttemptOutcome(StrEnum):
     HOST_FAULT = "host-fault"  # agent never started, or heartbeats stopped on a live host
     REFUSED = "refused"  # the provider had no capacity
     CANCELLED = "cancelled"
+    VACATED = "vacated"  # the policy moved the run off this host (back to spot, or a limit was reached)
 
 
 class AttemptInput(VLModel):
@@ -178,7 +217,11 @@ class AttemptInput(VLModel):
     storage_url: str
     checkpoint: CheckpointRef | None = None
     checkpoint_every: str | None = None
+    checkpoint_min: str = "60s"
+    checkpoint_max: str = "30m"
+    mtbf_seconds: float | None = None  # the workflow's estimate for this pool, for the automatic interval
     heartbeat_interval_seconds: float = 1.0
+    checkpoint_dir: str | None = None  # zero-code mode (RunSpec.checkpoint_dir)
 
 
 class AttemptProgress(VLModel):
@@ -189,6 +232,7 @@ class AttemptProgress(VLModel):
     durable_step: int | None = None
     start_step: int = 0
     notice: Notice | None = None
+    checkpoint_interval: str = ""  # the interval the SDK uses now, and why
 
 
 class AttemptResult(VLModel):
@@ -201,6 +245,7 @@ class AttemptResult(VLModel):
     emergency_save: str | None = None  # "saved", "missed" or None when there was no notice
     reason: str = ""
     log_tail: str = ""  # the end of the script's output when it failed, so the failure explains itself
+    host_gone: bool = False  # the provider confirmed the host terminated: it cannot publish anything more
 
 
 class AttemptRecord(VLModel):
@@ -215,8 +260,17 @@ class AttemptRecord(VLModel):
     exit_code: int | None = None
     reason: str = ""
     log_tail: str = ""
+    emergency_save: str | None = None  # on a notice: "saved" in time, or "missed" the deadline
     started_at: datetime
     ended_at: datetime | None = None
+    refusal: str | None = None  # a `Refusal` value when the outcome is refused
+    price_per_hour: float | None = None  # of the attempt's host, USD
+    cost_usd: float | None = None  # price x the time from provisioned to released
+    running_at: datetime | None = None  # when the provider handed the host over: billing starts
+    placement_reason: str = ""  # why the policy chose this pool
+    on_demand_price_per_hour: float | None = None  # of the same capacity on demand
+    on_demand_cost_usd: float | None = None  # what the same host-hours would have cost on demand
+    resumed_from: str | None = None  # the checkpoint's name; retention never removes it while the attempt runs
 
 
 class RunState(StrEnum):
@@ -240,6 +294,8 @@ class RunStatus(VLModel):
     attempts: list[AttemptRecord] = Field(default_factory=list)
     durable_step: int | None = None
     steps_lost: int = 0
+    cost_usd: float = 0.0  # closed attempts
+    on_demand_cost_usd: float = 0.0
     reclaims: int = 0
     host_faults: int = 0
     script_failures: int = 0
@@ -248,6 +304,7 @@ class RunStatus(VLModel):
     bad_checkpoints: list[CheckpointCheck] = Field(default_factory=list)
     current_host: Host | None = None
     step: int | None = None  # live step, filled in by the client from heartbeats
+    checkpoint_interval: str = ""  # live, from heartbeats: the SDK's interval and why
     stop_reason: str = ""
     exit_code: int | None = None
     started_at: datetime | None = None

@@ -1,7 +1,8 @@
 """The host agent: a Temporal worker on the host's own task queue that serves `run_attempt`.
 
 One agent per host; it runs one attempt at a time. The provider started it with the cluster's
-connection settings in its environment; it learns of reclaims from the host's notice source.
+connection settings in its environment, or (cloud hosts) with `VL_TEMPORAL_SETTINGS` naming where to
+read them with the host's role; it learns of reclaims from the host's notice source.
 """
 
 from __future__ import annotations
@@ -16,7 +17,13 @@ import structlog
 from temporalio.worker import Worker
 
 from activities.host import HostAgentActivities
-from activities.notices import MetadataDirNoticeSource, NoNoticeSource, NoticeSource
+from activities.notices import (
+    GceMetadataNoticeSource,
+    ImdsNoticeSource,
+    MetadataDirNoticeSource,
+    NoNoticeSource,
+    NoticeSource,
+)
 from vaultlayer import client as vl_client
 from vaultlayer.logs import configure_logging
 
@@ -24,6 +31,10 @@ log = structlog.get_logger(__name__)
 
 
 def notice_source() -> NoticeSource:
+    if os.environ.get("VL_NOTICE_SOURCE") == "imds":
+        return ImdsNoticeSource()
+    if os.environ.get("VL_NOTICE_SOURCE") == "gce-metadata":
+        return GceMetadataNoticeSource()
     metadata_dir = os.environ.get("VL_HOST_METADATA_DIR")
     return MetadataDirNoticeSource(Path(metadata_dir)) if metadata_dir else NoNoticeSource()
 
@@ -31,7 +42,15 @@ def notice_source() -> NoticeSource:
 async def serve(task_queue: str, host_id: str, host_dir: Path) -> None:
     configure_logging()
     structlog.contextvars.bind_contextvars(host=host_id)
-    client = await vl_client.connect()
+    settings = None
+    if reference := os.environ.get("VL_TEMPORAL_SETTINGS"):
+        if reference.startswith("gcp-secret-manager:"):
+            from activities.providers.gcp import read_temporal_settings
+        else:
+            from activities.providers.aws import read_temporal_settings
+
+        settings = await asyncio.to_thread(read_temporal_settings, reference)
+    client = await vl_client.connect(env=settings)
     activities = HostAgentActivities(host_id=host_id, host_dir=host_dir, notices=notice_source())
     worker = Worker(
         client,

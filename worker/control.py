@@ -17,6 +17,7 @@ from activities.control import ControlActivities
 from vaultlayer import client as vl_client
 from vaultlayer.logs import configure_logging
 from vaultlayer.home import vl_home
+from worker.reaper import sweep_at_start
 from workflows.training_run import TrainingRun
 
 log = structlog.get_logger(__name__)
@@ -39,6 +40,7 @@ def create_worker(client: Client, task_queue: str | None = None, home: Path | No
             activities.release,
             activities.describe_host,
             activities.verify_checkpoint,
+            activities.prune_checkpoints,
             activities.reap_run,
             activities.inject_reclaim,
         ],
@@ -57,7 +59,9 @@ async def serve() -> None:
         loop.add_signal_handler(sig, stop.set)
     log.info("control-plane worker started", task_queue=vl_client.task_queue(), pid=os.getpid())
     async with worker:
+        sweeping = asyncio.create_task(sweep_at_start(client, vl_home()))
         await stop.wait()
+        sweeping.cancel()
     log.info("control-plane worker stopped")
 
 

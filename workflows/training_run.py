@@ -34,20 +34,33 @@ with workflow.unsafe.imports_passed_through():
         HostState,
         InjectReclaimInput,
         Placement,
+        Pool,
         ProvisionInput,
+        PruneInput,
         ReapInput,
         ReclaimAck,
         ReclaimRequest,
         RunInput,
+        RunSpec,
         RunState,
         RunStatus,
         VerifyInput,
     )
+    from vaultlayer.interval import estimate_mtbf_seconds
     from workflows import policy
 
 WORKFLOW_NAME = "TrainingRun"
 CONTROL_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=30),
                             maximum_attempts=10)
+# Retention that fails only leaves storage fuller than it should be: retry briefly, never hold the run up.
+PRUNE_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=10),
+                          maximum_attempts=3)
+RETENTION_PATCH = "checkpoint-retention"
+
+
+def reclaims_in(spec: RunSpec, pool: Pool) -> bool:
+    """Whether `--reclaim-every` applies to a host of this pool (`--reclaim-in` narrows it to places)."""
+    return not spec.reclaim_only_in or bool({pool.zone, pool.region} & set(spec.reclaim_only_in))
 
 
 @workflow.defn(name=WORKFLOW_NAME)
@@ -56,10 +69,16 @@ class TrainingRun:
         self.status: RunStatus | None = None
         self.spec = None
         self.injections: list[asyncio.Task] = []
+        self.moved: tuple[AttemptRecord, Host] | None = None  # a host provisioned for a move, not yet used
 
     @workflow.query(name="status")
     def get_status(self) -> RunStatus:
         return self.status
+
+    @workflow.query(name="spec")
+    def get_spec(self) -> RunSpec:
+        """What the run was asked to do; `vl checkpoints` reads its storage URL here."""
+        return self.spec
 
     @workflow.update(name="reclaim")
     async def reclaim(self, request: ReclaimRequest) -> ReclaimAck:
@@ -81,15 +100,21 @@ class TrainingRun:
         status = self.status = inp.carried or RunStatus(run_id=spec.run_id, started_at=workflow.now())
         try:
             while True:
+                if self.moved is not None:
+                    await self._run_moved()
+                    continue
                 decision = policy.next_placement(spec, status, workflow.now())
                 if isinstance(decision, policy.Stop):
                     status.state, status.stop_reason = decision.state, decision.reason
                     status.exit_code = decision.exit_code
                     break
-                if decision.delay_seconds:
-                    await workflow.sleep(decision.delay_seconds)
-                await self._attempt(decision.placement)
-                if workflow.info().is_continue_as_new_suggested():
+                if isinstance(decision, policy.Wait):
+                    workflow.logger.info("waiting %.0fs: %s", decision.seconds, decision.reason)
+                    await workflow.sleep(decision.seconds)
+                else:
+                    status.excluded_hosts = list(decision.placement.excluded_hosts)
+                    await self._attempt(decision.placement, decision.reason)
+                if self.moved is None and workflow.info().is_continue_as_new_suggested():
                     await workflow.wait_condition(workflow.all_handlers_finished)
                     status.continued_as_new += 1
                     workflow.continue_as_new(RunInput(spec=spec, carried=status))
@@ -131,27 +156,72 @@ class TrainingRun:
         status.bad_checkpoints += [bad for bad in result.rejected if bad.name not in known]
         return result.chosen
 
-    async def _attempt(self, placement: Placement) -> None:
+    async def _attempt(self, placement: Placement, reason: str) -> None:
         spec, status = self.spec, self.status
         checkpoint = await self._choose_checkpoint()
         record = AttemptRecord(
             attempt=placement.attempt, pool=placement.pool.key,
-            start_step=checkpoint.step if checkpoint else 0, started_at=workflow.now(),
+            start_step=checkpoint.step if checkpoint else 0, started_at=workflow.now(), placement_reason=reason,
         )
+        record.resumed_from = checkpoint.name if checkpoint else None
         self._account_previous_loss(record.start_step)
         status.attempts.append(record)
         status.state = RunState.PROVISIONING
+        host = await self._provision(record, placement)
+        if host is not None:
+            await self._run(record, host, checkpoint)
+
+    async def _provision(self, record: AttemptRecord, placement: Placement) -> Host | None:
+        """A host for the attempt, or None with the attempt closed as refused."""
         provisioned = await workflow.execute_activity_method(
-            ControlActivities.provision, ProvisionInput(run_id=spec.run_id, placement=placement,
-                                                        notice_seconds=spec.notice_seconds),
+            ControlActivities.provision, ProvisionInput(run_id=self.spec.run_id, placement=placement,
+                                                        notice_seconds=self.spec.notice_seconds),
             start_to_close_timeout=timedelta(minutes=15), retry_policy=CONTROL_RETRY,
         )
         if provisioned.host is None:
+            record.refusal = provisioned.refusal
             self._close(record, AttemptResult(outcome=AttemptOutcome.REFUSED,
                                               reason=f"{provisioned.refusal}: {provisioned.message}"))
-            return
+            return None
         host = provisioned.host
-        record.host, status.current_host, status.state = host.host_id, host, RunState.RUNNING
+        record.host, record.running_at = host.host_id, workflow.now()
+        record.price_per_hour, record.on_demand_price_per_hour = host.price_per_hour, host.on_demand_price_per_hour
+        return host
+
+    async def _move_to(self, pool: Pool, reason: str) -> bool:
+        """Make before break: provision the next attempt's host while this one runs; False if refused."""
+        status = self.status
+        placement = Placement(pool=pool, attempt=len(status.attempts) + 1,
+                              excluded_hosts=policy.excluded_hosts(self.spec, status, workflow.now()))
+        record = AttemptRecord(attempt=placement.attempt, pool=pool.key, started_at=workflow.now(),
+                               placement_reason=reason)
+        status.attempts.append(record)
+        host = await self._provision(record, placement)
+        if host is not None:
+            self.moved = (record, host)
+        return host is not None
+
+    async def _run_moved(self) -> None:
+        """Run the attempt a move provisioned, now that the attempt it replaces has saved and ended."""
+        (record, host), self.moved = self.moved, None
+        if policy.limit_reached(self.spec, self.status, workflow.now()) is not None:
+            await workflow.execute_activity_method(
+                ControlActivities.release, host, start_to_close_timeout=timedelta(minutes=5),
+                retry_policy=CONTROL_RETRY,
+            )
+            policy.bill(self.status, record, workflow.now())
+            self._close(record, AttemptResult(outcome=AttemptOutcome.CANCELLED,
+                                              reason="the run ended before it moved here"))
+            return
+        checkpoint = await self._choose_checkpoint()
+        record.start_step = checkpoint.step if checkpoint else 0
+        record.resumed_from = checkpoint.name if checkpoint else None
+        self._account_previous_loss(record.start_step)
+        await self._run(record, host, checkpoint)
+
+    async def _run(self, record: AttemptRecord, host: Host, checkpoint: CheckpointRef | None) -> None:
+        status = self.status
+        status.current_host, status.state = host, RunState.RUNNING
         try:
             result = await self._run_on_host(host, record, checkpoint)
         finally:
@@ -163,7 +233,10 @@ class TrainingRun:
                 ControlActivities.release, host, start_to_close_timeout=timedelta(minutes=5),
                 retry_policy=CONTROL_RETRY,
             )
+            policy.bill(status, record, workflow.now())
         self._close(record, result)
+        if workflow.patched(RETENTION_PATCH):
+            await self._prune(record)
 
     async def _run_on_host(self, host: Host, record: AttemptRecord,
                            checkpoint: CheckpointRef | None) -> AttemptResult:
@@ -174,7 +247,10 @@ class TrainingRun:
                 run_id=spec.run_id, attempt=record.attempt, host=host, command=spec.command,
                 workdir=spec.workdir, env=spec.env, storage_url=spec.storage_url,
                 checkpoint=checkpoint, checkpoint_every=spec.checkpoint_every,
+                checkpoint_min=spec.checkpoint_min, checkpoint_max=spec.checkpoint_max,
+                mtbf_seconds=estimate_mtbf_seconds(self.status, host.pool.key, workflow.now()),
                 heartbeat_interval_seconds=min(1.0, spec.heartbeat_timeout_seconds / 4),
+                checkpoint_dir=spec.checkpoint_dir,
             ),
             result_type=AttemptResult,
             task_queue=host.task_queue,
@@ -183,14 +259,70 @@ class TrainingRun:
             heartbeat_timeout=timedelta(seconds=spec.heartbeat_timeout_seconds),
             retry_policy=RetryPolicy(maximum_attempts=1),
         )
-        if spec.reclaim_every_seconds:
+        if spec.reclaim_every_seconds and reclaims_in(spec, host.pool):
             self.injections.append(asyncio.create_task(self._reclaim_on_schedule(host)))
+        pruning = asyncio.create_task(self._prune_while_running(attempt, record)) \
+            if workflow.patched(RETENTION_PATCH) else None
+        vacated = await self._review_until_done(attempt, host)
         try:
-            return await attempt
+            result = await attempt
         except ActivityError as err:
             if is_cancelled_exception(err):
                 raise
-            return await self._diagnose(host, record, err)
+            result = await self._diagnose(host, record, err)
+        if pruning is not None:
+            await pruning
+        if vacated and result.outcome == AttemptOutcome.RECLAIMED:
+            result = result.model_copy(update={"outcome": AttemptOutcome.VACATED, "reason": vacated})
+        return result
+
+    async def _review_until_done(self, attempt: asyncio.Task, host: Host) -> str:
+        """Ask the policy about the running attempt when it says to. On a move the host gets a notice, so
+        the script saves first; returns the policy's reason, or "" when the attempt ended on its own."""
+        while not attempt.done():
+            decision = policy.review(self.spec, self.status, workflow.now())
+            if isinstance(decision, policy.Vacate):
+                if decision.to is not None and not await self._move_to(decision.to, decision.reason):
+                    continue  # refused: recorded, and this attempt runs on
+                workflow.logger.info("moving off host %s: %s", host.host_id, decision.reason)
+                self._inject(host, with_notice=True)
+                return decision.reason
+            if decision.until is None:
+                return ""
+            seconds = max(1.0, (decision.until - workflow.now()).total_seconds())
+            try:
+                await workflow.wait_condition(attempt.done, timeout=seconds)
+            except asyncio.TimeoutError:
+                pass
+        return ""
+
+    async def _prune_while_running(self, attempt: asyncio.Task, record: AttemptRecord) -> None:
+        """Retention during a long attempt; ends once the attempt has, never in the middle of a removal."""
+        while True:
+            try:
+                await workflow.wait_condition(attempt.done, timeout=self.spec.prune_every_seconds)
+                return
+            except asyncio.TimeoutError:
+                await self._prune(record)
+
+    async def _prune(self, record: AttemptRecord) -> None:
+        """Keep the newest complete checkpoints and what `record`'s attempt resumed from; remove the rest and
+        the partial uploads of ended attempts. A failure is only logged: storage stays fuller a while."""
+        spec, status = self.spec, self.status
+        reported = {ended.attempt: ended.durable_step if ended.durable_step is not None else -1
+                    for ended in status.attempts if ended.outcome is not None}
+        prune = PruneInput(run_id=spec.run_id, storage_url=spec.storage_url, keep=spec.keep_checkpoints,
+                           fences=status.fences, reported=reported,
+                           protect=[record.resumed_from] if record.resumed_from else [])
+        try:
+            await workflow.execute_activity_method(
+                ControlActivities.prune_checkpoints, prune, start_to_close_timeout=timedelta(minutes=30),
+                retry_policy=PRUNE_RETRY,
+            )
+        except ActivityError as err:
+            if is_cancelled_exception(err):
+                raise
+            workflow.logger.warning("checkpoint retention failed: %s", err)
 
     async def _reclaim_on_schedule(self, host: Host) -> None:
         await workflow.sleep(self.spec.reclaim_every_seconds)
@@ -229,20 +361,25 @@ class TrainingRun:
         )
         if described.state == HostState.GONE:
             return AttemptResult(outcome=AttemptOutcome.RECLAIMED,
-                                 reason=f"heartbeats stopped; host gone ({described.reason})", **base)
+                                 reason=f"heartbeats stopped; host gone ({described.reason})",
+                                 host_gone=True, **base)
         return AttemptResult(outcome=AttemptOutcome.HOST_FAULT,
-                             reason=f"heartbeats stopped while the host is {described.state.value}", **base)
+                             reason=f"heartbeats stopped while the host is {described.state.value} "
+                                    f"({described.reason})", **base)
 
     def _close(self, record: AttemptRecord, result: AttemptResult) -> None:
         status = self.status
+        result = policy.classify(result)
         record.outcome, record.reason = result.outcome, result.reason
         record.end_step, record.durable_step = result.end_step, result.durable_step
         record.exit_code, record.ended_at = result.exit_code, workflow.now()
-        record.log_tail = result.log_tail
+        record.log_tail, record.emergency_save = result.log_tail, result.emergency_save
         if result.durable_step is not None:
             status.durable_step = max(status.durable_step or 0, result.durable_step)
         # Fence: nothing this attempt publishes from now on can be newer than what we accepted.
-        status.fences[record.attempt] = result.durable_step if result.durable_step is not None else -1
+        # A host the provider confirms gone can publish nothing more: what it stored before dying counts.
+        if not result.host_gone:
+            status.fences[record.attempt] = result.durable_step if result.durable_step is not None else -1
         if result.outcome == AttemptOutcome.RECLAIMED:
             status.reclaims += 1
         elif result.outcome == AttemptOutcome.HOST_FAULT:

@@ -10,9 +10,12 @@ from activities.providers.base import Provider
 from vaultlayer.models import Pool
 
 # name -> (module, class). Each module also has `validate_pool(pool) -> None`, a check without side
-# effects that raises ValueError naming the bad field and the fix, run before anything is provisioned.
+# effects that raises ValueError naming the bad field and the fix, run before anything is provisioned,
+# and `is_configured(vl_home) -> bool`, whether this machine has the provider's settings.
 PROVIDERS: dict[str, tuple[str, str]] = {
     "local": ("activities.providers.local", "LocalProvider"),
+    "aws": ("activities.providers.aws", "AwsProvider"),
+    "gcp": ("activities.providers.gcp", "GcpProvider"),
 }
 KNOWN_PROVIDERS = tuple(PROVIDERS)
 
@@ -31,3 +34,14 @@ def make_provider(name: str, vl_home: Path, temporal_env: dict[str, str]) -> Pro
 def validate_pools(pools: list[Pool]) -> None:
     for pool in pools:
         _module(pool.provider).validate_pool(pool)
+
+
+def priced_pools(pools: list[Pool]) -> list[Pool]:
+    """The pools with the list prices their provider knows (`priced(pool)`), so the policy ranks by price;
+    providers without a price list leave them as they are. Raises ValueError when prices are unreadable."""
+    return [getattr(_module(pool.provider), "priced", lambda same: same)(pool) for pool in pools]
+
+
+def configured_providers(vl_home: Path) -> list[str]:
+    """Providers this machine has settings for: the ones whose hosts a sweep looks for."""
+    return [name for name in PROVIDERS if _module(name).is_configured(vl_home)]

@@ -9,17 +9,21 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from vaultlayer.models import Host, HostDescription, InjectReclaimInput, ProvisionInput, ProvisionResult
+from vaultlayer.models import Host, HostDescription, InjectReclaimInput, ProvisionInput, ProvisionResult, Refusal
 
 
 class ProviderError(Exception):
     """Base of provider errors that are not capacity refusals."""
 
 
+class ProviderConfigError(ProviderError):
+    """The provider's settings are wrong (a subnet, a secret, credentials): no retry helps."""
+
+
 class NoCapacityError(ProviderError):
     """The pool has no capacity now; the policy should move on (another zone, type, market)."""
 
-    def __init__(self, kind: str, message: str) -> None:
+    def __init__(self, kind: Refusal, message: str) -> None:
         super().__init__(message)
         self.kind = kind
 
@@ -35,6 +39,10 @@ class Provider(Protocol):
 
     def reap(self, run_id: str) -> list[str]:
         """Release every host of the run that is still alive; returns their ids."""
+        ...
+
+    def live_runs(self) -> set[str]:
+        """Runs that have a host alive here: what the sweep of finished runs looks at."""
         ...
 
 

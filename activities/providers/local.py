@@ -71,12 +71,18 @@ def kill_group(pgid: int, sig: int = signal.SIGKILL) -> None:
         pass
 
 
+def is_configured(vl_home: Path) -> bool:
+    """The local provider needs no settings."""
+    return True
+
+
 def validate_pool(pool: Pool) -> None:
     if pool.gpu is not None:
         raise ValueError(f"the local provider runs on this machine and cannot provision --gpu {pool.gpu}; "
                          "leave --gpu out, or use --provider aws or gcp")
-    if pool.region != "local" or pool.zone is not None:
-        raise ValueError("the local provider has no regions or zones; leave --region and --zone out")
+    if pool.region != "local":
+        raise ValueError("the local provider has no regions; leave --region out (--zone takes any label, "
+                         "so that a run can have several local pools)")
 
 
 class LocalProvider:
@@ -94,10 +100,11 @@ class LocalProvider:
         host_id = f"h-{placement.attempt}"
         directory = self.host_dir(request.run_id, host_id)
         tag_file = directory / "host.json"
-        if tag_file.exists():
+        excluded = host_id in placement.excluded_hosts
+        if tag_file.exists() or excluded:
             # A retried provision: the host from the first try is the one to use, or to replace.
-            tag = json.loads(tag_file.read_text())
-            if not tag.get("released") and group_alive(tag["pgid"]):
+            tag = json.loads(tag_file.read_text()) if tag_file.exists() else {}
+            if tag and not excluded and not tag.get("released") and group_alive(tag["pgid"]):
                 return ProvisionResult(host=self._host(request, host_id, tag["pgid"]))
             host_id = f"h-{placement.attempt}-{int(time.time() * 1000) % 100000}"
             directory = self.host_dir(request.run_id, host_id)
@@ -141,6 +148,9 @@ class LocalProvider:
             pool=request.placement.pool,
             task_queue=host_queue(request.run_id, host_id),
             handle={"pgid": str(pgid), "dir": str(self.host_dir(request.run_id, host_id))},
+            # This machine costs what the pool says it does (`vl run --price`), 0 by default.
+            price_per_hour=request.placement.pool.price_per_hour or 0.0,
+            on_demand_price_per_hour=request.placement.pool.on_demand_price_per_hour,
         )
 
     def _update_tag(self, host: Host, **fields: object) -> None:
@@ -185,6 +195,14 @@ class LocalProvider:
                 tag["released"] = True
                 tag_file.write_text(json.dumps(tag))
         return reaped
+
+    def live_runs(self) -> set[str]:
+        runs = set()
+        for tag_file in self.hosts_root.glob("*/*/host.json"):
+            tag = json.loads(tag_file.read_text())
+            if not tag.get("released") and group_alive(tag["pgid"]):
+                runs.add(tag["run_id"])
+        return runs
 
     async def inject_reclaim(self, request: InjectReclaimInput, heartbeat=None) -> None:
         """Take the host back: notice (AWS instance-action shape), grace period, SIGKILL."""
