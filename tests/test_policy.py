@@ -1,82 +1,351 @@
-"""The placement policy is pure: these tests drive it directly with hand-built histories."""
+"""The placement policy is pure: these tests drive it directly with hand-built histories and clocks."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
-from vaultlayer.models import AttemptOutcome, AttemptRecord, Limits, Market, Pool, RunSpec, RunState, RunStatus
-from workflows.policy import Place, Stop, next_placement
+import pytest
 
-NOW = datetime(2026, 11, 27, tzinfo=UTC)
-POOL_A = Pool(provider="local", region="a")
-POOL_B = Pool(provider="local", region="b", market=Market.ON_DEMAND)
+from vaultlayer.models import (
+    AttemptOutcome,
+    AttemptRecord,
+    AttemptResult,
+    Limits,
+    Market,
+    Pool,
+    Refusal,
+    RunSpec,
+    RunState,
+    RunStatus,
+)
+from workflows import policy
+from workflows.policy import Keep, Place, Stop, Vacate, Wait, next_placement, review
+
+T0 = datetime(2026, 11, 27, tzinfo=UTC)
+EAST_A = Pool(provider="aws", region="us-east-1", zone="us-east-1a", market=Market.SPOT, price_per_hour=1.0)
+EAST_B = Pool(provider="aws", region="us-east-1", zone="us-east-1b", market=Market.SPOT, price_per_hour=1.0)
+WEST_A = Pool(provider="aws", region="us-west-2", zone="us-west-2a", market=Market.SPOT, price_per_hour=1.0)
+ON_DEMAND = Pool(provider="aws", region="us-east-1", market=Market.ON_DEMAND, price_per_hour=3.0)
 
 
-def spec(**limits) -> RunSpec:
+def minutes(n: float) -> timedelta:
+    return timedelta(minutes=n)
+
+
+def spec(*pools: Pool, **limits) -> RunSpec:
     return RunSpec(run_id="r", command=["python"], workdir="/", storage_url="file:///tmp/s",
-                   pools=[POOL_A, POOL_B], limits=Limits(**limits))
+                   pools=list(pools) or [EAST_A, WEST_A], limits=Limits(**limits), submitted_at=T0)
 
 
-def history(*outcomes: AttemptOutcome, pool: Pool = POOL_A, exit_code: int | None = None) -> RunStatus:
-    status = RunStatus(run_id="r")
-    for number, outcome in enumerate(outcomes, start=1):
-        status.attempts.append(AttemptRecord(attempt=number, host=f"h-{number}", pool=pool.key, outcome=outcome,
-                                             exit_code=exit_code, started_at=NOW))
-        status.reclaims += outcome == AttemptOutcome.RECLAIMED
-        status.host_faults += outcome == AttemptOutcome.HOST_FAULT
-        status.script_failures += outcome == AttemptOutcome.FAILED
-        if outcome == AttemptOutcome.HOST_FAULT:
-            status.excluded_hosts.append(f"h-{number}")
-    return status
+class History:
+    """A run's attempts, one after another on a clock; records what `_close` and `bill` would."""
+
+    def __init__(self) -> None:
+        self.status = RunStatus(run_id="r", started_at=T0)
+        self.now = T0
+
+    def add(self, pool: Pool, outcome: AttemptOutcome | None, held: timedelta = minutes(30), *,
+            exit_code: int | None = None, refusal: Refusal | None = None, durable_step: int | None = None,
+            log_tail: str = "") -> History:
+        number = len(self.status.attempts) + 1
+        refused = outcome == AttemptOutcome.REFUSED
+        record = AttemptRecord(attempt=number, pool=pool.key, host=None if refused else f"h-{number}",
+                               started_at=self.now, running_at=None if refused else self.now,
+                               price_per_hour=None if refused else pool.price_per_hour, refusal=refusal)
+        self.status.attempts.append(record)
+        if outcome is None:  # still running
+            return self
+        self.now += minutes(0.5) if refused else held
+        result = policy.classify(AttemptResult(outcome=outcome, exit_code=exit_code, log_tail=log_tail,
+                                               durable_step=durable_step))
+        record.outcome, record.reason, record.exit_code = result.outcome, result.reason, exit_code
+        record.ended_at, record.durable_step = self.now, durable_step
+        policy.bill(self.status, record, self.now)
+        self.status.reclaims += record.outcome == AttemptOutcome.RECLAIMED
+        self.status.host_faults += record.outcome == AttemptOutcome.HOST_FAULT
+        self.status.script_failures += record.outcome == AttemptOutcome.FAILED
+        if durable_step is not None:
+            self.status.durable_step = max(self.status.durable_step or 0, durable_step)
+        return self
+
+    def later(self, delta: timedelta) -> History:
+        self.now += delta
+        return self
 
 
-def test_first_attempt_goes_to_the_preferred_pool():
-    decision = next_placement(spec(), history(), NOW)
-    assert isinstance(decision, Place)
-    assert decision.placement.pool == POOL_A and decision.placement.attempt == 1 and decision.delay_seconds == 0
+def placed(decision) -> Pool:
+    assert isinstance(decision, Place), decision
+    return decision.placement.pool
 
 
-def test_completed_run_stops_as_succeeded():
-    decision = next_placement(spec(), history(AttemptOutcome.COMPLETED), NOW)
-    assert decision == Stop(RunState.SUCCEEDED, "the script finished", exit_code=0)
+# ---------------------------------------------------------------- choice and hot-pool cooldown
 
 
-def test_script_failure_stops_with_its_exit_code_unless_retries_remain():
-    failed = history(AttemptOutcome.FAILED, exit_code=3)
-    decision = next_placement(spec(), failed, NOW)
-    assert isinstance(decision, Stop) and decision.state == RunState.FAILED and decision.exit_code == 3
-    assert "exited with code 3" in decision.reason
-    assert isinstance(next_placement(spec(script_retries=1), failed, NOW), Place)
-
-
-def test_reclaims_do_not_use_up_the_host_fault_budget():
-    many_reclaims = history(*[AttemptOutcome.RECLAIMED] * 10)
-    assert isinstance(next_placement(spec(max_host_faults=0, max_reclaims=10), many_reclaims, NOW), Place)
-    decision = next_placement(spec(max_reclaims=9), many_reclaims, NOW)
-    assert isinstance(decision, Stop) and "max_reclaims=9" in decision.reason
-
-
-def test_host_faults_have_their_own_budget_and_excluded_hosts_are_passed_on():
-    faults = history(AttemptOutcome.HOST_FAULT, AttemptOutcome.HOST_FAULT)
-    decision = next_placement(spec(max_host_faults=2), faults, NOW)
-    assert isinstance(decision, Place) and decision.placement.excluded_hosts == ["h-1", "h-2"]
-    decision = next_placement(spec(max_host_faults=1), faults, NOW)
-    assert isinstance(decision, Stop) and "max_host_faults=1" in decision.reason
-
-
-def test_max_attempts_stops():
-    decision = next_placement(spec(max_attempts=2), history(AttemptOutcome.RECLAIMED, AttemptOutcome.RECLAIMED), NOW)
-    assert isinstance(decision, Stop) and "max_attempts=2" in decision.reason
+def test_first_attempt_goes_to_the_cheapest_pool():
+    cheap = WEST_A.model_copy(update={"price_per_hour": 0.5})
+    decision = next_placement(spec(EAST_A, cheap), History().status, T0)
+    assert placed(decision) == cheap and decision.placement.attempt == 1 and "cheapest healthy" in decision.reason
 
 
 def test_a_pool_that_just_reclaimed_is_left_for_another():
-    decision = next_placement(spec(), history(AttemptOutcome.RECLAIMED, pool=POOL_A), NOW)
-    assert decision.placement.pool == POOL_B and POOL_A.key in decision.reason
+    history = History().add(EAST_A, AttemptOutcome.RECLAIMED)
+    decision = next_placement(spec(EAST_A, WEST_A), history.status, history.now)
+    assert placed(decision) == WEST_A and f"{EAST_A.key} reclaimed" in decision.reason
 
 
-def test_refusals_everywhere_back_off():
-    status = history(AttemptOutcome.REFUSED, pool=POOL_A)
-    status.attempts.append(AttemptRecord(attempt=2, pool=POOL_B.key, outcome=AttemptOutcome.REFUSED, started_at=NOW))
-    decision = next_placement(spec(), status, NOW)
-    assert isinstance(decision, Place) and decision.delay_seconds > 0
-    assert next_placement(spec(), history(AttemptOutcome.REFUSED), NOW).delay_seconds == 0
+def test_a_hot_pool_cools_down_longer_for_each_reclaim():
+    history = History()
+    for cooldown in (5, 10, 20, 30, 30):  # doubled for each reclaim in the window, never above 30 min
+        history.add(EAST_A, AttemptOutcome.RECLAIMED)
+        east = policy.pool_health(spec(EAST_A, WEST_A), history.status, history.now)[0]
+        assert east.cool_until == history.now + minutes(cooldown), cooldown
+        history.later(minutes(cooldown))
+
+
+def test_a_cooling_pool_sends_the_run_elsewhere_and_alone_it_is_asked_again_at_once():
+    history = History().add(EAST_A, AttemptOutcome.RECLAIMED)
+    assert placed(next_placement(spec(EAST_A, WEST_A), history.status, history.now)) == WEST_A
+    assert placed(next_placement(spec(EAST_A), history.status, history.now)) == EAST_A  # a refusal is cheap
+    history.add(EAST_A, AttemptOutcome.REFUSED)  # and only a refusal says there is no capacity
+    decision = next_placement(spec(EAST_A), history.status, history.now)
+    assert isinstance(decision, Wait) and decision.seconds == policy.COOLDOWN_SECONDS
+
+
+def test_a_region_that_reclaimed_comes_after_calm_regions_for_a_while():
+    history = History().add(EAST_A, AttemptOutcome.RECLAIMED)
+    pools = spec(EAST_A, EAST_B, WEST_A)
+    assert placed(next_placement(pools, history.status, history.now)) == WEST_A  # not EAST_B, same region
+    history.later(policy.RECENT_TROUBLE + minutes(1))
+    # Calm again: its other zone is first in spec order; the zone that reclaimed still has its record.
+    assert placed(next_placement(pools, history.status, history.now)) == EAST_B
+
+
+def test_pools_that_reclaim_often_rank_after_steady_ones():
+    history = History().add(EAST_A, AttemptOutcome.RECLAIMED, held=minutes(20)).add(
+        WEST_A, AttemptOutcome.VACATED, held=timedelta(hours=10))
+    history.later(policy.RECENT_TROUBLE)
+    health = {h.pool.key: h for h in policy.pool_health(spec(), history.status, history.now)}
+    assert health[WEST_A.key].reclaim_rate < health[EAST_A.key].reclaim_rate
+    assert placed(next_placement(spec(EAST_A, WEST_A), history.status, history.now)) == WEST_A
+
+
+# ---------------------------------------------------------------- capacity refusals
+
+
+def test_a_capacity_refusal_moves_on_to_the_next_pool():
+    history = History().add(EAST_A, AttemptOutcome.REFUSED, refusal=Refusal.NO_CAPACITY)
+    assert placed(next_placement(spec(EAST_A, WEST_A), history.status, history.now)) == WEST_A
+
+
+def test_refusals_everywhere_wait_longer_while_they_go_on():
+    history = History()
+    waits = []
+    for _ in range(5):
+        history.add(EAST_A, AttemptOutcome.REFUSED).add(WEST_A, AttemptOutcome.REFUSED)
+        decision = next_placement(spec(EAST_A, WEST_A), history.status, history.now)
+        assert isinstance(decision, Wait) and "cooling" in decision.reason
+        waits.append(decision.seconds)
+        history.later(timedelta(seconds=decision.seconds))
+    assert waits == sorted(waits) and waits[0] < waits[-1] <= policy.MAX_COOLDOWN_SECONDS
+
+
+def test_a_quota_refusal_holds_for_the_whole_region_and_an_unsupported_zone_for_the_run():
+    history = History().add(EAST_A, AttemptOutcome.REFUSED, refusal=Refusal.QUOTA)
+    assert placed(next_placement(spec(EAST_A, EAST_B, WEST_A), history.status, history.now)) == WEST_A
+    history = History().add(EAST_A, AttemptOutcome.REFUSED, refusal=Refusal.UNSUPPORTED).later(timedelta(days=1))
+    assert placed(next_placement(spec(EAST_A, WEST_A), history.status, history.now)) == WEST_A
+    decision = next_placement(spec(EAST_A), history.status, history.now)
+    assert isinstance(decision, Stop) and "does not offer the type" in decision.reason
+
+
+# ---------------------------------------------------------------- hosts and budgets
+
+
+def test_hosts_that_failed_are_excluded_for_the_run_or_the_configured_time():
+    history = History().add(EAST_A, AttemptOutcome.HOST_FAULT).add(EAST_A, AttemptOutcome.RECLAIMED)
+    decision = next_placement(spec(max_host_faults=3), history.status, history.now)
+    assert decision.placement.excluded_hosts == ["h-1"]
+    timed = spec(max_host_faults=3, host_exclusion_seconds=3600)
+    assert next_placement(timed, history.status, history.now).placement.excluded_hosts == ["h-1"]
+    history.later(timedelta(hours=1))
+    assert next_placement(timed, history.status, history.now).placement.excluded_hosts == []
+
+
+@pytest.mark.parametrize("line", ["RuntimeError: CUDA error: uncorrectable ECC error encountered",
+                                  "RuntimeError: No CUDA GPUs are available; no CUDA-capable device is detected",
+                                  "NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver"])
+def test_a_gpu_or_driver_fault_in_the_output_is_a_host_fault(line):
+    history = History().add(EAST_A, AttemptOutcome.FAILED, exit_code=1, log_tail=f"Traceback ...\n{line}\n")
+    record = history.status.attempts[0]
+    assert record.outcome == AttemptOutcome.HOST_FAULT and line in record.reason
+    assert next_placement(spec(max_host_faults=1), history.status, history.now).placement.excluded_hosts == ["h-1"]
+
+
+@pytest.mark.parametrize("line", ["RuntimeError: CUDA error: device-side assert triggered",
+                                  "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB",
+                                  "ValueError: bad batch"])
+def test_a_script_error_stays_a_script_failure_with_its_exit_code(line):
+    history = History().add(EAST_A, AttemptOutcome.FAILED, exit_code=3, log_tail=f"Traceback ...\n{line}\n")
+    decision = next_placement(spec(max_host_faults=5), history.status, history.now)
+    assert decision == Stop(RunState.FAILED, decision.reason, exit_code=3, limit="script_retries")
+    assert "exited with code 3" in decision.reason and history.status.host_faults == 0
+    assert isinstance(next_placement(spec(script_retries=1), history.status, history.now), Place)
+
+
+def test_reclaims_faults_and_script_failures_have_separate_budgets():
+    many_reclaims = History()
+    for _ in range(10):
+        many_reclaims.add(EAST_A, AttemptOutcome.RECLAIMED).later(timedelta(hours=1))
+    assert isinstance(next_placement(spec(max_host_faults=0, max_reclaims=10), many_reclaims.status,
+                                     many_reclaims.now), Place)
+    faults = History().add(EAST_A, AttemptOutcome.HOST_FAULT).add(EAST_A, AttemptOutcome.HOST_FAULT)
+    assert isinstance(next_placement(spec(max_host_faults=2, max_reclaims=0), faults.status, faults.now), Place)
+    failed = History().add(EAST_A, AttemptOutcome.FAILED, exit_code=1)
+    assert isinstance(next_placement(spec(script_retries=1, max_reclaims=0, max_host_faults=0), failed.status,
+                                     failed.now), Place)
+
+
+# ---------------------------------------------------------------- every stop names its reason
+
+
+def stop_of(history: History, **limits) -> Stop:
+    decision = next_placement(spec(**limits), history.status, history.now)
+    assert isinstance(decision, Stop), decision
+    return decision
+
+
+def test_each_stop_names_its_limit():
+    done = stop_of(History().add(EAST_A, AttemptOutcome.COMPLETED))
+    assert done == Stop(RunState.SUCCEEDED, "the script finished", exit_code=0)
+    reclaims = History().add(EAST_A, AttemptOutcome.RECLAIMED).add(WEST_A, AttemptOutcome.RECLAIMED)
+    assert stop_of(reclaims, max_reclaims=1).limit == "max_reclaims"
+    assert "max_reclaims=1" in stop_of(reclaims, max_reclaims=1).reason
+    faults = History().add(EAST_A, AttemptOutcome.HOST_FAULT)
+    assert stop_of(faults, max_host_faults=0).reason.startswith("limit max_host_faults=0 reached")
+    assert stop_of(reclaims, max_attempts=2).reason == "limit max_attempts=2 reached"
+    paid = History().add(EAST_A, AttemptOutcome.RECLAIMED, held=timedelta(hours=2))  # $1/h for 2 h
+    assert stop_of(paid, max_cost=1.5) == Stop(RunState.FAILED, "limit max_cost=1.5 reached (spent 2.00)",
+                                               limit="max_cost")
+    late = History().add(EAST_A, AttemptOutcome.RECLAIMED, held=timedelta(hours=2))
+    deadline = stop_of(late, deadline=T0 + timedelta(hours=1))
+    assert deadline.limit == "deadline" and deadline.reason.startswith("limit deadline=")
+
+
+def test_a_running_attempt_is_moved_off_at_the_deadline_or_the_cost_limit():
+    running = History().add(EAST_A, None)  # $1/h since T0
+    with_limits = spec(deadline=T0 + timedelta(hours=5), max_cost=2.0)
+    assert review(with_limits, running.status, T0) == Keep(until=T0 + timedelta(hours=2))
+    assert review(with_limits, running.status, T0 + timedelta(hours=2)).reason.startswith("limit max_cost=2")
+    only_deadline = spec(deadline=T0 + timedelta(hours=5))
+    assert review(only_deadline, running.status, T0) == Keep(until=T0 + timedelta(hours=5))
+    assert review(only_deadline, running.status, T0 + timedelta(hours=5)).reason.startswith("limit deadline=")
+    assert review(spec(), running.status, T0) == Keep(until=None)
+
+
+# ---------------------------------------------------------------- on-demand only when spot cannot make it
+
+
+def planned(work_hours: float, deadline_hours: float, *pools: Pool) -> RunSpec:
+    planned_spec = spec(*(pools or (EAST_A, WEST_A, ON_DEMAND)), deadline=T0 + timedelta(hours=deadline_hours))
+    return planned_spec.model_copy(update={"total_steps": 1000, "work_seconds": work_hours * 3600,
+                                           "checkpoint_every": "5m"})
+
+
+def test_spot_while_the_deadline_allows_it_on_demand_when_it_is_at_risk():
+    assert placed(next_placement(planned(24, 36), History().status, T0)).market == Market.SPOT
+    decision = next_placement(planned(24, 24.5), History().status, T0)
+    assert placed(decision) == ON_DEMAND and decision.reason.startswith("deadline at risk: slack 0.50h")
+    # The same tight deadline with no on-demand pool: spot is all there is.
+    assert placed(next_placement(planned(24, 24.5, EAST_A), History().status, T0)) == EAST_A
+
+
+def half_done_at(hours: float) -> History:
+    """Half of a 24 h job stored at T0 + `hours` (deadline 36 h): slack 24 - hours, its line 6 h."""
+    history = History().later(timedelta(hours=hours))
+    history.status.durable_step = 500
+    return history
+
+
+def test_while_the_slack_is_above_its_line_the_run_waits_for_spot():
+    history = half_done_at(10).add(EAST_A, AttemptOutcome.REFUSED)
+    decision = next_placement(planned(24, 36, EAST_A, ON_DEMAND), history.status, history.now)
+    assert isinstance(decision, Wait) and decision.seconds == policy.COOLDOWN_SECONDS
+
+
+def test_at_its_line_the_run_asks_spot_once_more_then_on_demand_bridges():
+    run = planned(24, 36, EAST_A, ON_DEMAND)
+    history = half_done_at(18).add(EAST_A, AttemptOutcome.REFUSED).later(minutes(5)).add(
+        EAST_A, AttemptOutcome.REFUSED).later(minutes(6))  # cooling 10 min, last asked 6 min ago
+    again = next_placement(run, history.status, history.now)
+    assert placed(again) == EAST_A and "before paying for on-demand" in again.reason
+    history.add(EAST_A, AttemptOutcome.REFUSED).later(minutes(1))
+    bridge = next_placement(run, history.status, history.now)
+    assert placed(bridge) == ON_DEMAND and bridge.reason.startswith("every spot pool is cooling and the slack is at")
+
+
+def test_without_on_demand_only_the_safety_net_cuts_a_cooldown_short():
+    at_line = half_done_at(18.5).add(EAST_A, AttemptOutcome.REFUSED)
+    decision = next_placement(planned(24, 36, EAST_A), at_line.status, at_line.now)
+    assert isinstance(decision, Wait) and decision.seconds == policy.COOLDOWN_SECONDS
+    at_risk = half_done_at(24.1).add(EAST_A, AttemptOutcome.REFUSED)
+    decision = next_placement(planned(24, 36, EAST_A), at_risk.status, at_risk.now)
+    assert placed(decision) == EAST_A and "no on-demand pool usable" in decision.reason
+
+
+def test_on_demand_returns_to_spot_once_the_slack_is_back_at_its_line():
+    run = planned(24, 36, EAST_A, ON_DEMAND)
+    history = half_done_at(18).add(ON_DEMAND, None)  # slack 6 h, at its line; on-demand's changeover costs 6 min
+    keep = review(run, history.status, history.now + minutes(10))
+    assert isinstance(keep, Keep) and keep.until is not None  # below the line: looked at again when it is not
+    back = review(run, history.status, keep.until)
+    assert back == Vacate(back.reason, to=EAST_A) and back.reason.startswith("spot is safe again")
+
+
+def test_no_return_to_spot_when_a_failed_return_would_break_the_deadline():
+    history = History().add(ON_DEMAND, None)
+    assert isinstance(review(planned(24, 24.6), history.status, T0 + timedelta(hours=1)), Keep)
+    assert isinstance(review(planned(24, 36), history.status, T0 + timedelta(hours=1)), Vacate)
+
+
+# ---------------------------------------------------------------- work left and costs
+
+
+def test_work_left_comes_from_the_estimate_or_the_measured_speed():
+    history = History().add(EAST_A, AttemptOutcome.RECLAIMED, held=timedelta(hours=1), durable_step=250)
+    history.status.attempts[0].end_step = 250
+    estimated = spec().model_copy(update={"total_steps": 1000, "work_seconds": 4 * 3600})
+    assert policy.remaining_work_seconds(estimated, history.status, history.now) == 3 * 3600
+    measured = spec().model_copy(update={"total_steps": 1000})
+    assert policy.remaining_work_seconds(measured, history.status, history.now) == 3 * 3600
+    assert policy.remaining_work_seconds(spec(), history.status, history.now) is None
+    assert policy.deadline_plan(measured, history.status, history.now) is None  # no deadline, no plan
+
+
+def test_costs_are_billed_per_attempt_with_the_on_demand_equivalent():
+    status = RunStatus(run_id="r")
+    spot = AttemptRecord(attempt=1, pool=EAST_A.key, started_at=T0, running_at=T0, price_per_hour=0.9,
+                         on_demand_price_per_hour=3.0)
+    policy.bill(status, spot, T0 + timedelta(hours=2))
+    assert spot.cost_usd == pytest.approx(1.8) and spot.on_demand_cost_usd == pytest.approx(6.0)
+    on_demand = AttemptRecord(attempt=2, pool=ON_DEMAND.key, started_at=T0, running_at=T0 + timedelta(hours=2),
+                              price_per_hour=3.0)
+    policy.bill(status, on_demand, T0 + timedelta(hours=3))
+    assert on_demand.on_demand_cost_usd == pytest.approx(3.0)  # an on-demand host's own price
+    refused = AttemptRecord(attempt=3, pool=WEST_A.key, started_at=T0)  # never held a host
+    policy.bill(status, refused, T0 + timedelta(hours=3))
+    assert refused.cost_usd == 0.0
+    assert status.cost_usd == pytest.approx(4.8) and status.on_demand_cost_usd == pytest.approx(9.0)
+    assert policy.running_cost(AttemptRecord(attempt=4, pool=EAST_A.key, started_at=T0, running_at=T0,
+                                             price_per_hour=2.0), T0 + timedelta(minutes=30)) == pytest.approx(1.0)
+
+
+def test_the_policy_is_pure():
+    import ast
+    from pathlib import Path
+
+    source = Path(policy.__file__).read_text()
+    imported = {alias.name.split(".")[0] for node in ast.walk(ast.parse(source))
+                if isinstance(node, ast.Import | ast.ImportFrom)
+                for alias in (node.names if isinstance(node, ast.Import) else [ast.alias(node.module or "")])}
+    assert imported <= {"__future__", "math", "dataclasses", "datetime", "vaultlayer"}, imported
+    assert "datetime.now" not in source and "time.time" not in source

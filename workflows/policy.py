@@ -1,27 +1,83 @@
 """Placement policy: pure and deterministic (no I/O, no clock but the one passed in, no temporalio).
 
-Given the run spec and its history, return the next placement or a stop with a reason. Reclaims,
-host faults and script failures each have their own budget, so an expected reclaim never uses up the
-retries meant for errors. A pool that just reclaimed or refused a host is skipped while another pool
-is available: over 90% of spot reclaims hit the same type and zone again within minutes.
+The workflow and the trace simulator (`workflows/simulate.py`) run this same code. Given the run spec
+and its history, `next_placement` returns a placement, a wait, or a stop that names its reason; while
+an attempt runs, `review` says when to look again and whether to move the run off its host. The rules
+and why each constant has its value: docs/policy.md.
+
+- Health: a pool that reclaimed or refused a host cools down, longer for each repeat; a pool with
+  trouble in the last hours, or in a region that just reclaimed, comes after calm ones (over 90% of
+  spot reclaims hit the same type and zone again within minutes).
+- Choice: the cheapest healthy pool, its price raised by what its reclaims cost in moves.
+- On-demand: only when spot cannot meet the deadline (`DeadlinePlan`); back to spot when it can again.
+- Budgets: reclaims, host faults and script failures each have their own; reclaims never use up retries.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
-from vaultlayer.models import AttemptOutcome, Placement, Pool, RunSpec, RunState, RunStatus
+from vaultlayer.durations import parse_interval
+from vaultlayer.models import (
+    AttemptOutcome,
+    AttemptRecord,
+    AttemptResult,
+    Market,
+    Placement,
+    Pool,
+    Refusal,
+    RunSpec,
+    RunState,
+    RunStatus,
+)
 
-# Back off when every pool refused capacity, so a shortage is not hammered.
-REFUSAL_BACKOFF_SECONDS = (5.0, 15.0, 30.0, 60.0)
+# A pool that reclaimed or refused is not asked again for 5 min: asking costs seconds, so look again
+# soon. Doubled for each reclaim in the health window and while a pool keeps refusing, up to 30 min, so
+# that the end of a shortage is noticed.
+COOLDOWN_SECONDS = 5 * 60
+MAX_COOLDOWN_SECONDS = 30 * 60
+HEALTH_WINDOW = timedelta(hours=12)
+# Trouble this recent in a pool, or a reclaim this recent in its region, puts it after calm pools:
+# capacity that just came back is the likeliest to go again, and zones of a region run short together.
+RECENT_TROUBLE = timedelta(hours=3)
+# A pool never held reclaims once every two hours; two hours of real use weigh as much as this guess.
+PRIOR_RECLAIMS_PER_HOUR = 0.5
+PRIOR_HOURS = 2.0
+# What must be left when on-demand takes over, beyond its changeover and what a host lost without notice
+# costs: enough for a work estimate 2% short.
+DEADLINE_MARGIN_FRACTION = 0.02
+ON_DEMAND_REVIEW_SECONDS = 30 * 60
+MIN_REVIEW_SECONDS = 60
+# Failures that are the host's, not the script's. A bug that shows on the GPU (device-side assert,
+# illegal memory access, out of memory) stays a script error.
+HOST_ERROR_SIGNATURES = (
+    "uncorrectable ecc error",
+    "no cuda-capable device is detected",
+    "cuda driver version is insufficient",
+    "found no nvidia driver",
+    "couldn't communicate with the nvidia driver",
+    "cuda-capable device(s) is/are busy or unavailable",
+    "cuda driver initialization failed",
+    "cuda unknown error",
+    "cuda error: unknown error",
+    "gpu has fallen off the bus",
+)
 
 
 @dataclass(frozen=True)
 class Place:
     placement: Placement
-    delay_seconds: float = 0.0
     reason: str = ""
+
+
+@dataclass(frozen=True)
+class Wait:
+    """Place nothing now; ask again after `seconds`."""
+
+    seconds: float
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -29,56 +85,425 @@ class Stop:
     state: RunState
     reason: str
     exit_code: int | None = None
+    limit: str | None = None  # the Limits field that stopped the run
 
 
-def next_placement(spec: RunSpec, status: RunStatus, now: datetime) -> Place | Stop:
+@dataclass(frozen=True)
+class Keep:
+    """Leave the running attempt alone; review it again at `until` (None: not before it ends)."""
+
+    until: datetime | None = None
+
+
+@dataclass(frozen=True)
+class Vacate:
+    """Move the run off its host: it saves at a notice, is released, and `next_placement` decides again.
+
+    With `to`, a move: a host of `to` is provisioned first and the run leaves only once it has one; a
+    refusal is recorded and the attempt runs on, so a move never trades a host for nothing.
+    """
+
+    reason: str
+    to: Pool | None = None
+
+
+@dataclass(frozen=True)
+class PoolHealth:
+    pool: Pool
+    index: int  # its place in the spec's preference order
+    reclaims: int  # in the window
+    exposure_hours: float  # host-hours held in the window
+    cool_until: datetime | None  # the cooldown, doubled for repeats
+    asked_until: datetime | None  # the first cooldown only: when asking once more is worth it
+    refused_until: datetime | None  # the part of the cooldown that refusals set: no capacity, known
+    troubled: bool  # a reclaim or refusal of its own within RECENT_TROUBLE
+    region_troubled: bool  # a reclaim in its region (provider and region) within RECENT_TROUBLE
+    blocked: str  # why the pool is out for the whole run, or ""
+
+    @property
+    def reclaim_rate(self) -> float:
+        """Reclaims per host-hour: the window's record with the prior added in."""
+        return (self.reclaims + PRIOR_RECLAIMS_PER_HOUR * PRIOR_HOURS) / (self.exposure_hours + PRIOR_HOURS)
+
+    def usable(self, now: datetime, eager: bool = False, reclaimed_only: bool = False) -> bool:
+        until = self.asked_until if eager else self.refused_until if reclaimed_only else self.cool_until
+        return until is None or until <= now
+
+
+@dataclass(frozen=True)
+class DeadlinePlan:
+    """The deadline rule, in seconds. Slack is the time to the deadline minus the work left.
+
+    - Safety net: spot only while slack - spot_try >= reserve, so that a spot attempt lost at once still
+      leaves on-demand the time to finish.
+    - Slack line: the work left is entitled to slack in proportion to it (the run's initial slack per
+      second of work, times the work left). Waiting for spot may spend slack down to the line, not
+      below: there, on-demand bridges the shortage. The line falls while on-demand makes progress, and
+      at the line spot is safe again (if the net also covers the move and one failed spot attempt).
+    """
+
+    slack: float
+    reserve: float  # what on-demand needs in hand: its changeover, a host lost without notice, the margin
+    spot_try: float  # what a spot attempt lost at once costs: a changeover plus the notice
+    entitled: float  # the slack line for the work left
+    rate: float  # slack per second of work: how fast the line falls while the run trains
+
+    def spot_allowed(self) -> bool:
+        return self.slack - self.spot_try >= self.reserve
+
+    def room(self) -> float:
+        """How long the run may wait for spot: until the slack reaches its line or the safety net."""
+        return min(self.slack - self.entitled, self.slack - self.spot_try - self.reserve)
+
+    def spot_safe_again(self) -> bool:
+        return self.slack >= self.entitled and self.slack - 2 * self.spot_try >= self.reserve
+
+    def seconds_until_safe(self) -> float:
+        """On-demand keeps the slack and lowers the line: when the line will be reached."""
+        if self.rate <= 0 or self.slack - 2 * self.spot_try < self.reserve:
+            return math.inf
+        return max(0.0, (self.entitled - self.slack) / self.rate)
+
+    def describe(self) -> str:
+        return (f"slack {hours(self.slack)}, slack line {hours(self.entitled)}, "
+                f"on-demand needs {hours(self.reserve)}")
+
+
+def hours(seconds: float) -> str:
+    return f"{seconds / 3600:.2f}h"
+
+
+# ---------------------------------------------------------------- decisions
+
+
+def next_placement(spec: RunSpec, status: RunStatus, now: datetime) -> Place | Wait | Stop:
+    stop = limit_reached(spec, status, now)
+    if stop is not None:
+        return stop
+    health = pool_health(spec, status, now)
+    spot = [h for h in health if h.pool.market == Market.SPOT and not h.blocked]
+    on_demand = [h for h in health if h.pool.market == Market.ON_DEMAND and not h.blocked]
+    if not spot and not on_demand:
+        return Stop(RunState.FAILED, "no pool can take the run: "
+                    + "; ".join(f"{h.pool.key} {h.blocked}" for h in health))
+    if not spot:
+        return place_or_wait(spec, status, now, on_demand)
+    plan = deadline_plan(spec, status, now)
+    best, wait = choose(spot, spec, status, now)
+    if plan is not None:
+        at_risk = not plan.spot_allowed()
+        if on_demand and (at_risk or (wait > 0 and plan.room() <= 0)):
+            again, again_wait = choose(spot, spec, status, now, eager=True)
+            if not at_risk and again_wait == 0:
+                return place(spec, status, now, again.pool,
+                             f"the slack is at its line: asking {again.pool.key} again before paying for on-demand")
+            if choose(on_demand, spec, status, now)[1] == 0:
+                why = "deadline at risk" if at_risk else "every spot pool is cooling and the slack is at its line"
+                return place_or_wait(spec, status, now, on_demand, f"{why}: {plan.describe()}")
+        if at_risk and wait > 0:
+            return place(spec, status, now, best.pool,
+                         f"deadline at risk and no on-demand pool usable: trying {best.pool.key} now")
+        if wait > 0 and on_demand:
+            wait = max(MIN_REVIEW_SECONDS, min(wait, plan.room()))
+    if wait > 0:
+        return Wait(wait, f"every spot pool is cooling down; {best.pool.key} is usable in {hours(wait)}")
+    return place(spec, status, now, best.pool, why_chosen(best, len(spot), status))
+
+
+def review(spec: RunSpec, status: RunStatus, now: datetime) -> Keep | Vacate:
+    """For the running attempt: a limit reached, spot safe again (from on-demand), or keep it."""
+    running = running_attempt(status)
     limits = spec.limits
-    attempts = status.attempts
-    last = attempts[-1] if attempts else None
+    if limits.deadline is not None and now >= limits.deadline:
+        return Vacate(f"limit deadline={limits.deadline.isoformat()} reached")
+    spent = status.cost_usd + running_cost(running, now)
+    if limits.max_cost is not None and spent >= limits.max_cost:
+        return Vacate(f"limit max_cost={limits.max_cost:g} reached (spent {spent:.2f})")
+    checks = [limits.deadline] if limits.deadline is not None else []
+    if limits.max_cost is not None and running.price_per_hour:
+        checks.append(now + timedelta(hours=(limits.max_cost - spent) / running.price_per_hour))
+    pool = next((p for p in spec.pools if p.key == running.pool), None)
+    plan = deadline_plan(spec, status, now)
+    spot = [h for h in pool_health(spec, status, now) if h.pool.market == Market.SPOT and not h.blocked]
+    if pool is not None and pool.market == Market.ON_DEMAND and spot and plan is not None:
+        best, wait = choose(spot, spec, status, now, eager=True)  # asking costs nothing: the run stays
+        if wait == 0 and plan.spot_safe_again():
+            return Vacate(f"spot is safe again: {plan.describe()}", to=best.pool)
+        later = max(wait, min(plan.seconds_until_safe(), ON_DEMAND_REVIEW_SECONDS), MIN_REVIEW_SECONDS)
+        checks.append(now + timedelta(seconds=later))
+    return Keep(min(checks) if checks else None)
 
+
+def place(spec: RunSpec, status: RunStatus, now: datetime, pool: Pool, reason: str) -> Place:
+    placement = Placement(pool=pool, attempt=len(status.attempts) + 1,
+                          excluded_hosts=excluded_hosts(spec, status, now))
+    return Place(placement, reason=reason)
+
+
+def place_or_wait(spec: RunSpec, status: RunStatus, now: datetime, candidates: list[PoolHealth],
+                  reason: str = "") -> Place | Wait:
+    best, wait = choose(candidates, spec, status, now)
+    if wait > 0:
+        return Wait(wait, f"every pool is cooling down; {best.pool.key} is usable in {hours(wait)}")
+    return place(spec, status, now, best.pool, reason or why_chosen(best, len(candidates), status))
+
+
+def why_chosen(best: PoolHealth, candidates: int, status: RunStatus) -> str:
+    last = last_ended(status)
+    moving = ""
+    if last is not None and last.pool != best.pool.key and last.outcome in (AttemptOutcome.RECLAIMED,
+                                                                              AttemptOutcome.REFUSED):
+        moving = f"{last.pool} {last.outcome.value}; "
+    return (f"{moving}{best.pool.key} is the cheapest healthy pool of {candidates} "
+            f"({best.reclaim_rate:.2f} reclaims/h)")
+
+
+def running_attempt(status: RunStatus) -> AttemptRecord | None:
+    return next((record for record in reversed(status.attempts) if record.outcome is None), None)
+
+
+def last_ended(status: RunStatus) -> AttemptRecord | None:
+    """The attempt that ended last (a refused move is recorded after the attempt it left running)."""
+    ended = [record for record in status.attempts if record.ended_at is not None]
+    return max(ended, key=lambda record: (record.ended_at, record.attempt)) if ended else None
+
+
+# ---------------------------------------------------------------- limits and budgets
+
+
+def limit_reached(spec: RunSpec, status: RunStatus, now: datetime) -> Stop | None:
+    limits = spec.limits
+    last = last_ended(status)
     if last is not None and last.outcome == AttemptOutcome.COMPLETED:
         return Stop(RunState.SUCCEEDED, "the script finished", exit_code=0)
-    if last is not None and last.outcome == AttemptOutcome.FAILED:
-        if status.script_failures > limits.script_retries:
-            return Stop(
-                RunState.FAILED,
-                f"the script exited with code {last.exit_code} "
-                f"(script retries: {limits.script_retries}; raise limits.script_retries to retry)",
-                exit_code=last.exit_code,
-            )
+    if last is not None and last.outcome == AttemptOutcome.FAILED and status.script_failures > limits.script_retries:
+        return Stop(RunState.FAILED,
+                    f"the script exited with code {last.exit_code} "
+                    f"(script retries: {limits.script_retries}; raise limits.script_retries to retry)",
+                    exit_code=last.exit_code, limit="script_retries")
     if status.reclaims > limits.max_reclaims:
-        return Stop(RunState.FAILED, f"limit max_reclaims={limits.max_reclaims} reached")
+        return Stop(RunState.FAILED, f"limit max_reclaims={limits.max_reclaims} reached", limit="max_reclaims")
     if status.host_faults > limits.max_host_faults:
         return Stop(RunState.FAILED, f"limit max_host_faults={limits.max_host_faults} reached "
-                                     f"(last: {last.reason if last else ''})")
-    if limits.max_attempts is not None and len(attempts) >= limits.max_attempts:
-        return Stop(RunState.FAILED, f"limit max_attempts={limits.max_attempts} reached")
-
-    pool, why = choose_pool(spec.pools, status)
-    refusals = trailing_refusals(status)
-    delay = 0.0
-    if refusals >= len(spec.pools):
-        delay = REFUSAL_BACKOFF_SECONDS[min(refusals // len(spec.pools), len(REFUSAL_BACKOFF_SECONDS)) - 1]
-    placement = Placement(pool=pool, attempt=len(attempts) + 1, excluded_hosts=list(status.excluded_hosts))
-    return Place(placement, delay_seconds=delay, reason=why)
+                                     f"(last: {last.reason if last else ''})", limit="max_host_faults")
+    if limits.max_attempts is not None and len(status.attempts) >= limits.max_attempts:
+        return Stop(RunState.FAILED, f"limit max_attempts={limits.max_attempts} reached", limit="max_attempts")
+    if limits.max_cost is not None and status.cost_usd >= limits.max_cost:
+        return Stop(RunState.FAILED, f"limit max_cost={limits.max_cost:g} reached (spent {status.cost_usd:.2f})",
+                    limit="max_cost")
+    if limits.deadline is not None and now >= limits.deadline:
+        return Stop(RunState.FAILED, f"limit deadline={limits.deadline.isoformat()} reached", limit="deadline")
+    return None
 
 
-def trailing_refusals(status: RunStatus) -> int:
-    count = 0
+def excluded_hosts(spec: RunSpec, status: RunStatus, now: datetime) -> list[str]:
+    """Hosts that failed for a host reason: out for the run, or for `limits.host_exclusion_seconds`."""
+    span = spec.limits.host_exclusion_seconds
+    excluded = []
+    for record in status.attempts:
+        if record.outcome != AttemptOutcome.HOST_FAULT or not record.host or record.host in excluded:
+            continue
+        if span is None or record.ended_at is None or now < record.ended_at + timedelta(seconds=span):
+            excluded.append(record.host)
+    return excluded
+
+
+def host_fault_in(log_tail: str) -> str | None:
+    """The output line that shows a host fault (driver, ECC, lost GPU), if the script's output has one."""
+    for line in reversed(log_tail.splitlines()):
+        lowered = line.lower()
+        if any(signature in lowered for signature in HOST_ERROR_SIGNATURES):
+            return line.strip()
+    return None
+
+
+def classify(result: AttemptResult) -> AttemptResult:
+    """A script that died of a GPU or driver fault failed because of its host: exclude the host, retry."""
+    if result.outcome != AttemptOutcome.FAILED:
+        return result
+    line = host_fault_in(result.log_tail)
+    if line is None:
+        return result
+    return result.model_copy(update={"outcome": AttemptOutcome.HOST_FAULT,
+                                     "reason": f"GPU or driver fault on the host: {line[:200]}"})
+
+
+# ---------------------------------------------------------------- pool health
+
+
+def pool_health(spec: RunSpec, status: RunStatus, now: datetime) -> list[PoolHealth]:
+    """Each pool's reclaims, exposure, cooldown and recent trouble, in spec order."""
+    since, recent = now - HEALTH_WINDOW, now - RECENT_TROUBLE
+    by_key = {pool.key: pool for pool in spec.pools}
+    reclaims = dict.fromkeys(by_key, 0)
+    exposure = dict.fromkeys(by_key, 0.0)
+    refusals_in_a_row = dict.fromkeys(by_key, 0)
+    cool_until: dict[str, datetime | None] = dict.fromkeys(by_key)
+    asked_until: dict[str, datetime | None] = dict.fromkeys(by_key)
+    refused_until: dict[str, datetime | None] = dict.fromkeys(by_key)
+    troubled: set[str] = set()
+    troubled_regions: set[tuple[str, str]] = set()
+    blocked = dict.fromkeys(by_key, "")
+    for record in status.attempts:
+        if record.pool not in by_key or record.ended_at is None:
+            continue
+        pool = by_key[record.pool]
+        if record.running_at is not None:
+            refusals_in_a_row[record.pool] = 0
+            held = min(record.ended_at, now) - max(record.running_at, since)
+            exposure[record.pool] += max(0.0, held.total_seconds() / 3600)
+        if record.outcome == AttemptOutcome.RECLAIMED and record.ended_at >= since:
+            reclaims[record.pool] += 1
+            cooldown = min(COOLDOWN_SECONDS * 2 ** (reclaims[record.pool] - 1), MAX_COOLDOWN_SECONDS)
+            cool_until[record.pool] = record.ended_at + timedelta(seconds=cooldown)
+            asked_until[record.pool] = record.ended_at + timedelta(seconds=COOLDOWN_SECONDS)
+            if record.ended_at >= recent:
+                troubled.add(record.pool)
+                troubled_regions.add((pool.provider, pool.region))
+        elif record.outcome == AttemptOutcome.REFUSED:
+            if record.refusal == Refusal.UNSUPPORTED:
+                blocked[record.pool] = f"does not offer the type ({record.reason})"
+            for key in refused_together(pool, record, spec.pools):
+                refusals_in_a_row[key] += 1
+                cooldown = min(COOLDOWN_SECONDS * 2 ** (refusals_in_a_row[key] - 1), MAX_COOLDOWN_SECONDS)
+                ends = record.ended_at + timedelta(seconds=cooldown)
+                cool_until[key] = max(cool_until[key] or ends, ends)
+                refused_until[key] = max(refused_until[key] or ends, ends)
+                asked = record.ended_at + timedelta(seconds=COOLDOWN_SECONDS)
+                asked_until[key] = max(asked_until[key] or asked, asked)
+                if record.ended_at >= recent:
+                    troubled.add(key)
+    return [PoolHealth(pool, index, reclaims[pool.key], exposure[pool.key], cool_until[pool.key],
+                       asked_until[pool.key], refused_until[pool.key], pool.key in troubled,
+                       (pool.provider, pool.region) in troubled_regions, blocked[pool.key])
+            for index, pool in enumerate(spec.pools)]
+
+
+def refused_together(pool: Pool, record: AttemptRecord, pools: list[Pool]) -> list[str]:
+    """A quota refusal holds for every zone of the region and market; any other, for the pool alone."""
+    if record.refusal != Refusal.QUOTA or not pool.region:
+        return [pool.key]
+    return [p.key for p in pools if (p.provider, p.region, p.market) == (pool.provider, pool.region, pool.market)]
+
+
+def pool_price(pool: Pool, status: RunStatus) -> float | None:
+    """What a host of the pool costs: the last host it handed over, else the pool's list price."""
     for record in reversed(status.attempts):
-        if record.outcome != AttemptOutcome.REFUSED:
-            break
-        count += 1
-    return count
+        if record.pool == pool.key and record.price_per_hour is not None:
+            return record.price_per_hour
+    return pool.price_per_hour
 
 
-def choose_pool(pools: list[Pool], status: RunStatus) -> tuple[Pool, str]:
-    """The first pool in preference order that did not just take a host back or refuse one."""
-    last = status.attempts[-1] if status.attempts else None
-    unhealthy = {AttemptOutcome.RECLAIMED, AttemptOutcome.REFUSED, AttemptOutcome.HOST_FAULT}
-    if last is None or last.outcome not in unhealthy or len(pools) == 1:
-        return pools[0], "preferred pool"
-    for pool in pools:
-        if pool.key != last.pool:
-            return pool, f"pool {last.pool} just {last.outcome.value}; moving on"
-    return pools[0], "no other pool"
+def choose(candidates: list[PoolHealth], spec: RunSpec, status: RunStatus, now: datetime,
+           eager: bool = False) -> tuple[PoolHealth, float]:
+    """The best pool usable now (wait 0), else the one usable first and how long until it is.
+
+    A reclaim's cooldown steers the run to other pools; when none is usable, a pool cooling only from
+    reclaims is asked again at once (a refusal is cheap, and only a refusal says there is no capacity).
+    Best: calm before troubled (no reclaim in its region, then no trouble of its own, in the last
+    RECENT_TROUBLE), then the lowest price with the pool's expected reclaims priced in (each costs a
+    changeover and a notice of paid time), then fewer reclaims, then the spec's order. Pools of unknown
+    price come after priced ones. `eager` waives the doubling of cooldowns: for when the alternative is
+    paying for on-demand.
+    """
+    move_hours = (spec.changeover_seconds + spec.notice_seconds) / 3600
+
+    def rank(h: PoolHealth) -> tuple:
+        price = pool_price(h.pool, status)
+        effective = (price or 0.0) * (1 + h.reclaim_rate * move_hours)
+        return (price is None, h.region_troubled, h.troubled, effective, h.reclaim_rate, h.index)
+
+    usable = ([h for h in candidates if h.usable(now, eager)]
+              or [h for h in candidates if h.usable(now, reclaimed_only=True)])
+    if usable:
+        return min(usable, key=rank), 0.0
+    first = min(candidates, key=lambda h: ((h.asked_until if eager else h.cool_until), rank(h)))
+    return first, ((first.asked_until if eager else first.cool_until) - now).total_seconds()
+
+
+# ---------------------------------------------------------------- deadline rule
+
+
+def remaining_work_seconds(spec: RunSpec, status: RunStatus, now: datetime) -> float | None:
+    """Uninterrupted seconds of work left: from `work_seconds`, or the speed measured on earlier attempts.
+
+    A running attempt is taken to train at full speed once its changeover is over.
+    """
+    if not spec.total_steps:
+        return None
+    left_steps = max(0, spec.total_steps - (status.durable_step or 0))
+    if spec.work_seconds:
+        left = spec.work_seconds * left_steps / spec.total_steps
+    else:
+        speed = measured_steps_per_second(status)
+        if speed is None:
+            return None
+        left = left_steps / speed
+    running = running_attempt(status)
+    if running is not None and running.running_at is not None:
+        left -= max(0.0, (now - running.started_at).total_seconds() - spec.changeover_seconds)
+    return max(0.0, left)
+
+
+def measured_steps_per_second(status: RunStatus) -> float | None:
+    steps = seconds = 0.0
+    for record in status.attempts:
+        if record.running_at and record.ended_at and record.end_step is not None:
+            steps += record.end_step - record.start_step
+            seconds += (record.ended_at - record.running_at).total_seconds()
+    return steps / seconds if steps > 0 and seconds > 0 else None
+
+
+def unnoticed_loss_seconds(spec: RunSpec) -> float:
+    """What a host lost without notice costs beyond a reclaim with one: the heartbeat timeout and the work
+    since the last checkpoint (at most one interval)."""
+    unit, every = parse_interval(spec.checkpoint_every or spec.checkpoint_max)
+    if unit == "steps":
+        every = every * spec.work_seconds / spec.total_steps if spec.work_seconds and spec.total_steps else 0.0
+    return max(0.0, spec.heartbeat_timeout_seconds + every - spec.notice_seconds)
+
+
+def deadline_plan(spec: RunSpec, status: RunStatus, now: datetime) -> DeadlinePlan | None:
+    """The deadline rule's numbers, or None without a deadline or a way to tell how much work is left."""
+    if spec.limits.deadline is None:
+        return None
+    left = remaining_work_seconds(spec, status, now)
+    if left is None:
+        return None
+    work = spec.work_seconds or spec.total_steps / measured_steps_per_second(status)
+    start = spec.submitted_at or status.started_at or now
+    initial_slack = max(0.0, (spec.limits.deadline - start).total_seconds() - work)
+    return DeadlinePlan(
+        slack=(spec.limits.deadline - now).total_seconds() - left,
+        reserve=spec.changeover_seconds + unnoticed_loss_seconds(spec) + DEADLINE_MARGIN_FRACTION * left,
+        spot_try=spec.changeover_seconds + spec.notice_seconds,
+        entitled=initial_slack * left / work,
+        rate=initial_slack / work,
+    )
+
+
+# ---------------------------------------------------------------- cost accounting
+
+
+def running_cost(record: AttemptRecord | None, now: datetime) -> float:
+    if record is None or record.running_at is None:
+        return 0.0
+    return (record.price_per_hour or 0.0) * max(0.0, (now - record.running_at).total_seconds()) / 3600
+
+
+def bill(status: RunStatus, record: AttemptRecord, released_at: datetime) -> None:
+    """Charge an attempt for its host from hand-over to release, and add it to the run's totals.
+
+    The on-demand figure is what the same host-hours cost on demand: the host's own price for an
+    on-demand host, else the provider's (or the pool's) on-demand price; 0 when nobody knows it.
+    """
+    held_hours = 0.0
+    if record.running_at is not None:
+        held_hours = max(0.0, (released_at - record.running_at).total_seconds()) / 3600
+    on_demand_price = record.on_demand_price_per_hour
+    if on_demand_price is None and record.pool.endswith(f"/{Market.ON_DEMAND.value}"):
+        on_demand_price = record.price_per_hour
+    record.cost_usd = (record.price_per_hour or 0.0) * held_hours
+    record.on_demand_cost_usd = (on_demand_price or 0.0) * held_hours
+    status.cost_usd += record.cost_usd
+    status.on_demand_cost_usd += record.on_demand_cost_usd

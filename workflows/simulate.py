@@ -1,0 +1,459 @@
+"""Replay spot availability traces through the placement policy the workflow runs.
+
+One trace per pool (the format of ../shared/traces: `{"metadata": {"gap_seconds": G}, "data": [n, ...]}`,
+0 = no capacity at that tick). A run holding a host in a zone is reclaimed at the first tick the zone
+drops to 0. `vaultlayer` is `workflows.policy` itself, called with the same `RunSpec`/`RunStatus` the
+workflow builds; the baselines (`workflows/baselines.py`) answer the same two questions. The model
+(provisioning and restore time, notice, checkpoint cost, prices) and its defaults are documented in
+docs/policy.md. Pure Python: `vl simulate` works without numpy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Protocol
+
+from vaultlayer.models import AttemptOutcome, AttemptRecord, Limits, Market, Pool, RunSpec, RunStatus
+from workflows import policy
+
+EPOCH = datetime(2000, 1, 1, tzinfo=UTC)  # simulated time starts here; only differences matter
+PROVIDER = "trace"
+
+
+@dataclass(frozen=True)
+class Trace:
+    zone: str
+    gap_seconds: float
+    available: tuple[bool, ...]
+
+    @property
+    def seconds(self) -> float:
+        return self.gap_seconds * len(self.available)
+
+
+def load_traces(directory: Path) -> list[Trace]:
+    """Every `*.json` trace under `directory` (its subfolders too), one pool each, named by file."""
+    files = sorted(Path(directory).rglob("*.json"))
+    if not files:
+        raise ValueError(f"no trace files (*.json) under {directory}")
+    traces = []
+    for path in files:
+        document = json.loads(path.read_text())
+        try:
+            gap, data = float(document["metadata"]["gap_seconds"]), document["data"]
+        except (KeyError, TypeError) as err:
+            raise ValueError(f"{path}: not a trace file ({{'metadata': {{'gap_seconds': ...}}, 'data': [...]}})") \
+                from err
+        traces.append(Trace(zone=path.stem.split("_")[0], gap_seconds=gap, available=tuple(n > 0 for n in data)))
+    names = [t.zone for t in traces]
+    if len(set(names)) != len(names):  # two files for one zone: keep them apart by their full names
+        traces = [replace(t, zone=p.stem) for t, p in zip(traces, files)]
+    return traces
+
+
+def synthetic_traces(seed: int, regions: int = 3, zones_per_region: int = 3, days: float = 45.0,
+                     gap_seconds: float = 300.0) -> list[Trace]:
+    """Traces no constant was ever chosen on. Each zone alternates up and down periods drawn from
+    heavy-tailed (lognormal) laws, as spot capacity is: most uptimes are short, a few last for days
+    (availability 15-95%, median uptime 0.2-1.5 h, spread drawn per zone). Shortages take most zones
+    down together, region-wide (about one a day and a half per region, 0.5-8 h) and market-wide (about
+    one in four days, 0.5-5 h)."""
+    rng = random.Random(seed)
+    ticks = int(days * 86400 / gap_seconds)
+
+    def shortages(every_hours: float, shortest: float, longest: float) -> list[bool]:
+        marks, tick = [False] * ticks, 0
+        while tick < ticks:
+            tick += int(rng.expovariate(1 / (every_hours * 3600)) / gap_seconds) + 1
+            length = int(rng.uniform(shortest, longest) * 3600 / gap_seconds)
+            marks[tick:tick + length] = [True] * len(marks[tick:tick + length])
+        return marks
+
+    market = shortages(96, 0.5, 5)
+    traces = []
+    for region in range(regions):
+        regional = shortages(36, 0.5, 8)
+        for zone in range(zones_per_region):
+            availability = rng.uniform(0.15, 0.95)
+            up_spread, down_spread = rng.uniform(1.0, 2.0), rng.uniform(0.8, 1.5)
+            median_up = math.exp(rng.uniform(math.log(0.2), math.log(1.5))) * 3600
+            mean_up = median_up * math.exp(up_spread ** 2 / 2)
+            median_down = mean_up * (1 - availability) / availability / math.exp(down_spread ** 2 / 2)
+            in_region, in_market = rng.random() < 0.8, rng.random() < 0.7
+            up, data = rng.random() < availability, []
+            while len(data) < ticks:
+                median, spread = (median_up, up_spread) if up else (median_down, down_spread)
+                data += [up] * max(1, round(rng.lognormvariate(math.log(median), spread) / gap_seconds))
+                up = not up
+            data = [d and not (in_region and r) and not (in_market and m)
+                    for d, r, m in zip(data[:ticks], regional, market)]
+            traces.append(Trace(zone=f"s{seed}-r{region}-{'abcdefgh'[zone]}", gap_seconds=gap_seconds,
+                                available=tuple(data)))
+    return traces
+
+
+def region_of(zone: str) -> str:
+    """A zone named the cloud way (us-east-1a, us-central1-a) belongs to its region; else it is its own."""
+    trimmed = zone[:-1].rstrip("-")
+    return trimmed if len(zone) > 2 and zone[-1].isalpha() and zone[-2] in "0123456789-" else zone
+
+
+class World:
+    """Spot availability at any second, each trace repeating past its end."""
+
+    def __init__(self, traces: list[Trace]) -> None:
+        self.traces = {t.zone: t for t in traces}
+        self._to_down = {t.zone: _distance_to(t.available, False) for t in traces}
+        self._to_up = {t.zone: _distance_to(t.available, True) for t in traces}
+
+    @property
+    def seconds(self) -> float:
+        return min(t.seconds for t in self.traces.values())
+
+    def available(self, zone: str, at: float) -> bool:
+        trace = self.traces[zone]
+        return trace.available[int(at // trace.gap_seconds) % len(trace.available)]
+
+    def lost_at(self, zone: str, at: float) -> float:
+        """When a host held in `zone` since `at` is taken: the start of the zone's next empty tick."""
+        return self._next(zone, at, self._to_down)
+
+    def back_at(self, zone: str, at: float) -> float:
+        return at if self.available(zone, at) else self._next(zone, at, self._to_up)
+
+    def _next(self, zone: str, at: float, distances: dict[str, list[float]]) -> float:
+        trace = self.traces[zone]
+        tick = int(at // trace.gap_seconds)
+        ahead = distances[zone][tick % len(trace.available)]
+        return (tick + ahead) * trace.gap_seconds
+
+
+def _distance_to(values: tuple[bool, ...], wanted: bool) -> list[float]:
+    """For each tick, how many ticks until `values` is `wanted` (wrapping round; inf when never)."""
+    n = len(values)
+    distance = [math.inf] * n
+    following = math.inf
+    for i in reversed(range(2 * n)):
+        following = 0 if values[i % n] == wanted else following + 1
+        if i < n:
+            distance[i] = following
+    return distance
+
+
+@dataclass(frozen=True)
+class Model:
+    """What the simulator assumes; each is a flag of `vl simulate` and `bench/goodput.py`."""
+
+    work_hours: float = 24.0
+    deadline_hours: float = 36.0
+    on_demand_price: float = 1.0  # USD per hour; costs are reported relative to on-demand
+    spot_price_ratio: float = 0.30  # SkyPilot's BERT run: $18.4 on spot against $61.2 on demand
+    changeover_seconds: float = 360.0  # placement decision -> training again (provisioning + restore)
+    notice_seconds: float = 120.0  # AWS spot interruption notice
+    checkpoint_seconds: float = 6.0  # training blocked per save (PyTorch async DCP: 6.3 s for a 7B model)
+    checkpoint_every_seconds: float = 1800.0
+    refusal_seconds: float = 15.0  # a refused request (EC2 answers InsufficientInstanceCapacity at once)
+    horizon_factor: float = 3.0  # a run still going at factor x deadline counts as never finished
+
+    @property
+    def work_seconds(self) -> float:
+        return self.work_hours * 3600
+
+    def wall_seconds(self, work: float, checkpoints: bool) -> float:
+        """Wall time for `work` seconds of training, periodic saves included."""
+        if not checkpoints or work <= 0:
+            return work
+        return work + self.checkpoint_seconds * math.floor((work - 1e-9) / self.checkpoint_every_seconds)
+
+    def spec(self, traces: list[Trace], checkpoints: bool) -> RunSpec:
+        od = self.on_demand_price
+        pools = [Pool(provider=PROVIDER, region=region_of(t.zone), zone=t.zone, market=Market.SPOT,
+                      price_per_hour=od * self.spot_price_ratio, on_demand_price_per_hour=od) for t in traces]
+        pools.append(Pool(provider=PROVIDER, region="on-demand", market=Market.ON_DEMAND,
+                          price_per_hour=od, on_demand_price_per_hour=od))
+        return RunSpec(
+            run_id="simulated", command=["train"], workdir="/", storage_url="file:///simulated", pools=pools,
+            notice_seconds=self.notice_seconds, changeover_seconds=self.changeover_seconds,
+            checkpoint_every=f"{self.checkpoint_every_seconds:g}s" if checkpoints else None,
+            total_steps=int(self.work_seconds), work_seconds=self.wall_seconds(self.work_seconds, checkpoints),
+            limits=Limits(deadline=EPOCH + timedelta(hours=self.deadline_hours), max_reclaims=10_000),
+            submitted_at=EPOCH,
+        )
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model's flags, shared by `vl simulate` and bench/goodput.py; defaults in docs/policy.md."""
+    default = Model()
+    parser.add_argument("--spot-price", type=float, default=default.spot_price_ratio,
+                        help="spot price as a fraction of on-demand (default 0.30: SkyPilot's BERT run, "
+                             "$18.4 spot against $61.2 on demand)")
+    parser.add_argument("--changeover-minutes", type=float, default=default.changeover_seconds / 60,
+                        help="from a placement decision to training again: provisioning plus restore (default 6)")
+    parser.add_argument("--notice-seconds", type=float, default=default.notice_seconds,
+                        help="reclaim notice (default 120, AWS); 0: hosts vanish without one")
+    parser.add_argument("--checkpoint-seconds", type=float, default=default.checkpoint_seconds,
+                        help="training blocked per save (default 6: PyTorch async DCP, 7B model)")
+    parser.add_argument("--checkpoint-minutes", type=float, default=default.checkpoint_every_seconds / 60,
+                        help="periodic checkpoint interval of the policies that checkpoint (default 30)")
+    parser.add_argument("--refusal-seconds", type=float, default=default.refusal_seconds,
+                        help="what a refused spot request costs (default 15)")
+    parser.add_argument("--starts", type=int, default=200, help="start offsets spread over the traces (default 200)")
+
+
+def model_from_args(args: argparse.Namespace, work_hours: float, deadline_hours: float) -> Model:
+    for flag, value in (("--spot-price", args.spot_price), ("--changeover-minutes", args.changeover_minutes),
+                        ("--checkpoint-seconds", args.checkpoint_seconds),
+                        ("--checkpoint-minutes", args.checkpoint_minutes), ("--starts", args.starts)):
+        if value <= 0:
+            raise ValueError(f"{flag} {value:g}: must be more than zero")
+    for flag, value in (("--notice-seconds", args.notice_seconds), ("--refusal-seconds", args.refusal_seconds)):
+        if value < 0:
+            raise ValueError(f"{flag} {value:g}: must be zero or more")
+    if work_hours <= 0 or deadline_hours < work_hours:
+        raise ValueError(f"the deadline ({deadline_hours:g} h) must be at least the work ({work_hours:g} h)")
+    return Model(work_hours=work_hours, deadline_hours=deadline_hours, spot_price_ratio=args.spot_price,
+                 changeover_seconds=args.changeover_minutes * 60, notice_seconds=args.notice_seconds,
+                 checkpoint_seconds=args.checkpoint_seconds, checkpoint_every_seconds=args.checkpoint_minutes * 60,
+                 refusal_seconds=args.refusal_seconds)
+
+
+class Strategy(Protocol):
+    """What the simulator asks; `workflows.policy` answers it, and so does each baseline."""
+
+    checkpoints: bool  # periodic saves every `Model.checkpoint_every_seconds`
+    saves_on_notice: bool  # an emergency save at the notice (the VaultLayer SDK)
+
+    def next_placement(self, spec: RunSpec, status: RunStatus,
+                       now: datetime) -> policy.Place | policy.Wait | policy.Stop: ...
+
+    def review(self, spec: RunSpec, status: RunStatus, now: datetime) -> policy.Keep | policy.Vacate: ...
+
+
+class VaultLayer:
+    """The policy the workflow runs, unchanged."""
+
+    checkpoints = True
+    saves_on_notice = True
+    next_placement = staticmethod(policy.next_placement)
+    review = staticmethod(policy.review)
+
+
+StrategyFactory = Callable[[World, Model, float, int], Strategy]  # (world, model, start, run index): a fresh one
+
+
+@dataclass
+class RunResult:
+    finished_hours: float | None  # None: not finished within the horizon, or stopped by a limit
+    cost: float
+    reclaims: int
+    on_demand_hours: float
+    stop_reason: str
+
+
+@dataclass
+class _Attempt:
+    """Where one attempt's training stands, in seconds since the run started."""
+
+    model: Model
+    strategy: Strategy
+    kept_before: float  # work stored when the attempt began
+    train_from: float  # training starts here (after the changeover)
+
+    def progress(self, at: float) -> float:
+        elapsed = max(0.0, at - self.train_from)
+        if not self.strategy.checkpoints:
+            return min(self.model.work_seconds, self.kept_before + elapsed)
+        cycle = self.model.checkpoint_every_seconds + self.model.checkpoint_seconds
+        full, within = divmod(elapsed, cycle)
+        done = self.kept_before + full * self.model.checkpoint_every_seconds
+        return min(self.model.work_seconds, done + min(within, self.model.checkpoint_every_seconds))
+
+    def stored(self, at: float) -> float:
+        """Work a periodic save has stored by `at` (nothing, without checkpoints)."""
+        if not self.strategy.checkpoints:
+            return 0.0
+        cycle = self.model.checkpoint_every_seconds + self.model.checkpoint_seconds
+        saves = math.floor(max(0.0, at - self.train_from) / cycle)
+        return self.kept_before + saves * self.model.checkpoint_every_seconds
+
+    def finishes_at(self) -> float:
+        left = self.model.work_seconds - self.kept_before
+        return self.train_from + self.model.wall_seconds(left, self.strategy.checkpoints)
+
+
+def _provision(pool: Pool, reason: str, status: RunStatus, world: World, model: Model, start: float,
+               now: float) -> AttemptRecord:
+    """A new attempt record for `pool` at `now`: refused when the trace has no capacity there."""
+    at = EPOCH + timedelta(seconds=now)
+    record = AttemptRecord(attempt=len(status.attempts) + 1, pool=pool.key, started_at=at, placement_reason=reason)
+    status.attempts.append(record)
+    if pool.market == Market.SPOT and not world.available(pool.zone, start + now):
+        record.outcome, record.refusal = AttemptOutcome.REFUSED, "no-capacity"
+        record.ended_at = at + timedelta(seconds=model.refusal_seconds)
+    else:
+        record.running_at, record.price_per_hour = at, pool.price_per_hour
+        record.on_demand_price_per_hour = pool.on_demand_price_per_hour
+    return record
+
+
+def simulate_run(strategy: Strategy, world: World, model: Model, start: float,
+                 spec: RunSpec | None = None) -> RunResult:
+    """One run started at `start` seconds into the traces."""
+    spec = spec or model.spec(list(world.traces.values()), strategy.checkpoints)
+    pools = {p.key: p for p in spec.pools}
+    status = RunStatus(run_id=spec.run_id, started_at=EPOCH)
+    horizon = model.horizon_factor * model.deadline_hours * 3600
+    kept, now, finished, reason, on_demand_hours = 0.0, 0.0, None, "", 0.0
+
+    def at(seconds: float) -> datetime:
+        return EPOCH + timedelta(seconds=seconds)
+
+    moved_to: AttemptRecord | None = None  # a host a move provisioned: the next attempt runs there
+    while now < horizon and finished is None:
+        if moved_to is None:
+            decision = strategy.next_placement(spec, status, at(now))
+            if isinstance(decision, policy.Stop):
+                reason = decision.reason
+                break
+            if isinstance(decision, policy.Wait):
+                now += max(decision.seconds, 1.0)
+                continue
+            record = _provision(decision.placement.pool, decision.reason, status, world, model, start, now)
+            if record.outcome == AttemptOutcome.REFUSED:
+                now += model.refusal_seconds
+                continue
+        else:
+            record, moved_to = moved_to, None
+        record.start_step = int(kept)
+        pool = pools[record.pool]
+        spot = pool.market == Market.SPOT
+        attempt = _Attempt(model, strategy, kept, now + model.changeover_seconds)
+        lost = world.lost_at(pool.zone, start + now) - start if spot else math.inf
+        taken = max(now, lost - model.notice_seconds) if strategy.saves_on_notice else lost
+        finish = attempt.finishes_at()
+        ended = min(finish, taken, horizon)
+        outcome = None
+        review_at = now
+        while review_at < ended:  # the policy's reviews, until the attempt ends on its own
+            verdict = strategy.review(spec, status, at(review_at))
+            if isinstance(verdict, policy.Keep):
+                if verdict.until is None or (verdict.until - EPOCH).total_seconds() >= ended:
+                    break
+                review_at = max((verdict.until - EPOCH).total_seconds(), review_at + 1.0)
+                continue
+            if verdict.to is not None:  # a move: the new host first, as the workflow does
+                moved_to = _provision(verdict.to, verdict.reason, status, world, model, start, review_at)
+                if moved_to.outcome == AttemptOutcome.REFUSED:
+                    moved_to, review_at = None, review_at + model.refusal_seconds
+                    continue
+            outcome, ended, record.reason = AttemptOutcome.VACATED, review_at, verdict.reason
+        if outcome is None:
+            outcome = (AttemptOutcome.COMPLETED if ended == finish
+                       else AttemptOutcome.RECLAIMED if ended == taken else None)
+        saved_at_notice = strategy.saves_on_notice and model.checkpoint_seconds <= model.notice_seconds
+        if outcome == AttemptOutcome.COMPLETED:
+            kept, released = model.work_seconds, ended
+            finished = ended
+        elif outcome in (AttemptOutcome.RECLAIMED, AttemptOutcome.VACATED):
+            kept = attempt.progress(ended) if saved_at_notice else attempt.stored(ended)
+            released = ended + model.checkpoint_seconds if saved_at_notice else ended
+            if outcome == AttemptOutcome.RECLAIMED:
+                status.reclaims += 1
+                record.reason = "reclaim notice" if strategy.saves_on_notice else "reclaimed"
+        else:  # the horizon: the run is cut short here
+            kept, released = attempt.progress(ended), ended
+        record.outcome, record.ended_at = outcome, at(released)
+        record.end_step, record.durable_step = int(attempt.progress(ended)), int(kept)
+        record.steps_lost = max(0, record.end_step - int(kept))
+        status.steps_lost += record.steps_lost
+        status.durable_step = int(kept)
+        policy.bill(status, record, at(released))
+        if not spot:
+            on_demand_hours += (released - now) / 3600
+        now = ended if moved_to is not None else released
+    finished_hours = finished / 3600 if finished is not None else None
+    return RunResult(finished_hours, status.cost_usd, status.reclaims, on_demand_hours,
+                     reason or ("finished" if finished is not None else "horizon reached"))
+
+
+# ---------------------------------------------------------------- comparison
+
+
+@dataclass
+class Summary:
+    policy: str
+    deadline_h: float
+    runs: int
+    attainment: float
+    mean_completion_h: float | None
+    p95_completion_h: float | None  # None: more than 5% of runs never finished
+    cost_vs_ondemand: float
+    mean_reclaims: float
+    horizon_h: float  # a run not finished by then never finished
+    results: list[RunResult] = field(repr=False, default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {"policy": self.policy, "deadline_h": self.deadline_h, "attainment": round(self.attainment, 4),
+                "cost_vs_ondemand": round(self.cost_vs_ondemand, 4),
+                "p95_completion_h": None if self.p95_completion_h is None else round(self.p95_completion_h, 2),
+                "mean_completion_h": None if self.mean_completion_h is None else round(self.mean_completion_h, 2),
+                "mean_reclaims": round(self.mean_reclaims, 2), "runs": self.runs}
+
+
+def start_offsets(world: World, count: int) -> list[float]:
+    """`count` start times spread evenly over the traces."""
+    return [world.seconds * i / count for i in range(count)]
+
+
+def compare(strategies: dict[str, StrategyFactory], traces: list[Trace], model: Model, starts: int) -> list[Summary]:
+    """Every strategy from the same start offsets; each factory builds a fresh strategy per run."""
+    world = World(traces)
+    summaries = []
+    for name, make in strategies.items():
+        results = []
+        for index, start in enumerate(start_offsets(world, starts)):
+            strategy = make(world, model, start, index)
+            results.append(simulate_run(strategy, world, model, start))
+        summaries.append(summarize(name, model, results))
+    return summaries
+
+
+def summarize(name: str, model: Model, results: list[RunResult]) -> Summary:
+    completions = sorted(r.finished_hours if r.finished_hours is not None else math.inf for r in results)
+    finite = [c for c in completions if c != math.inf]
+    p95 = completions[min(len(completions) - 1, math.ceil(0.95 * len(completions)) - 1)]
+    return Summary(
+        policy=name, deadline_h=model.deadline_hours, runs=len(results),
+        attainment=sum(c <= model.deadline_hours for c in completions) / len(results),
+        mean_completion_h=sum(finite) / len(finite) if finite else None,
+        p95_completion_h=None if p95 == math.inf else p95,
+        cost_vs_ondemand=sum(r.cost for r in results) / len(results) / (model.work_hours * model.on_demand_price),
+        mean_reclaims=sum(r.reclaims for r in results) / len(results),
+        horizon_h=model.horizon_factor * model.deadline_hours,
+        results=results,
+    )
+
+
+def format_table(summaries: list[Summary]) -> str:
+    """>N h: more than 5% of the runs (p95), or all of them (mean), had not finished by the horizon."""
+    def hours_text(value: float | None, summary: Summary) -> str:
+        return f">{summary.horizon_h:.0f}h" if value is None else f"{value:.1f}h"
+
+    header = ("policy", "deadline", "mean completion", "p95 completion", "attainment", "cost vs on-demand",
+              "reclaims")
+    rows = [(s.policy, f"{s.deadline_h:g}h", hours_text(s.mean_completion_h, s), hours_text(s.p95_completion_h, s),
+             f"{s.attainment:.1%}", f"{s.cost_vs_ondemand:.2%}", f"{s.mean_reclaims:.1f}") for s in summaries]
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    if any(r.finished_hours is None for s in summaries for r in s.results):
+        lines.append("Runs not finished by the horizon (3x the deadline) count in the cost for what they paid until "
+                     "then, and not in the mean completion.")
+    return "\n".join(lines)
