@@ -6,6 +6,7 @@ Built once by the control-plane worker. Provider SDKs block, so these run on the
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import structlog
@@ -86,4 +87,12 @@ class ControlActivities:
 
     @activity.defn(name="inject_reclaim")
     async def inject_reclaim(self, inp: InjectReclaimInput) -> None:
-        await self.provider(inp.host.provider).inject_reclaim(inp, heartbeat=activity.heartbeat)
+        """Take the host back: with a notice where the provider can give one (the local provider), else by
+        releasing it, which the workflow sees as a reclaim without notice (a policy move or a limit on a
+        cloud host loses the work since the last checkpoint)."""
+        provider = self.provider(inp.host.provider)
+        if hasattr(provider, "inject_reclaim"):
+            await provider.inject_reclaim(inp, heartbeat=activity.heartbeat)
+        else:
+            log.warning("no notice channel: releasing the host", host=inp.host.host_id, provider=provider.name)
+            await asyncio.to_thread(provider.release, inp.host)

@@ -9,9 +9,19 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from activities.control import ControlActivities
 from activities.providers import local
 from cli import main as cli
-from vaultlayer.models import AttemptRecord, Market, Placement, Pool, ProvisionInput, RunStatus
+from vaultlayer.models import (
+    AttemptRecord,
+    Host,
+    InjectReclaimInput,
+    Market,
+    Placement,
+    Pool,
+    ProvisionInput,
+    RunStatus,
+)
 
 
 def test_local_pools_take_zone_labels_but_no_regions():
@@ -39,6 +49,23 @@ def test_the_local_provider_never_hands_back_an_excluded_host_and_reports_the_po
         first.kill()
         first.wait()
         provider.reap("r")
+
+
+async def test_a_provider_without_a_notice_channel_takes_the_host_back_by_releasing_it(tmp_path):
+    """How a policy move or a limit vacates a cloud host: the workflow then sees a reclaim without notice."""
+    released = []
+
+    class NoNotices:
+        name = "quiet"
+
+        def release(self, host: Host) -> None:
+            released.append(host.host_id)
+
+    control = ControlActivities(vl_home=tmp_path, temporal_env={})
+    control._providers["quiet"] = NoNotices()
+    await control.inject_reclaim(InjectReclaimInput(host=Host(host_id="h-1", provider="quiet", pool=Pool(),
+                                                              task_queue="q"), notice_seconds=30))
+    assert released == ["h-1"]
 
 
 def spec_from(*flags: str, monkeypatch, tmp_path):
