@@ -108,13 +108,25 @@ def test_embedded_default_runs_through_reclaims_and_vl_down_stops_it(cli_env, tm
     assert vl(cli_env, "down").stdout.strip() == "nothing to stop"
 
 
-def test_with_temporal_address_vl_starts_nothing(cli_env, temporal_address):
-    cli_env["TEMPORAL_ADDRESS"] = temporal_address
-    result = vl(cli_env, "ls", "--json")
-    assert result.returncode == 0, result.stderr
-    assert isinstance(json.loads(result.stdout), list)
-    assert "started" not in result.stderr
-    assert not (Path(cli_env["VL_HOME"]) / "run").exists()
+async def test_with_temporal_address_vl_starts_nothing(cli_env, temporal_env, temporal_address, tmp_path):
+    """`vl` uses the configured cluster, starts nothing, and lists a run whose worker is gone without hanging."""
+    import asyncio
+
+    from tests.conftest import make_spec
+    from vaultlayer import client as vl_client
+
+    orphan = make_spec(tmp_path, steps=10, out=tmp_path / "w.pt")
+    await vl_client.submit(temporal_env.client, orphan, queue="no-worker-polls-this-queue")
+    try:
+        cli_env["TEMPORAL_ADDRESS"] = temporal_address
+        result = await asyncio.to_thread(vl, cli_env, "ls", "--json")
+        assert result.returncode == 0, result.stderr
+        runs = {run["run_id"]: run for run in json.loads(result.stdout)}
+        assert runs[orphan.run_id]["state"] == "running"
+        assert "started" not in result.stderr
+        assert not (Path(cli_env["VL_HOME"]) / "run").exists()
+    finally:
+        await temporal_env.client.get_workflow_handle(orphan.run_id).terminate("test over")
 
 
 def test_ctrl_c_detaches_and_cancel_releases_the_host(cli_env, tmp_path):

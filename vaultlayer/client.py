@@ -8,9 +8,11 @@ the pydantic data converter.
 
 from __future__ import annotations
 
+import asyncio
+
 import os
 from collections.abc import Mapping
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
 from temporalio.contrib.pydantic import pydantic_data_converter
@@ -63,16 +65,22 @@ _CLOSED_STATES = {
 }
 
 
-async def status(client: Client, run_id: str) -> RunStatus:
-    """The run's state, with the live step and durable step read from the attempt's heartbeats."""
+async def status(client: Client, run_id: str, query_timeout: float = 10.0) -> RunStatus:
+    """The run's state, with the live step and durable step read from the attempt's heartbeats.
+
+    The state comes from a query, which needs a worker for the run's task queue; without one the query
+    gives up after `query_timeout` and the run's state is taken from the server's own record.
+    """
     handle = client.get_workflow_handle(run_id)
     description = await handle.describe()
     try:
-        current = await handle.query("status", result_type=RunStatus)
+        current = await handle.query("status", result_type=RunStatus,
+                                     rpc_timeout=timedelta(seconds=query_timeout))
     except RPCError:
         current = None
     if current is None:
-        current = RunStatus(run_id=run_id, started_at=description.start_time)
+        current = RunStatus(run_id=run_id, started_at=description.start_time,
+                            state=_CLOSED_STATES.get(description.status, RunState.RUNNING))
     closed = _CLOSED_STATES.get(description.status)
     if closed is not None and not current.state.finished:
         current.state = closed  # e.g. terminated from the Temporal UI
@@ -94,19 +102,22 @@ async def spec(client: Client, run_id: str) -> RunSpec:
 
 async def list_runs(client: Client, limit: int = 100) -> list[RunStatus]:
     """Runs, newest first; one entry per run however often it continued as new."""
-    seen: dict[str, RunStatus] = {}
+    latest = {}
     async for execution in client.list_workflows(f'WorkflowType = "{WORKFLOW_NAME}"', limit=limit * 4):
-        if execution.id in seen:
-            continue
-        try:
-            seen[execution.id] = await status(client, execution.id)
-        except RPCError:
-            seen[execution.id] = RunStatus(run_id=execution.id, started_at=execution.start_time,
-                                           state=_CLOSED_STATES.get(execution.status, RunState.RUNNING))
-        if len(seen) >= limit:
+        latest.setdefault(execution.id, execution)
+        if len(latest) >= limit:
             break
+
+    async def one(execution) -> RunStatus:
+        try:
+            return await status(client, execution.id, query_timeout=3.0)
+        except RPCError:
+            return RunStatus(run_id=execution.id, started_at=execution.start_time,
+                             state=_CLOSED_STATES.get(execution.status, RunState.RUNNING))
+
+    runs = await asyncio.gather(*(one(execution) for execution in latest.values()))
     oldest = datetime.min.replace(tzinfo=UTC)
-    return sorted(seen.values(), key=lambda s: s.started_at or oldest, reverse=True)
+    return sorted(runs, key=lambda s: s.started_at or oldest, reverse=True)
 
 
 async def cancel(client: Client, run_id: str) -> None:
