@@ -341,13 +341,14 @@ def test_invalid_storage_urls_are_refused_with_the_fix(url, message):
 
 def test_a_known_protocol_without_its_package_says_what_to_install():
     try:
-        import s3fs  # noqa: F401
+        import paramiko  # noqa: F401
     except ImportError:
         pass
     else:
-        pytest.skip("s3fs is installed here")
-    with pytest.raises(ValueError, match="install s3fs"):
-        validate_storage_url("s3://bucket/prefix")
+        pytest.skip("paramiko is installed here")
+    with pytest.raises(ValueError, match='protocol .sftp. needs a package that is not installed.*"paramiko".*'
+                                         "install the package it names"):
+        validate_storage_url("sftp://host/prefix")
 
 
 @pytest.mark.parametrize("url", ["file:///var/vl/storage", "memory://somewhere"])

@@ -120,9 +120,10 @@ def validate_storage_url(url: str) -> None:
         ) from None
     except ImportError as err:
         package = known_implementations.get(protocol, {}).get("class", protocol).split(".")[0]
+        # fsspec's own implementations name the missing package in `err` (sftp needs paramiko, ...).
+        fix = "install the package it names" if package == "fsspec" else f"install {package} (pip install {package})"
         raise ValueError(
-            f"storage URL {url!r}: protocol {protocol!r} needs a package that is not installed ({err});"
-            f" install {package} (pip install {package})"
+            f"storage URL {url!r}: protocol {protocol!r} needs a package that is not installed ({err}); {fix}"
         ) from None
     if protocol in ("file", "local") and not path.startswith("/"):
         raise ValueError(
