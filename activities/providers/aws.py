@@ -21,7 +21,6 @@ import random
 import shlex
 import threading
 import time
-import tomllib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -29,9 +28,9 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import structlog
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from activities.providers.base import NoCapacityError, ProviderConfigError
+from activities.providers.base import load_toml_settings, NoCapacityError, ProviderConfigError
 from vaultlayer.home import vl_home as default_vl_home
 from vaultlayer.models import Host, HostDescription, HostState, Market, Pool, ProvisionInput, ProvisionResult, Refusal
 
@@ -155,16 +154,8 @@ def is_configured(vl_home: Path) -> bool:
 
 def load_settings(vl_home: Path) -> AwsSettings:
     path = settings_path(vl_home)
-    if not path.exists():
-        raise ValueError(f"the aws provider needs its settings in {path} (temporal_settings, instance_profile); "
+    return load_toml_settings(path, AwsSettings, f"the aws provider needs its settings in {path} (temporal_settings, instance_profile); "
                          "see docs/providers/aws.md")
-    try:
-        return AwsSettings.model_validate(tomllib.loads(path.read_text()))
-    except tomllib.TOMLDecodeError as err:
-        raise ValueError(f"{path}: {err}") from None
-    except ValidationError as err:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
-        raise ValueError(f"{path}: {problems}") from None
 
 
 # ---------------------------------------------------------------- checks before anything starts

@@ -7,9 +7,16 @@ broken one after heartbeats stop.
 
 from __future__ import annotations
 
-from typing import Protocol
+import tomllib
+from pathlib import Path
+from typing import Protocol, TypeVar
+
+from pydantic import BaseModel, ValidationError
 
 from vaultlayer.models import Host, HostDescription, InjectReclaimInput, ProvisionInput, ProvisionResult, Refusal
+
+
+SettingsT = TypeVar("SettingsT", bound=BaseModel)
 
 
 class ProviderError(Exception):
@@ -50,3 +57,16 @@ class ReclaimInjector(Protocol):
     """Providers that can take a host back on request (the local provider, test fakes)."""
 
     async def inject_reclaim(self, request: InjectReclaimInput) -> None: ...
+
+
+def load_toml_settings(path: Path, model: type[SettingsT], missing: str) -> SettingsT:
+    """A provider's TOML settings as its pydantic model; every problem is one error naming the file."""
+    if not path.exists():
+        raise ValueError(missing)
+    try:
+        return model.model_validate(tomllib.loads(path.read_text()))
+    except tomllib.TOMLDecodeError as err:
+        raise ValueError(f"{path}: {err}") from None
+    except ValidationError as err:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+        raise ValueError(f"{path}: {problems}") from None

@@ -22,16 +22,15 @@ import secrets
 import shlex
 import threading
 import time
-import tomllib
 import uuid
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import structlog
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from activities.providers.base import NoCapacityError, ProviderConfigError, ProviderError
+from activities.providers.base import load_toml_settings, NoCapacityError, ProviderConfigError, ProviderError
 from vaultlayer.home import vl_home as default_vl_home
 from vaultlayer.models import Host, HostDescription, HostState, Market, Pool, ProvisionInput, ProvisionResult, Refusal
 
@@ -211,16 +210,8 @@ def is_configured(vl_home: Path) -> bool:
 
 def load_settings(vl_home: Path) -> GcpSettings:
     path = settings_path(vl_home)
-    if not path.exists():
-        raise ValueError(f"the gcp provider needs its settings in {path} (project, service_account); "
+    return load_toml_settings(path, GcpSettings, f"the gcp provider needs its settings in {path} (project, service_account); "
                          "see docs/providers/gcp.md")
-    try:
-        return GcpSettings.model_validate(tomllib.loads(path.read_text()))
-    except tomllib.TOMLDecodeError as err:
-        raise ValueError(f"{path}: {err}") from None
-    except ValidationError as err:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
-        raise ValueError(f"{path}: {problems}") from None
 
 
 def region_of(zone: str) -> str:
