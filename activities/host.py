@@ -24,6 +24,9 @@ import structlog
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from activities import setup_commands
+from activities.attempt_logs import LogShipper
+from activities.env_secrets import SecretUnavailable, resolve_secrets
 from activities.notices import NoticeSource
 from activities.snapshots import SETTLE_SECONDS, DirectorySnapshots, restore_directory
 from vaultlayer import checkpoint
@@ -153,13 +156,32 @@ def read_interval(control: Path) -> str:
 
 
 class HostAgentActivities:
-    def __init__(self, host_id: str, host_dir: Path, notices: NoticeSource) -> None:
+    """The work one host does. The agent was started for one run, host and task queue: anything else
+    scheduled on its queue (a foreign run's workflow, or an input naming another run or host) is refused."""
+
+    def __init__(self, host_id: str, host_dir: Path, notices: NoticeSource, run_id: str, task_queue: str) -> None:
         self.host_id = host_id
         self.host_dir = host_dir
         self.notices = notices
+        self.run_id = run_id
+        self.task_queue = task_queue
+
+    def _foreign(self, inp: AttemptInput) -> str | None:
+        """Why this attempt is not this host's work, if it is not."""
+        info = activity.info()
+        for what, got, mine in (("workflow", info.workflow_id, self.run_id), ("run", inp.run_id, self.run_id),
+                                ("host", inp.host.host_id, self.host_id),
+                                ("task queue", inp.host.task_queue, self.task_queue)):
+            if got != mine:
+                return f"{what} {got!r} is not this agent's {mine!r}"
+        return None
 
     @activity.defn(name="run_attempt")
     async def run_attempt(self, inp: AttemptInput) -> AttemptResult:
+        if (reason := self._foreign(inp)) is not None:
+            log.error("refused an attempt that is not this host's", reason=reason, host=self.host_id)
+            raise ApplicationError(f"host agent {self.host_id} of run {self.run_id} refused the attempt: {reason}",
+                                   type="ForeignAttempt", non_retryable=True)
         bound = log.bind(run_id=inp.run_id, attempt=inp.attempt, host=self.host_id)
         attempt_dir = self.host_dir / f"a{inp.attempt}"
         shutil.rmtree(attempt_dir, ignore_errors=True)
@@ -213,12 +235,19 @@ class HostAgentActivities:
         if inp.checkpoint_dir:
             snapshots = DirectorySnapshots(Path(inp.checkpoint_dir), staging, progress.start_step,
                                            restored=inp.checkpoint is not None)
+        try:  # read here, on the host: only the references crossed Temporal
+            secrets = await asyncio.to_thread(resolve_secrets, inp.env_secrets)
+        except SecretUnavailable as err:
+            bound.error("secret env unavailable", error=str(err))
+            return AttemptResult(outcome=AttemptOutcome.FAILED, start_step=progress.start_step,
+                                 durable_step=progress.durable_step, reason=str(err))
         log_file = open(self.host_dir / f"a{inp.attempt}.log", "ab")  # noqa: SIM115 - closed below
+        shipper = LogShipper(inp.storage_url, inp.run_id, inp.attempt, Path(log_file.name), start=log_file.tell())
         try:
             process = await asyncio.create_subprocess_exec(
-                *inp.command,
+                *setup_commands.wrap(inp.setup, inp.command, control / "setup-failed"),
                 cwd=inp.workdir,
-                env=self._script_env(inp, restore, staging, control),
+                env=(script_env := self._script_env(inp, restore, staging, control) | secrets),
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=log_file,
                 stderr=asyncio.subprocess.STDOUT,
@@ -228,6 +257,7 @@ class HostAgentActivities:
             raise ApplicationError(f"cannot start {inp.command[0]!r}: {err}", type="CommandFailed",
                                    non_retryable=True) from err
         bound.info("script started", pid=process.pid, command=inp.command[0])
+        shipper.start(script_env, secrets.values())  # the output goes to storage too, so it outlives the host
         progress.phase = "running"
         uploader = Uploader(inp, staging, progress.durable_step)
         stop_uploads = asyncio.Event()
@@ -287,7 +317,8 @@ class HostAgentActivities:
                 end_step=step if step is not None else progress.step,
                 durable_step=uploader.durable_step,
                 exit_code=exit_code,
-                reason="" if exit_code == 0 else f"the script exited with code {exit_code}",
+                reason="" if exit_code == 0 else (setup_commands.failure(control / "setup-failed")
+                                                  or f"the script exited with code {exit_code}"),
                 log_tail="" if exit_code == 0 else tail(self.host_dir / f"a{inp.attempt}.log"),
             )
         finally:
@@ -297,6 +328,7 @@ class HostAgentActivities:
                 with contextlib.suppress(ProcessLookupError):
                     process.send_signal(signal.SIGKILL)
             log_file.close()
+            await shipper.finish()
 
     @staticmethod
     def _forward_notice(control: Path, notice: Notice, notice_id: str) -> None:

@@ -18,6 +18,7 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from cli import errors
 from vaultlayer.models import AttemptOutcome, Limits, Market, Pool, RunSpec, RunState, RunStatus
 
 EXIT_BAD_INPUT = 2
@@ -30,8 +31,9 @@ class UsageError(Exception):
 
 
 def fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
+    errors.print_traceback()
     print(f"vl: error: {message}", file=sys.stderr)
-    sys.exit(code)
+    errors.exit_now(code)
 
 
 # ---------------------------------------------------------------- input validation
@@ -117,10 +119,13 @@ def build_spec(args: argparse.Namespace) -> RunSpec:
     from vaultlayer import checkpoint
     from vaultlayer.durations import parse_interval
     from vaultlayer.home import default_storage_url
+    from vaultlayer.run_ids import run_id_problem
 
+    if (problem := run_id_problem(args.run_id)) is not None:
+        raise UsageError(f"--run-id: {problem}")
     if args.provider not in KNOWN_PROVIDERS:
         raise UsageError(f"unknown provider {args.provider!r}; use one of: {', '.join(KNOWN_PROVIDERS)}")
-    pools = pools_from_flags(args)
+    pools = args.file_pools or pools_from_flags(args)  # file_pools: cli/config_cmd.py
     try:
         validate_pools(pools)
     except ValueError as err:
@@ -129,7 +134,9 @@ def build_spec(args: argparse.Namespace) -> RunSpec:
         pools = priced_pools(pools)
     except ValueError as err:  # prices only rank the pools: go on without them
         print(f"vl: warning: {err}; pools are ranked without prices", file=sys.stderr)
-    workdir = Path.cwd()
+    workdir = Path(args.workdir).resolve() if args.workdir else Path.cwd()
+    if not workdir.is_dir():
+        raise UsageError(f"--workdir {args.workdir!r} is not a directory; give an existing one")
     command = resolve_command(args.command, workdir)
     storage_url = args.storage or default_storage_url()
     try:
@@ -157,6 +164,12 @@ def build_spec(args: argparse.Namespace) -> RunSpec:
         if not sep or not name:
             raise UsageError(f"--env {item!r}: expected NAME=VALUE")
         env[name] = value
+    from cli.config_cmd import secret_env
+
+    try:
+        env_secrets = secret_env(args, env)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
     for name, value in (("--max-reclaims", args.max_reclaims), ("--max-attempts", args.max_attempts)):
         if value is not None and value < 0:
             raise UsageError(f"{name} {value}: must be zero or more")
@@ -180,6 +193,8 @@ def build_spec(args: argparse.Namespace) -> RunSpec:
         command=command,
         workdir=str(workdir),
         env=env,
+        env_secrets=env_secrets,
+        setup=args.setup or [],
         pools=pools,
         storage_url=storage_url,
         checkpoint_every=checkpoint_every,
@@ -220,9 +235,19 @@ class Connection:
 
 async def connect() -> Connection:
     from vaultlayer import client as vl_client
+    from vaultlayer.codec import EncryptionKeyError, load_keys
 
-    if vl_client.configured_address():
-        return Connection(await vl_client.connect(), os.environ.get("VL_UI_URL"))
+    try:
+        load_keys()  # a malformed key setting is bad input: say so before anything starts
+    except EncryptionKeyError as err:
+        raise UsageError(str(err)) from None
+    address = vl_client.configured_address()
+    if address:
+        try:
+            client = await vl_client.connect()
+        except RuntimeError as err:
+            fail(errors.connect_failure(address, err), code=1)
+        return Connection(client, os.environ.get("VL_UI_URL"))
     from worker.local_server import EmbeddedError, ensure_embedded
 
     try:
@@ -318,36 +343,57 @@ def exit_code_of(status: RunStatus) -> int:
     return status.exit_code if status.exit_code else 1
 
 
-async def follow(conn: Connection, run_id: str) -> int:
+async def follow(conn: Connection, run_id: str, total_steps: int | None = None) -> int:
+    from cli import live
     from vaultlayer import client as vl_client
 
-    view = LiveView()
-    while True:
-        status = await vl_client.status(conn.client, run_id)
-        view.update(status)
-        if status.state.finished:
-            view.finish(status)
-            return exit_code_of(status)
-        await asyncio.sleep(1.0)
+    with live.view_for(sys.stdout, LiveView(), total_steps) as view:
+        while True:
+            status = await vl_client.status(conn.client, run_id)
+            view.update(status)
+            if status.state.finished:
+                view.finish(status)
+                return exit_code_of(status)
+            await asyncio.sleep(1.0)
 
 
 # ---------------------------------------------------------------- commands
 
 
+def with_config(args: argparse.Namespace) -> argparse.Namespace:
+    """`args` with the config file (-f FILE, or [tool.vaultlayer] in ./pyproject.toml) under the flags given
+    (cli/config_cmd.py); each of its problems is a line of bad input."""
+    from cli.config_cmd import apply_config
+    from vaultlayer.config import ConfigError
+
+    try:
+        return apply_config(args)
+    except ConfigError as err:
+        raise UsageError("\nvl: error: ".join(err.problems)) from None
+
+
 async def cmd_run(args: argparse.Namespace) -> int:
     from vaultlayer import client as vl_client
+    from vaultlayer.ui import ensure_search_attributes
 
+    args = with_config(args)
     spec = build_spec(args)  # every input check happens before anything starts
     conn = await connect()
+    problem = await ensure_search_attributes(conn.client)
+    if problem:
+        print(f"vl: warning: {problem}", file=sys.stderr)
+    spec.search_attributes = problem is None
     await vl_client.submit(conn.client, spec)
     print(f"run {spec.run_id}", flush=True)
     link = conn.run_link(spec.run_id)
     if link:
         print(f"Temporal UI: {link}", flush=True)
     if args.detach:
-        print(f"detached; follow with: vl status {spec.run_id}", flush=True)
+        from cli.runs_cmd import detached_hint
+
+        print(detached_hint(spec.run_id), flush=True)
         return 0
-    return await follow(conn, spec.run_id)
+    return await follow(conn, spec.run_id, spec.total_steps)
 
 
 def status_json(status: RunStatus, with_attempts: bool = True) -> dict:
@@ -539,10 +585,35 @@ async def cmd_reap(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_schema(args: argparse.Namespace) -> int:
+    from vaultlayer.config import json_schema
+
+    print(json.dumps(json_schema(), indent=2))
+    return 0
+
+
 def cmd_agent(args: argparse.Namespace) -> int:
     from worker.agent import main as agent_main
 
-    agent_main(args.task_queue, args.host_id, Path(args.host_dir))
+    agent_main(args.task_queue, args.host_id, Path(args.host_dir), args.run_id)
+    return 0
+
+
+def cmd_codec_server(args: argparse.Namespace) -> int:
+    from vaultlayer.codec import AesGcmCodec, EncryptionKeyError, load_keys
+    from vaultlayer.codec_server import DEFAULT_ORIGINS, make_server
+
+    try:
+        keys = load_keys()
+    except EncryptionKeyError as err:
+        raise UsageError(str(err)) from None
+    if not keys:
+        raise UsageError("no encryption key: set VL_ENCRYPTION_KEY or VL_ENCRYPTION_KEY_FILE as the workers have it")
+    server = make_server(AesGcmCodec(keys), args.host, args.port, args.cors_origin or DEFAULT_ORIGINS, args.namespace)
+    host, port = server.server_address[:2]
+    print(f"codec server on http://{host}:{port} (UI: Settings > Codec Server endpoint; "
+          f"CLI: --codec-endpoint http://{host}:{port})", flush=True)
+    server.serve_forever()
     return 0
 
 
@@ -555,9 +626,12 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="vl", description="Durable spot GPU training on Temporal.")
+    top.add_argument("-v", "--verbose", action="store_true", help="tracebacks behind error messages")
     sub = top.add_subparsers(dest="verb", required=True)
 
     run = sub.add_parser("run", help="run a training command durably: vl run [options] -- python train.py ...")
+    run.add_argument("-f", "--file", help="a run config (YAML, or a pyproject.toml's [tool.vaultlayer]); flags given "
+                                          "here override it (docs/config.md)")
     run.add_argument("--provider", default="local", help="where hosts come from (default: local)")
     run.add_argument("--gpu", help="GPU class and count, such as A10G:1 (cloud providers)")
     run.add_argument("--region", action="append", default=[], help="allowed region (repeatable), in order")
@@ -596,10 +670,19 @@ def parser() -> argparse.ArgumentParser:
                      help="--reclaim-every only in this zone or region (repeatable)")
     run.add_argument("--script-retries", type=int, default=0, help="retries when the script itself fails")
     run.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="extra environment")
+    run.add_argument("--env-secret", action="append", default=[], metavar="NAME=REF",
+                     help="environment read on the host at attempt start, from env:NAME, file:/path, aws-sm:ID or "
+                          "gcp-sm:projects/P/secrets/S; only the reference is stored")
+    run.add_argument("--setup", action="append", metavar="CMD", help="a shell command run on the host before the "
+                                                                    "command in each attempt (repeatable)")
+    run.add_argument("--workdir", help="where the command runs (default: here, or the config file's folder)")
     run.add_argument("--run-id", help="run id (default: generated)")
     run.add_argument("--detach", action="store_true", help="submit and return")
     run.add_argument("command", nargs=argparse.REMAINDER, help="-- then the command to run")
-    run.set_defaults(handler=cmd_run)
+    run.set_defaults(handler=cmd_run, file_pools=None)
+
+    schema = sub.add_parser("schema", help="print the JSON Schema of the run config file (vl run -f FILE)")
+    schema.set_defaults(handler=cmd_schema)
 
     status = sub.add_parser("status", help="show a run")
     status.add_argument("run_id")
@@ -647,10 +730,29 @@ def parser() -> argparse.ArgumentParser:
     agent.add_argument("--task-queue", required=True)
     agent.add_argument("--host-id", required=True)
     agent.add_argument("--host-dir", required=True)
+    agent.add_argument("--run-id", required=True, help="the run this host serves; other runs' attempts are refused")
     agent.set_defaults(handler=cmd_agent)
+
+    codec = sub.add_parser("codec-server", help="decode encrypted payloads for the Temporal UI and CLI")
+    codec.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    codec.add_argument("--port", type=int, default=8081)
+    codec.add_argument("--cors-origin", action="append", metavar="URL",
+                       help="a Temporal UI origin allowed to call it (repeatable; default the embedded UI's)")
+    codec.add_argument("--namespace", action="append", default=[], help="serve only this namespace (repeatable)")
+    codec.set_defaults(handler=cmd_codec_server)
 
     worker = sub.add_parser("worker", help="control-plane worker in the foreground (for clusters)")
     worker.set_defaults(handler=cmd_worker)
+
+    from cli.runs_cmd import add_parsers
+
+    add_parsers(sub)  # vl logs, vl resume
+    from cli.ui_cmd import add_parsers as add_ui_parsers
+
+    add_ui_parsers(sub)  # vl ui
+    for verb in sub.choices.values():  # --verbose after the verb too; SUPPRESS keeps the top-level value
+        verb.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                          help="tracebacks behind error messages")
     return top
 
 
@@ -659,16 +761,23 @@ def main(argv: list[str] | None = None) -> None:
     if args.verb == "run":
         args.command = args.command[1:] if args.command[:1] == ["--"] else args.command
         args.run_id = args.run_id or new_run_id()
+        args.argv = sys.argv[1:] if argv is None else argv  # the flags given override a config file
+    errors.set_verbose(args.verbose)
     try:
         result = args.handler(args)
         code = asyncio.run(result) if asyncio.iscoroutine(result) else result
     except UsageError as err:
         fail(str(err))
+    except Exception as err:
+        message = errors.expected_message(err)
+        if message is None:
+            raise
+        fail(message, code=1)
     except KeyboardInterrupt:
         run_id = getattr(args, "run_id", None)
         print("\ndetached; the run goes on" + (f" (vl status {run_id})" if run_id else ""), file=sys.stderr)
         code = EXIT_DETACHED
-    sys.exit(code)
+    errors.exit_now(code)
 
 
 if __name__ == "__main__":

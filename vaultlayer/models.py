@@ -9,7 +9,9 @@ from __future__ import annotations
 from datetime import datetime
 from enum import StrEnum
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from vaultlayer.run_ids import check_run_id
 
 
 class VLModel(BaseModel):
@@ -63,6 +65,9 @@ class RunSpec(VLModel):
     command: list[str]
     workdir: str
     env: dict[str, str] = Field(default_factory=dict)
+    # NAME -> a secret reference (env:, file:, aws-sm:, gcp-sm:; vaultlayer/secrets.py), read on the host.
+    env_secrets: dict[str, str] = Field(default_factory=dict)
+    setup: list[str] = Field(default_factory=list)  # shell commands run on the host before each attempt's command
     pools: list[Pool] = Field(default_factory=lambda: [Pool()])
     storage_url: str
     checkpoint_every: str | None = None  # None: Young/Daly from the measured save cost and the pool's MTBF
@@ -84,6 +89,11 @@ class RunSpec(VLModel):
     checkpoint_dir: str | None = None
     keep_checkpoints: int = 3  # retention: the newest complete checkpoints kept
     prune_every_seconds: float = 600.0  # retention also runs this often while an attempt runs
+    # The server has the Vl* search attributes (vaultlayer/ui.py): the workflow keeps them current.
+    search_attributes: bool = False
+
+    # The run id names a storage directory and host task queues: one that could escape them is refused.
+    _run_id_is_safe = field_validator("run_id")(check_run_id)
 
 
 class Placement(VLModel):
@@ -214,6 +224,8 @@ class AttemptInput(VLModel):
     command: list[str]
     workdir: str
     env: dict[str, str] = Field(default_factory=dict)
+    env_secrets: dict[str, str] = Field(default_factory=dict)  # RunSpec.env_secrets: references, never values
+    setup: list[str] = Field(default_factory=list)  # RunSpec.setup
     storage_url: str
     checkpoint: CheckpointRef | None = None
     checkpoint_every: str | None = None

@@ -22,6 +22,8 @@ from temporalio.exceptions import (
 )
 
 with workflow.unsafe.imports_passed_through():
+    from pydantic import ValidationError
+
     from activities.control import ControlActivities
     from vaultlayer.models import (
         AttemptInput,
@@ -46,6 +48,7 @@ with workflow.unsafe.imports_passed_through():
         RunStatus,
         VerifyInput,
     )
+    from vaultlayer import ui
     from vaultlayer.interval import estimate_mtbf_seconds
     from workflows import policy
 
@@ -56,6 +59,7 @@ CONTROL_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_inter
 PRUNE_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=10),
                           maximum_attempts=3)
 RETENTION_PATCH = "checkpoint-retention"
+SEARCH_ATTRIBUTES_PATCH = "search-attributes"
 
 
 def reclaims_in(spec: RunSpec, pool: Pool) -> bool:
@@ -98,6 +102,7 @@ class TrainingRun:
     async def run(self, inp: RunInput) -> RunStatus:
         spec = self.spec = inp.spec
         status = self.status = inp.carried or RunStatus(run_id=spec.run_id, started_at=workflow.now())
+        self._show()
         try:
             while True:
                 if self.moved is not None:
@@ -139,6 +144,7 @@ class TrainingRun:
         """Whatever the ending, no host of this run outlives it."""
         self.status.current_host = None
         self.status.ended_at = workflow.now()
+        self._show()
         providers = sorted({pool.provider for pool in self.spec.pools})
         await workflow.execute_activity_method(
             ControlActivities.reap_run, ReapInput(run_id=self.spec.run_id, providers=providers),
@@ -222,6 +228,7 @@ class TrainingRun:
     async def _run(self, record: AttemptRecord, host: Host, checkpoint: CheckpointRef | None) -> None:
         status = self.status
         status.current_host, status.state = host, RunState.RUNNING
+        self._show()
         try:
             result = await self._run_on_host(host, record, checkpoint)
         finally:
@@ -245,7 +252,8 @@ class TrainingRun:
             "run_attempt",
             AttemptInput(
                 run_id=spec.run_id, attempt=record.attempt, host=host, command=spec.command,
-                workdir=spec.workdir, env=spec.env, storage_url=spec.storage_url,
+                workdir=spec.workdir, env=spec.env, env_secrets=spec.env_secrets, setup=spec.setup,
+                storage_url=spec.storage_url,
                 checkpoint=checkpoint, checkpoint_every=spec.checkpoint_every,
                 checkpoint_min=spec.checkpoint_min, checkpoint_max=spec.checkpoint_max,
                 mtbf_seconds=estimate_mtbf_seconds(self.status, host.pool.key, workflow.now()),
@@ -348,7 +356,10 @@ class TrainingRun:
         cause = err.cause
         progress = AttemptProgress(start_step=record.start_step)
         if isinstance(cause, TimeoutError) and cause.last_heartbeat_details:
-            progress = AttemptProgress.model_validate(cause.last_heartbeat_details[0])
+            try:
+                progress = AttemptProgress.model_validate(cause.last_heartbeat_details[0])
+            except ValidationError:  # a broken or foreign host: diagnose without its details, never fail the task
+                workflow.logger.warning("attempt %d: unreadable heartbeat details ignored", record.attempt)
         base = dict(start_step=record.start_step, end_step=progress.step, durable_step=progress.durable_step)
         if isinstance(cause, TimeoutError) and cause.type == TimeoutType.SCHEDULE_TO_START:
             return AttemptResult(outcome=AttemptOutcome.HOST_FAULT, reason="the host agent never started", **base)
@@ -388,6 +399,14 @@ class TrainingRun:
                 status.excluded_hosts.append(record.host)
         elif result.outcome == AttemptOutcome.FAILED:
             status.script_failures += 1
+        self._show()
+
+    def _show(self) -> None:
+        """The run's state in the Temporal UI. Current details are no command (a query answers them), so
+        they need no patch; search attributes are set only when the server has them (RunSpec)."""
+        workflow.set_current_details(ui.current_details(self.status))
+        if self.spec.search_attributes and workflow.patched(SEARCH_ATTRIBUTES_PATCH):
+            workflow.upsert_search_attributes(ui.search_attribute_updates(self.spec, self.status))
 
     def _account_previous_loss(self, resume_step: int) -> None:
         """Steps the previous attempt computed beyond the step this attempt resumes from are lost."""
