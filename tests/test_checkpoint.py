@@ -2,6 +2,7 @@ import hashlib
 import json
 from pathlib import Path
 
+import blake3
 import fsspec
 import pytest
 
@@ -53,7 +54,8 @@ def ckpt_dir(storage: str, step: int, attempt: int = 1) -> Path:
 def test_names_roundtrip_and_reject_other_directories():
     assert checkpoint_name(20, 3) == "000000000020-a3"
     assert parse_checkpoint_name("000000000020-a3") == (20, 3)
-    for other in ("20-a3", "000000000020-a0", "000000000020", "000000000020-a3.tmp", "quarantine"):
+    assert parse_checkpoint_name("000000000020-a0") == (20, 0)  # copied in by vl resume (vaultlayer/seed.py)
+    for other in ("20-a3", "000000000020-a03", "000000000020", "000000000020-a3.tmp", "quarantine"):
         assert parse_checkpoint_name(other) is None
 
 
@@ -65,12 +67,12 @@ def test_upload_writes_files_and_a_manifest_that_describes_them(tmp_path, storag
     assert ref.name == "000000000010-a1" and ref.step == 10 and ref.attempt == 1
     assert ref.url == f"{storage}/{RUN}/checkpoints/000000000010-a1"
     assert ref.manifest_sha256 == hashlib.sha256(manifest_bytes).hexdigest()
-    assert (manifest.run_id, manifest.step, manifest.attempt, manifest.format_version) == (RUN, 10, 1, 1)
+    assert (manifest.run_id, manifest.step, manifest.attempt, manifest.format_version) == (RUN, 10, 1, 2)
     assert manifest.created_at.utcoffset().total_seconds() == 0
     assert [f.path for f in manifest.files] == ["model.pt", "nested/rng.bin"]  # vl-save.json skipped
     for entry in manifest.files:
         data = (directory / entry.path).read_bytes()
-        assert entry.size == len(data) and entry.sha256 == hashlib.sha256(data).hexdigest()
+        assert entry.size == len(data) and entry.blake3 == blake3.blake3(data).hexdigest()
     assert not (directory / "vl-save.json").exists()
     assert sorted(p.name for p in directory.iterdir()) == ["MANIFEST.json", "model.pt", "nested"]
 
@@ -161,7 +163,7 @@ def rewrite_manifest(path: Path, **changes) -> None:
 
 
 CORRUPTIONS = {
-    "flipped byte": (lambda d: flip_byte(d / "model.pt"), "model.pt: sha256"),
+    "flipped byte": (lambda d: flip_byte(d / "model.pt"), "model.pt: blake3"),
     "truncated file": (lambda d: (d / "nested/rng.bin").write_bytes(b"short"), "nested/rng.bin: size 5 bytes"),
     "missing file": (lambda d: (d / "nested/rng.bin").unlink(), "nested/rng.bin: missing"),
     "missing manifest": (lambda d: (d / "MANIFEST.json").unlink(), "no MANIFEST.json"),
@@ -354,3 +356,32 @@ def test_a_known_protocol_without_its_package_says_what_to_install():
 @pytest.mark.parametrize("url", ["file:///var/vl/storage", "memory://somewhere"])
 def test_valid_storage_urls_pass(url):
     validate_storage_url(url)
+
+
+def test_a_format_1_checkpoint_hashed_with_sha256_still_verifies_and_restores(tmp_path, storage):
+    """Checkpoints written before BLAKE3 (format 1, sha256 per file) stay resumable after an upgrade."""
+    upload(tmp_path, storage, 10)
+    directory = ckpt_dir(storage, 10)
+    manifest_path = directory / "MANIFEST.json"
+    manifest = json.loads(manifest_path.read_text())
+    for entry in manifest["files"]:
+        del entry["blake3"]
+        entry["sha256"] = hashlib.sha256((directory / entry["path"]).read_bytes()).hexdigest()
+    rewrite_manifest(manifest_path, format_version=1, files=manifest["files"])
+    check, ref = verify_checkpoint(storage, RUN, "000000000010-a1")
+    assert check.ok and ref is not None, check.reason
+    restore_checkpoint(ref, tmp_path / "restored")
+    assert (tmp_path / "restored" / "model.pt").read_bytes() == (directory / "model.pt").read_bytes()
+
+    flip_byte(directory / "model.pt")
+    check, _ = verify_checkpoint(storage, RUN, "000000000010-a1")
+    assert not check.ok and "model.pt: sha256" in check.reason
+
+
+@pytest.mark.parametrize("digests", [{}, {"sha256": "0" * 64, "blake3": "0" * 64}])
+def test_a_manifest_entry_needs_exactly_one_digest(tmp_path, storage, digests):
+    upload(tmp_path, storage, 10)
+    rewrite_manifest(ckpt_dir(storage, 10) / "MANIFEST.json",
+                     files=[{"path": "model.pt", "size": 1, **digests}])
+    check, ref = verify_checkpoint(storage, RUN, "000000000010-a1")
+    assert ref is None and "exactly one of blake3 or sha256" in check.reason

@@ -20,7 +20,9 @@ import contextlib
 import hashlib
 import json
 import os
+import queue
 import re
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -30,30 +32,36 @@ from enum import StrEnum
 from pathlib import Path, PurePosixPath
 from typing import TypeVar
 
+import blake3
 import fsspec
 import structlog
 from fsspec.core import url_to_fs
 from fsspec.registry import known_implementations
-from pydantic import ValidationError
+from pydantic import ValidationError, model_validator
 
 from vaultlayer.models import CheckpointCheck, CheckpointRef, VerifyResult, VLModel
+from vaultlayer.run_ids import run_id_problem
 
 if os.environ.get("STORAGE_EMULATOR_HOST"):
     # gcsfs otherwise first tries gRPC to the emulator, which only speaks JSON over HTTP, for about a minute.
     # It reads this once, when it is first imported (by fsspec, on the first gs:// URL).
     os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: files are hashed with BLAKE3; 1 (sha256) is still read
+READABLE_FORMAT_VERSIONS = (1, 2)
 MANIFEST_NAME = "MANIFEST.json"
 
 _CHUNK_BYTES = 1 << 20
 # Files of at least two parts go up as a multipart upload, parts in parallel (s3fs; gcsfs sends them in turn).
 _PART_BYTES = 8 << 20
 _TRANSFER_THREADS = 8
+_CHUNKS_IN_FLIGHT = 4  # a download's chunks waiting to be hashed: bounds its memory to 4 parts
 _RETRY_DELAYS_SECONDS = (0.5, 2.0, 5.0)
 # Protocols whose objects appear whole or not at all, so a plain write is already atomic.
 _ATOMIC_WRITE_PROTOCOLS = {"s3", "s3a", "gs", "gcs", "memory"}
-_NAME = re.compile(r"(?P<step>\d{12,})-a(?P<attempt>[1-9]\d*)")
+# Attempt 0 holds the checkpoint a run was resumed from (vl resume, vaultlayer/seed.py): attempts count from 1,
+# so no attempt of the new run can fence it or write over it.
+_NAME = re.compile(r"(?P<step>\d{12,})-a(?P<attempt>0|[1-9]\d*)")
 
 T = TypeVar("T")
 log = structlog.get_logger(__name__)
@@ -72,9 +80,30 @@ _PERMANENT_ERRORS = (
 
 
 class ManifestFile(VLModel):
+    """One file of a checkpoint: exactly one digest, BLAKE3 (written since format 2) or sha256 (format 1).
+
+    BLAKE3 is a cryptographic hash several times faster than sha256, so checking every byte keeps up with
+    the copy itself on upload and restore (docs/checkpoint-speed.md).
+    """
+
     path: str  # relative posix path inside the checkpoint directory
     size: int
-    sha256: str
+    blake3: str | None = None
+    sha256: str | None = None
+
+    @model_validator(mode="after")
+    def _one_digest(self) -> ManifestFile:
+        if (self.blake3 is None) == (self.sha256 is None):
+            raise ValueError(f"{self.path}: needs exactly one of blake3 or sha256")
+        return self
+
+    @property
+    def algorithm(self) -> str:
+        return "blake3" if self.blake3 is not None else "sha256"
+
+    @property
+    def digest(self) -> str:
+        return self.blake3 or self.sha256 or ""
 
 
 class Manifest(VLModel):
@@ -84,6 +113,7 @@ class Manifest(VLModel):
     step: int
     created_at: datetime
     files: list[ManifestFile]
+    copied_from: str | None = None  # attempt 0: the URL of the other run's checkpoint these files were copied from
 
 
 class CheckpointState(StrEnum):
@@ -241,7 +271,7 @@ def _read_manifest(
 
 
 def _stored_files_problem(fs: fsspec.AbstractFileSystem, remote_dir: str, manifest: Manifest) -> str | None:
-    """The first file whose stored bytes differ from the manifest (size, then sha256 of every byte), if any."""
+    """The first file whose stored bytes differ from the manifest (size, then the digest of every byte), if any."""
 
     def check(entry: ManifestFile) -> str | None:
         remote = f"{remote_dir}/{entry.path}"
@@ -251,9 +281,9 @@ def _stored_files_problem(fs: fsspec.AbstractFileSystem, remote_dir: str, manife
             return f"{entry.path}: missing"
         if size != entry.size:
             return f"{entry.path}: size {size} bytes, manifest says {entry.size}"
-        digest = _retry(lambda: _remote_sha256(fs, remote), f"read {entry.path}")
-        if digest != entry.sha256:
-            return f"{entry.path}: sha256 {digest}, manifest says {entry.sha256}"
+        digest = _retry(lambda: _remote_digest(fs, remote, entry.algorithm), f"read {entry.path}")
+        if digest != entry.digest:
+            return f"{entry.path}: {entry.algorithm} {digest}, manifest says {entry.digest}"
         return None
 
     problems = [problem for problem in _in_threads(check, manifest.files) if problem is not None]
@@ -472,8 +502,10 @@ def _remove_checkpoint(fs: fsspec.AbstractFileSystem, remote_dir: str) -> None:
 
 
 def _run_url(storage_url: str, run_id: str) -> str:
-    if not run_id or "/" in run_id or "\\" in run_id or run_id in (".", ".."):
-        raise ValueError(f"run id {run_id!r} cannot be a storage directory name")
+    """The run's directory under the storage root; a run id that could leave the root is refused."""
+    problem = run_id_problem(run_id)
+    if problem is not None:
+        raise ValueError(problem)
     return f"{storage_url.rstrip('/')}/{run_id}"
 
 
@@ -508,8 +540,9 @@ def _unsafe_path_reason(path: str) -> str | None:
 
 
 def _manifest_mismatch(manifest: Manifest, *, run_id: str, step: int, attempt: int) -> str | None:
-    if manifest.format_version != FORMAT_VERSION:
-        return f"{MANIFEST_NAME} has format_version {manifest.format_version}; this code reads {FORMAT_VERSION}"
+    if manifest.format_version not in READABLE_FORMAT_VERSIONS:
+        return (f"{MANIFEST_NAME} has format_version {manifest.format_version};"
+                f" this code reads {', '.join(map(str, READABLE_FORMAT_VERSIONS))}")
     for field, expected in (("run_id", run_id), ("step", step), ("attempt", attempt)):
         actual = getattr(manifest, field)
         if actual != expected:
@@ -525,39 +558,59 @@ def _manifest_mismatch(manifest: Manifest, *, run_id: str, step: int, attempt: i
 
 
 def _send_file(fs: fsspec.AbstractFileSystem, local: Path, remote: str, relative: str) -> ManifestFile:
-    """Hash one file, then upload it (multipart when big); it must not change meanwhile, which stat checks.
+    """Upload one file (multipart when big) while another thread hashes it, so the upload runs at the
+    storage's speed rather than the sum of both; stat before and after checks the file did not change.
 
     Staged saves belong to the agent once committed, so a change means something else writes there.
     """
     before = local.stat()
-    digest = hashlib.sha256()
-    with open(local, "rb") as source:
-        while chunk := source.read(_CHUNK_BYTES):
-            digest.update(chunk)
     fs.makedirs(remote.rsplit("/", 1)[0], exist_ok=True)
-    fs.put_file(str(local), remote, chunksize=_PART_BYTES)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="vl-hash") as hasher:
+        digest = hasher.submit(_local_blake3, local)
+        fs.put_file(str(local), remote, chunksize=_PART_BYTES)
+        checksum = digest.result()
     after = local.stat()
     if (after.st_size, after.st_mtime_ns, after.st_ino) != (before.st_size, before.st_mtime_ns, before.st_ino):
         raise CheckpointError(f"{local} changed while it was uploaded")
-    return ManifestFile(path=relative, size=before.st_size, sha256=digest.hexdigest())
+    return ManifestFile(path=relative, size=before.st_size, blake3=checksum)
+
+
+def _local_blake3(path: Path) -> str:
+    return blake3.blake3().update_mmap(path).hexdigest()
 
 
 def _fetch_file(fs: fsspec.AbstractFileSystem, remote: str, target: Path, entry: ManifestFile) -> None:
-    """Download to a temporary name beside `target` and rename only once size and sha256 match."""
+    """Download to a temporary name beside `target` and rename only once size and digest match.
+
+    The bytes are hashed by a second thread as they arrive (hashlib releases the GIL), so checking every
+    byte costs about nothing over the transfer itself.
+    """
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(f".{target.name}.vl-partial-{uuid.uuid4().hex[:8]}")
-    digest = hashlib.sha256()
+    digest = _new_digest(entry.algorithm)
+    chunks: queue.Queue[bytes | None] = queue.Queue(maxsize=_CHUNKS_IN_FLIGHT)
+
+    def hash_chunks() -> None:
+        while (chunk := chunks.get()) is not None:
+            digest.update(chunk)
+
+    hasher = threading.Thread(target=hash_chunks, name="vl-hash", daemon=True)
+    hasher.start()
     size = 0
     try:
-        with fs.open(remote, "rb") as source, open(partial, "wb") as sink:
-            while chunk := source.read(_CHUNK_BYTES):
-                digest.update(chunk)
-                sink.write(chunk)
-                size += len(chunk)
-        if size != entry.size or digest.hexdigest() != entry.sha256:
+        try:
+            with fs.open(remote, "rb", block_size=_PART_BYTES) as source, open(partial, "wb") as sink:
+                while chunk := source.read(_PART_BYTES):
+                    chunks.put(chunk)
+                    sink.write(chunk)
+                    size += len(chunk)
+        finally:
+            chunks.put(None)
+            hasher.join()
+        if size != entry.size or digest.hexdigest() != entry.digest:
             raise CheckpointError(
-                f"{remote}: got {size} bytes with sha256 {digest.hexdigest()},"
-                f" manifest says {entry.size} bytes with sha256 {entry.sha256}"
+                f"{remote}: got {size} bytes with {entry.algorithm} {digest.hexdigest()},"
+                f" manifest says {entry.size} bytes with {entry.algorithm} {entry.digest}"
             )
         os.replace(partial, target)
     except FileNotFoundError:
@@ -579,8 +632,12 @@ def _write_atomically(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> 
     fs.mv(partial, path)
 
 
-def _remote_sha256(fs: fsspec.AbstractFileSystem, path: str) -> str:
-    digest = hashlib.sha256()
+def _new_digest(algorithm: str):
+    return blake3.blake3() if algorithm == "blake3" else hashlib.sha256()
+
+
+def _remote_digest(fs: fsspec.AbstractFileSystem, path: str, algorithm: str) -> str:
+    digest = _new_digest(algorithm)
     with fs.open(path, "rb") as source:
         while chunk := source.read(_CHUNK_BYTES):
             digest.update(chunk)

@@ -1,0 +1,78 @@
+"""`vl logs` and `vl resume`: thin commands over the Python client (vaultlayer/runs.py).
+
+Exit codes: `vl logs` 0, or 1 when the run or its storage cannot be read; `vl resume` the same as `vl run`
+(the new run's outcome; 0 right away with --detach), 1 when the run cannot be resumed (still running, no
+verified checkpoint), 2 on bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    logs = sub.add_parser("logs", help="the script's output, stored per attempt next to the checkpoints")
+    logs.add_argument("run_id", metavar="RUN")
+    logs.add_argument("-f", "--follow", action="store_true", help="keep printing new output until the run ends")
+    logs.add_argument("--attempt", type=int, metavar="N", help="only attempt N (default: every attempt)")
+    logs.set_defaults(handler=cmd_logs)
+
+    resume = sub.add_parser("resume", help="start a new run, same spec, from a finished run's last checkpoint")
+    resume.add_argument("run_id", metavar="RUN")
+    resume.add_argument("--run-id", dest="new_run_id", metavar="ID", help="the new run's id (default: generated)")
+    resume.add_argument("--detach", action="store_true", help="submit and return")
+    resume.set_defaults(handler=cmd_resume)
+
+
+def detached_hint(run_id: str) -> str:
+    return f"detached; follow with: vl logs {run_id} -f   ·   vl status {run_id}   ·   stop with: vl cancel {run_id}"
+
+
+async def cmd_logs(args: argparse.Namespace) -> int:
+    from cli.main import UsageError, connect, fail
+    from vaultlayer.runs import AsyncClient, RunNotFound
+
+    if args.attempt is not None and args.attempt < 1:
+        raise UsageError(f"--attempt {args.attempt}: attempts count from 1; vl status {args.run_id} lists them")
+    conn = await connect()
+    try:
+        run = await AsyncClient(conn.client).get_run(args.run_id)
+        if args.follow:
+            async for text in run.follow_logs(args.attempt):
+                sys.stdout.write(text)
+                sys.stdout.flush()
+        else:
+            sys.stdout.write(await run.logs(args.attempt))
+    except RunNotFound as err:
+        fail(str(err), code=1)
+    except Exception as err:  # noqa: BLE001 - storage errors, after retries: say so on one line
+        fail(f"cannot read the logs of {args.run_id}: {err}", code=1)
+    return 0
+
+
+async def cmd_resume(args: argparse.Namespace) -> int:
+    from cli.main import UsageError, connect, fail, follow
+    from vaultlayer.checkpoint import CheckpointError
+    from vaultlayer.run_ids import run_id_problem
+    from vaultlayer.runs import AsyncClient, ClientError
+
+    if args.new_run_id is not None and (problem := run_id_problem(args.new_run_id)) is not None:
+        raise UsageError(f"--run-id: {problem}")
+    old_run_id = args.run_id
+    conn = await connect()
+    try:
+        run = await AsyncClient(conn.client).resume(args.run_id, args.new_run_id)
+    except (ClientError, CheckpointError) as err:
+        fail(f"cannot resume {old_run_id}: {err}", code=1)
+    args.run_id = run.run_id  # what Ctrl-C's "detached" line names from here on
+    print(f"run {run.run_id}", flush=True)
+    print(f"resuming {old_run_id} from step {run.resumed_from.step} (checkpoint copied to {run.resumed_from.url})",
+          flush=True)
+    link = conn.run_link(run.run_id)
+    if link:
+        print(f"Temporal UI: {link}", flush=True)
+    if args.detach:
+        print(detached_hint(run.run_id), flush=True)
+        return 0
+    return await follow(conn, run.run_id)

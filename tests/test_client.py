@@ -1,0 +1,207 @@
+"""The Python client as a notebook uses it, stored logs, `vl logs`, `vl resume` and `vl run --detach`, on the
+real dev server with real host agents and the real tiny PyTorch run."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import fsspec
+import pytest
+
+from activities.attempt_logs import LogShipper
+from tests.conftest import REPO, TRAIN_TINY, assert_same_weights, group_alive, make_spec, wait_until
+from vaultlayer import checkpoint, seed
+from vaultlayer import client as vl_client
+from vaultlayer.logs_store import LogCursor, read_logs
+from vaultlayer.models import AttemptOutcome, RunState
+from vaultlayer.runs import AsyncClient, Client, ClientError, RunNotFound
+
+T = TypeVar("T")
+
+
+def in_notebook(cell: Callable[[], T]) -> T:
+    """Run `cell` as a Jupyter cell runs: plain calls, on a thread whose event loop is running."""
+
+    async def kernel() -> T:
+        return cell()
+
+    return asyncio.run(kernel())
+
+
+async def notebook(cell: Callable[[], T]) -> T:
+    # A thread of its own: the control-plane worker runs on this test's loop and must keep running.
+    return await asyncio.to_thread(in_notebook, cell)
+
+
+def host_pgids(vl_home: Path, run_id: str) -> list[int]:
+    import json
+
+    return [json.loads(p.read_text())["pgid"] for p in (vl_home / "hosts" / run_id).glob("*/host.json")]
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def vl(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cli.main", *args], env=env, cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture
+def vl_env(temporal_address: str, control: str, vl_home: Path) -> dict[str, str]:
+    """`vl` against this test's server and control-plane worker: with TEMPORAL_ADDRESS it starts nothing."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VL_", "TEMPORAL_"))}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.update(TEMPORAL_ADDRESS=temporal_address, VL_TASK_QUEUE=control, VL_HOME=str(vl_home))
+    return env
+
+
+async def test_notebook_session_reads_status_checkpoints_and_logs_that_outlive_the_hosts(
+        temporal_env, temporal_address, control, vl_home, tmp_path, reference_weights):
+    out = tmp_path / "w.pt"
+    spec = make_spec(tmp_path, steps=150, out=out)
+    client = await notebook(lambda: Client(address=temporal_address, task_queue=control))
+    try:
+        run = await notebook(lambda: client.submit(spec))
+
+        async def checkpoint_at_50():  # the script printed "step 50/150" before it saved step 50
+            status = await vl_client.status(temporal_env.client, spec.run_id)
+            return status.current_host if (status.durable_step or 0) >= 50 else None
+
+        await wait_until(checkpoint_at_50, 90, "a checkpoint at step 50")
+        await vl_client.reclaim(temporal_env.client, spec.run_id)
+        status = await notebook(lambda: run.wait(timeout=240))
+
+        assert status.state == RunState.SUCCEEDED
+        assert [a.outcome for a in status.attempts] == [AttemptOutcome.RECLAIMED, AttemptOutcome.COMPLETED]
+        assert_same_weights(out, reference_weights(150))
+        # The hosts and every file they had are gone; what follows comes from the run's storage.
+        assert not any(group_alive(pgid) for pgid in host_pgids(vl_home, spec.run_id))
+        shutil.rmtree(vl_home / "hosts" / spec.run_id)
+
+        listed = await notebook(lambda: [listed.run_id for listed in client.list_runs()])
+        assert spec.run_id in listed
+        again = await notebook(lambda: client.get_run(spec.run_id))
+        assert (await notebook(again.status)).state == RunState.SUCCEEDED
+        listings = await notebook(lambda: again.checkpoints(verify=True))
+        assert listings and all(item.state == checkpoint.CheckpointState.COMPLETE for item in listings), listings
+        assert listings[0].step == status.durable_step > status.attempts[1].start_step
+
+        first = await notebook(lambda: again.logs(attempt=1))
+        second = await notebook(lambda: again.logs(attempt=2))
+        assert "step 50/150" in first and "done:" not in first
+        assert f"resuming at step {status.attempts[1].start_step}\n" in second
+        assert "done: 150 steps" in second and f"model saved to {out}" in second
+        every = await notebook(again.logs)
+        assert every == f"==> attempt 1 <==\n{first}==> attempt 2 <==\n{second}"
+        assert "".join(await notebook(lambda: list(again.follow_logs()))) == every  # finished: ends at once
+        with pytest.raises(RunNotFound, match="no run 'no-such-run'"):
+            await notebook(lambda: client.get_run("no-such-run"))
+    finally:
+        client.close()
+
+
+async def test_cancel_keeps_checkpoints_and_vl_resume_continues_bit_identically(
+        temporal_env, control, vl_env, vl_home, tmp_path, reference_weights):
+    out = tmp_path / "w.pt"
+    command = ["python", str(TRAIN_TINY), "--steps", "150", "--step-time", "0.05", "--out", str(out)]
+    result = await asyncio.to_thread(vl, vl_env, "run", "--detach", "--checkpoint-every", "10", "--notice-seconds",
+                                     "10", "--heartbeat-timeout", "5s", "--", *command)
+    assert result.returncode == 0, result.stderr
+    run_id = result.stdout.splitlines()[0].removeprefix("run ")
+    assert f"vl logs {run_id} -f" in result.stdout.splitlines()[-1]
+    run = await AsyncClient(temporal_env.client, task_queue=control).get_run(run_id)
+
+    async def checkpoint_at_40():
+        status = await run.status()
+        return status.current_host if (status.durable_step or 0) >= 40 else None
+
+    await wait_until(checkpoint_at_40, 90, "a checkpoint at step 40")
+    with pytest.raises(ClientError, match=f"run {run_id} is still running; resume it once it has finished"):
+        await run.client.resume(run_id)
+    await run.cancel()
+    cancelled = await run.wait(timeout=60)
+
+    assert cancelled.state == RunState.CANCELLED
+    assert not any(group_alive(pgid) for pgid in host_pgids(vl_home, run_id)), "cancel must release the hosts"
+    kept = [item for item in await run.checkpoints() if item.state == checkpoint.CheckpointState.COMPLETE]
+    assert kept and kept[0].step >= 40
+    old_storage = vl_home / "storage" / run_id
+    before = tree_digest(old_storage)
+
+    resumed = await asyncio.to_thread(vl, vl_env, "resume", run_id, timeout=240)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    lines = resumed.stdout.splitlines()
+    new_id = lines[0].removeprefix("run ")
+    assert lines[1].startswith(f"resuming {run_id} from step {kept[0].step} ")
+    assert lines[-1].startswith("succeeded: 1 attempts")
+    status = await vl_client.status(temporal_env.client, new_id)
+    assert status.attempts[0].start_step == kept[0].step
+    assert status.attempts[0].resumed_from == checkpoint.checkpoint_name(kept[0].step, 0)
+    assert_same_weights(out, reference_weights(150))
+    assert tree_digest(old_storage) == before, "the old run's storage must not change"
+
+    logs = await asyncio.to_thread(vl, vl_env, "logs", new_id, "--attempt", "1")
+    assert logs.returncode == 0, logs.stderr
+    assert f"resuming at step {kept[0].step}\n" in logs.stdout and "done: 150 steps" in logs.stdout
+    followed = await asyncio.to_thread(vl, vl_env, "logs", new_id, "-f")
+    assert followed.stdout == f"==> attempt 1 <==\n{logs.stdout}"
+
+
+@pytest.mark.parametrize("storage_url", ["file", "s3", "gs"], indirect=True)
+async def test_log_shipper_masks_credentials_and_sends_whole_lines_until_the_end(tmp_path, storage_url):
+    log_file = tmp_path / "a1.log"
+    log_file.write_bytes(b"from an earlier attempt on this host\n")
+    shipper = LogShipper(storage_url, "r-1", 1, log_file, start=log_file.stat().st_size)
+    shipper.start({"HF_TOKEN": "hf_s3cr3t_value", "HOME": "/home/me", "DB": "pw42"}, secrets=["pw42"])
+    cursor = LogCursor(storage_url, "r-1", attempt=1)
+    with open(log_file, "ab") as script:
+        script.write(b"step 1 token hf_s3cr3t_value home /home/me db pw42\nhalf a li")
+        script.flush()
+        shipper.ship(final=False)
+        assert cursor.read_new() == "step 1 token *** home /home/me db ***\n"
+        script.write(b"ne\nno newline at the end")
+    await shipper.finish()
+    assert cursor.read_new() == "half a line\nno newline at the end"
+    assert read_logs(storage_url, "r-1") == ("==> attempt 1 <==\nstep 1 token *** home /home/me db ***\n"
+                                        "half a line\nno newline at the end")
+
+
+@pytest.mark.parametrize("storage_url", ["file", "s3", "gs"], indirect=True)
+def test_resume_copies_the_newest_verified_checkpoint_and_reads_the_old_run_only(tmp_path, storage_url):
+    fs, root = fsspec.core.url_to_fs(storage_url)
+    for step, attempt in ((10, 1), (20, 1), (30, 2)):
+        staged = tmp_path / f"staged-{step}"
+        staged.mkdir()
+        (staged / "model.pt").write_bytes(f"weights at {step}".encode() * 1000)
+        checkpoint.upload_checkpoint(staged, storage_url, "r-old", attempt, step)
+    fs.rm(f"{root}/r-old/checkpoints/000000000030-a2/model.pt")  # the newest is broken
+    before = fs.find(f"{root}/r-old", detail=True)
+
+    source = seed.newest_verified(storage_url, "r-old", fences={})
+    assert source.name == "000000000020-a1"
+    assert seed.newest_verified(storage_url, "r-old", fences={1: 10}).name == "000000000010-a1"  # fenced past 10
+    copied = seed.copy_checkpoint(source, storage_url, "r-new")
+
+    assert (copied.name, copied.step, copied.attempt) == ("000000000020-a0", 20, 0)
+    assert checkpoint.choose_checkpoint(storage_url, "r-new", fences={1: -1}).chosen == copied
+    restored = tmp_path / "restored"
+    checkpoint.restore_checkpoint(copied, restored)
+    assert (restored / "model.pt").read_bytes() == b"weights at 20" * 1000
+    manifest = checkpoint.Manifest.model_validate_json(fs.cat_file(f"{root}/r-new/checkpoints/{copied.name}/MANIFEST.json"))
+    assert (manifest.run_id, manifest.copied_from) == ("r-new", source.url)
+    after = fs.find(f"{root}/r-old", detail=True)
+    assert {path: info["size"] for path, info in after.items()} == {path: info["size"] for path, info in before.items()}
+    assert not checkpoint.quarantine_records(storage_url, "r-old"), "the old run's storage is only read"
+    with pytest.raises(checkpoint.CheckpointError, match="changed since it was verified"):
+        seed.copy_checkpoint(source.model_copy(update={"manifest_sha256": "0" * 64}), storage_url, "r-other")

@@ -1,0 +1,320 @@
+"""The typed Python client for notebooks and scripts: submit a run, follow it, read its checkpoints and logs.
+
+`AsyncClient` and `AsyncRun` are for async code; `Client` and `Run` wrap them for plain code. A sync call
+runs on the client's own event loop thread, never `asyncio.run`, so it works where a loop is already
+running, as in Jupyter. Everything returned is a pydantic model (`RunStatus`, `RunSpec`,
+`CheckpointListing`) or plain text (logs). `vl logs` and `vl resume` are built on this module, which is built
+on vaultlayer/client.py like the rest of `vl`.
+
+    import vaultlayer
+    run = vaultlayer.submit(vaultlayer.run_spec(["python", "train.py"]))
+    run.wait(); print(run.status().state, run.logs())
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import threading
+from collections.abc import AsyncIterator, Coroutine, Iterator, Sequence
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+from temporalio.client import Client as TemporalClient
+from temporalio.client import WorkflowExecutionStatus, WorkflowFailureError
+from temporalio.exceptions import WorkflowAlreadyStartedError
+from temporalio.service import RPCError, RPCStatusCode
+
+from vaultlayer import checkpoint, logs_store, seed
+from vaultlayer import client as vl_client
+from vaultlayer.home import default_storage_url
+from vaultlayer.models import CheckpointRef, RunSpec, RunStatus
+
+T = TypeVar("T")
+LOG_POLL_SECONDS = 1.0
+
+
+class ClientError(Exception):
+    """A request the client cannot carry out; the message says why and what to do instead."""
+
+
+class RunNotFound(ClientError, LookupError):
+    pass
+
+
+def new_run_id() -> str:
+    return f"r-{datetime.now(UTC):%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
+
+
+def run_spec(command: Sequence[str], **fields: Any) -> RunSpec:
+    """A RunSpec with the defaults `vl run` uses: a new run id, this directory, storage under VL_HOME."""
+    values = dict(run_id=new_run_id(), command=list(command), workdir=os.getcwd(), storage_url=default_storage_url())
+    return RunSpec(**values | fields)
+
+
+def embedded_address() -> str:
+    """Where `vl` runs its embedded Temporal server (VL_TEMPORAL_PORT, default 7233)."""
+    return f"localhost:{os.environ.get('VL_TEMPORAL_PORT', '7233')}"
+
+
+class AsyncClient:
+    """Runs on one Temporal cluster: the configured one (TEMPORAL_ADDRESS, profiles), else `vl`'s embedded one."""
+
+    def __init__(self, temporal: TemporalClient, task_queue: str | None = None) -> None:
+        self.temporal = temporal
+        self.task_queue = task_queue or vl_client.task_queue()
+
+    @classmethod
+    async def connect(cls, address: str | None = None, namespace: str | None = None,
+                      task_queue: str | None = None) -> AsyncClient:
+        target = address or vl_client.configured_address() or embedded_address()
+        try:
+            temporal = await vl_client.connect(target, namespace)
+        except RuntimeError as err:
+            raise ClientError(f"cannot reach Temporal at {target} ({err}); start the embedded server with any vl "
+                              f"command (such as `vl ls`), or set TEMPORAL_ADDRESS to your cluster") from None
+        return cls(temporal, task_queue)
+
+    async def submit(self, spec: RunSpec) -> AsyncRun:
+        """Start a run (vaultlayer.run_spec makes a RunSpec with `vl run`'s defaults)."""
+        try:
+            checkpoint.validate_storage_url(spec.storage_url)
+        except ValueError as err:
+            raise ClientError(f"storage_url: {err}") from None
+        try:
+            await vl_client.submit(self.temporal, spec, queue=self.task_queue)
+        except WorkflowAlreadyStartedError:
+            raise ClientError(f"run id {spec.run_id!r} is taken; give the run another id") from None
+        return AsyncRun(self, spec.run_id)
+
+    async def get_run(self, run_id: str) -> AsyncRun:
+        """The run with this id; RunNotFound if there is none."""
+        try:
+            await self.temporal.get_workflow_handle(run_id).describe()
+        except RPCError as err:
+            if err.status == RPCStatusCode.NOT_FOUND:
+                raise RunNotFound(f"no run {run_id!r}; list runs with: vl ls") from None
+            raise
+        return AsyncRun(self, run_id)
+
+    async def list_runs(self, limit: int = 100) -> list[RunStatus]:
+        """Runs, newest first."""
+        return await vl_client.list_runs(self.temporal, limit=limit)
+
+    async def resume(self, run_id: str, new_id: str | None = None) -> AsyncRun:
+        """A new run with the same spec that starts from this finished run's newest verified checkpoint.
+
+        The checkpoint is copied into the new run and verified first (vaultlayer/seed.py); the old run's
+        checkpoints are only read."""
+        old = await self.get_run(run_id)
+        status = await old.status()
+        if not status.state.finished:
+            raise ClientError(f"run {run_id} is still {status.state.value}; resume it once it has finished "
+                              f"(vl cancel {run_id} stops it and keeps its checkpoints)")
+        spec = await old.spec()
+        new_spec = RunSpec.model_validate(spec.model_dump() | {"run_id": new_id or new_run_id(),
+                                                               "submitted_at": datetime.now(UTC)})
+        try:
+            await self.get_run(new_spec.run_id)
+            raise ClientError(f"run id {new_spec.run_id!r} is taken; give the new run another id")
+        except RunNotFound:
+            pass
+        source = await asyncio.to_thread(seed.newest_verified, spec.storage_url, run_id, status.fences)
+        if source is None:
+            raise ClientError(f"run {run_id} has no verified checkpoint in {spec.storage_url} to resume from; "
+                              f"start it anew with vl run")
+        copied = await asyncio.to_thread(seed.copy_checkpoint, source, spec.storage_url, new_spec.run_id)
+        run = await self.submit(new_spec)
+        run.resumed_from = copied
+        return run
+
+
+class AsyncRun:
+    """One run, by id. Cheap to make; every method asks the server (or the run's storage) afresh."""
+
+    def __init__(self, client: AsyncClient, run_id: str) -> None:
+        self.client = client
+        self.run_id = run_id
+        self.resumed_from: CheckpointRef | None = None  # set by `resume`: the copied checkpoint it starts from
+        self._spec: RunSpec | None = None
+
+    def __repr__(self) -> str:
+        return f"AsyncRun({self.run_id!r})"
+
+    async def status(self) -> RunStatus:
+        return await vl_client.status(self.client.temporal, self.run_id)
+
+    async def spec(self) -> RunSpec:
+        if self._spec is None:
+            self._spec = await vl_client.spec(self.client.temporal, self.run_id)
+        return self._spec
+
+    async def wait(self, timeout: float | None = None) -> RunStatus:
+        """The status once the run has finished (succeeded, failed or cancelled); TimeoutError after `timeout` s."""
+        try:
+            await asyncio.wait_for(self.client.temporal.get_workflow_handle(self.run_id).result(), timeout)
+        except WorkflowFailureError:
+            pass  # failed or cancelled: the status says which, and why
+        except TimeoutError:
+            raise TimeoutError(f"run {self.run_id} has not finished after {timeout} s") from None
+        return await self.status()
+
+    async def cancel(self) -> None:
+        """Stop the run: its hosts are released, its checkpoints kept (`resume` starts from them)."""
+        await vl_client.cancel(self.client.temporal, self.run_id)
+
+    async def checkpoints(self, verify: bool = False) -> list[checkpoint.CheckpointListing]:
+        """Every checkpoint of the run, newest first, judged as a resume would; `verify` re-hashes every byte."""
+        spec, status = await self.spec(), await self.status()
+        ended = [record.attempt for record in status.attempts if record.outcome is not None]
+        return await asyncio.to_thread(checkpoint.describe_checkpoints, spec.storage_url, self.run_id,
+                                       status.fences, ended, verify)
+
+    async def logs(self, attempt: int | None = None) -> str:
+        """The script's output stored so far: one attempt's, or every attempt's under a header line each."""
+        spec = await self.spec()
+        return await asyncio.to_thread(logs_store.read_logs, spec.storage_url, self.run_id, attempt)
+
+    async def follow_logs(self, attempt: int | None = None) -> AsyncIterator[str]:
+        """The output as it is stored, until the run has finished and everything it stored was read."""
+        spec = await self.spec()
+        cursor = logs_store.LogCursor(spec.storage_url, self.run_id, attempt)
+        handle = self.client.temporal.get_workflow_handle(self.run_id)
+        while True:
+            finished = (await handle.describe()).status != WorkflowExecutionStatus.RUNNING
+            text = await asyncio.to_thread(cursor.read_new)
+            if text:
+                yield text
+            if finished:
+                return
+            await asyncio.sleep(LOG_POLL_SECONDS)
+
+
+class _LoopThread:
+    """A private event loop on its own thread, so that sync calls work inside a running loop (Jupyter)."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="vaultlayer-client", daemon=True)
+        self.thread.start()
+
+    def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        future = asyncio.run_coroutine_threadsafe(coroutine, self.loop)
+        try:
+            return future.result()
+        except BaseException:
+            future.cancel()  # Ctrl-C in a notebook stops the call too
+            raise
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join()
+        self.loop.close()
+
+
+class Client:
+    """The sync client. `Client()` connects like `vl` does; `address`/`namespace` override the configuration."""
+
+    def __init__(self, address: str | None = None, namespace: str | None = None,
+                 task_queue: str | None = None) -> None:
+        self._loop = _LoopThread()
+        try:
+            self.aio = self._loop.run(AsyncClient.connect(address, namespace, task_queue))
+        except BaseException:
+            self._loop.close()
+            raise
+
+    def submit(self, spec: RunSpec) -> Run:
+        return Run(self._loop, self._loop.run(self.aio.submit(spec)))
+
+    def get_run(self, run_id: str) -> Run:
+        return Run(self._loop, self._loop.run(self.aio.get_run(run_id)))
+
+    def list_runs(self, limit: int = 100) -> list[RunStatus]:
+        return self._loop.run(self.aio.list_runs(limit))
+
+    def resume(self, run_id: str, new_id: str | None = None) -> Run:
+        return Run(self._loop, self._loop.run(self.aio.resume(run_id, new_id)))
+
+    def close(self) -> None:
+        self._loop.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Run:
+    """One run, by id; the sync face of `AsyncRun` (same methods, same results)."""
+
+    def __init__(self, loop: _LoopThread, aio: AsyncRun) -> None:
+        self._loop = loop
+        self.aio = aio
+
+    def __repr__(self) -> str:
+        return f"Run({self.run_id!r})"
+
+    @property
+    def run_id(self) -> str:
+        return self.aio.run_id
+
+    @property
+    def resumed_from(self) -> CheckpointRef | None:
+        return self.aio.resumed_from
+
+    def status(self) -> RunStatus:
+        return self._loop.run(self.aio.status())
+
+    def spec(self) -> RunSpec:
+        return self._loop.run(self.aio.spec())
+
+    def wait(self, timeout: float | None = None) -> RunStatus:
+        return self._loop.run(self.aio.wait(timeout))
+
+    def cancel(self) -> None:
+        self._loop.run(self.aio.cancel())
+
+    def checkpoints(self, verify: bool = False) -> list[checkpoint.CheckpointListing]:
+        return self._loop.run(self.aio.checkpoints(verify))
+
+    def logs(self, attempt: int | None = None) -> str:
+        return self._loop.run(self.aio.logs(attempt))
+
+    def follow_logs(self, attempt: int | None = None) -> Iterator[str]:
+        chunks = self.aio.follow_logs(attempt)
+        try:
+            while True:
+                try:
+                    yield self._loop.run(anext(chunks))
+                except StopAsyncIteration:
+                    return
+        finally:
+            self._loop.run(chunks.aclose())
+
+
+_default: Client | None = None
+_default_lock = threading.Lock()
+
+
+def default_client() -> Client:
+    """The client behind the module functions, connected on first use."""
+    global _default
+    with _default_lock:
+        if _default is None:
+            _default = Client()
+        return _default
+
+
+def submit(spec: RunSpec) -> Run:
+    return default_client().submit(spec)
+
+
+def get_run(run_id: str) -> Run:
+    return default_client().get_run(run_id)
+
+
+def list_runs(limit: int = 100) -> list[RunStatus]:
+    return default_client().list_runs(limit)
