@@ -52,12 +52,23 @@ def training_state(size_mb: int, device: str):
 
 
 def median_seconds(action, repeats: int) -> float:
-    times = []
+    return side_by_side({"only": action}, repeats)["only"]
+
+
+def side_by_side(actions: dict, repeats: int) -> dict[str, float]:
+    """Median seconds of each action, taken in turns so that drift in the machine's load hits all alike.
+
+    Dirty pages are flushed (untimed) before each action: otherwise the write-back of what the previous
+    action wrote lands in the next one's time, and whichever runs second looks slower.
+    """
+    times: dict[str, list[float]] = {name: [] for name in actions}
     for _ in range(repeats):
-        began = time.perf_counter()
-        action()
-        times.append(time.perf_counter() - began)
-    return statistics.median(times)
+        for name, action in actions.items():
+            os.sync()
+            began = time.perf_counter()
+            action()
+            times[name].append(time.perf_counter() - began)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def start_moto() -> tuple[object, str]:
@@ -101,6 +112,7 @@ def measure(size_mb: int, storage_url: str, scratch: Path, repeats: int, device:
     ckpt = Checkpointer(model)
     blocked = []
     for step in range(1, repeats + 1):
+        os.sync()
         began = time.perf_counter()
         assert ckpt.save(step) == "started"
         blocked.append(time.perf_counter() - began)
@@ -119,8 +131,8 @@ def measure(size_mb: int, storage_url: str, scratch: Path, repeats: int, device:
         for path in files:
             fs.put_file(str(path), f"{target}/{path.name}")
 
-    upload_ours = median_seconds(ours_upload, repeats)
-    upload_raw = median_seconds(raw_upload, repeats)
+    upload = side_by_side({"ours": ours_upload, "raw": raw_upload}, repeats)
+    upload_ours, upload_raw = upload["ours"], upload["raw"]
 
     run_id = f"bench-restore-{uuid.uuid4().hex[:8]}"
     ref = checkpoint.upload_checkpoint(saved, storage_url, run_id, 1, 1)
@@ -137,8 +149,8 @@ def measure(size_mb: int, storage_url: str, scratch: Path, repeats: int, device:
             fs.get_file(f"{ref.url}/{path.name}", str(target / path.name))
         shutil.rmtree(target)
 
-    restore_ours = median_seconds(ours_restore, repeats)
-    restore_raw = median_seconds(raw_restore, repeats)
+    restore = side_by_side({"ours": ours_restore, "raw": raw_restore}, repeats)
+    restore_ours, restore_raw = restore["ours"], restore["raw"]
     shutil.rmtree(staging, ignore_errors=True)
     return {
         "size_mb": round(nbytes / 2**20),

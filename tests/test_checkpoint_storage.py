@@ -102,7 +102,7 @@ def corrupt_remote(url: str, case: str) -> None:
 
 CORRUPTIONS = {
     "truncated file": "nested/rng.bin: size 5 bytes",
-    "flipped byte": "model.pt: sha256",
+    "flipped byte": "model.pt: blake3",
     "missing file": "nested/rng.bin: missing",
     "missing manifest": "no MANIFEST.json",
     "unparsable manifest": "unparsable MANIFEST.json",

@@ -120,7 +120,7 @@ async def test_each_corruption_is_reported_quarantined_and_the_run_resumes_from_
     table = await vl(temporal_address, "checkpoints", spec.run_id, "--verify")
     assert table.returncode == 0, table.stderr
     assert table.stdout.count("complete") == sum(row["state"] == "complete" for row in rows.values())
-    assert "bad: model.pt: sha256" in table.stdout and "bad: no MANIFEST.json" in table.stdout
+    assert "bad: model.pt: blake3" in table.stdout and "bad: no MANIFEST.json" in table.stdout
 
 
 @S3

@@ -134,7 +134,7 @@ async def test_corrupt_newest_checkpoint_is_skipped(temporal_env, control, vl_ho
     status = await result_of(client, spec.run_id)
     assert status.state == RunState.SUCCEEDED
     assert [bad.name for bad in status.bad_checkpoints] == [newest_name]
-    assert "sha256" in status.bad_checkpoints[0].reason
+    assert "blake3" in status.bad_checkpoints[0].reason
     assert status.attempts[1].start_step == newest_step - 10
     assert_same_weights(out, reference_weights(150))
 
