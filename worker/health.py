@@ -1,8 +1,9 @@
 """Container probe for `vl worker`: a worker process without a listening port has no other health signal.
 
 `python -m worker.health` exits 0 when the cluster in the worker's own connection settings (Temporal's
-environment configuration) answers and a worker on this host polls the control-plane task queue, else 1
-with the reason on one line. The deploy/ manifests use it for readiness and liveness.
+environment configuration) answers and a worker on this host has polled the control-plane task queue
+lately, else 1 with the reason on one line. The deploy/ manifests use it for readiness and liveness.
+An idle worker re-polls about every minute; the server lists a stopped one for minutes, hence the age.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import argparse
 import asyncio
 import socket
 import sys
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 from temporalio.api.enums.v1 import TaskQueueType
 from temporalio.api.taskqueue.v1 import TaskQueue
@@ -21,9 +22,10 @@ from temporalio.client import Client
 from vaultlayer import client as vl_client
 
 RPC_TIMEOUT = timedelta(seconds=5)
+MAX_POLL_AGE = timedelta(minutes=3)
 
 
-async def problem(client: Client, task_queue: str, hostname: str) -> str | None:
+async def problem(client: Client, task_queue: str, hostname: str, max_poll_age: timedelta = MAX_POLL_AGE) -> str | None:
     """None when healthy, else what is wrong. A worker's identity is `pid@hostname` (temporalio's default)."""
     if not await client.service_client.check_health(timeout=RPC_TIMEOUT):
         return f"Temporal at {client.service_client.config.target_host} is not serving"
@@ -32,8 +34,13 @@ async def problem(client: Client, task_queue: str, hostname: str) -> str | None:
                                  task_queue_type=TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW),
         timeout=RPC_TIMEOUT,
     )
-    if not any(poller.identity.endswith(f"@{hostname}") for poller in described.pollers):
+    polled = [poller.last_access_time.ToDatetime(UTC) for poller in described.pollers
+              if poller.identity.endswith(f"@{hostname}")]
+    if not polled:
         return f"no worker on {hostname} polls task queue {task_queue!r} in namespace {client.namespace!r}"
+    age = datetime.now(UTC) - max(polled)
+    if age > max_poll_age:
+        return f"the worker on {hostname} last polled task queue {task_queue!r} {age.total_seconds():.0f}s ago"
     return None
 
 
