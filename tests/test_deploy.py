@@ -192,6 +192,16 @@ def test_compose_file_matches_the_compose_spec():
             assert dependency["condition"] in {"service_healthy", "service_completed_successfully"}
     for name in ("postgresql", "temporal", "worker"):
         assert "healthcheck" in services[name], name
+    # What the schema cannot see: references between services, volumes and files.
+    named_volumes = set(compose()["volumes"])
+    for name, service in services.items():
+        assert set(service.get("depends_on", {})) <= services.keys(), name
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            assert (COMPOSE / source).is_dir() if source.startswith(".") else source in named_volumes, volume
+    dynamic_config = services["temporal"]["environment"]["DYNAMIC_CONFIG_FILE_PATH"]
+    assert (COMPOSE / "dynamicconfig" / Path(dynamic_config).name).is_file()
+    assert (COMPOSE / services["worker"]["build"]["context"] / services["worker"]["build"]["dockerfile"]).is_file()
 
 
 @pytest.mark.skipif(not docker_compose_available(), reason="no docker CLI with the compose plugin")
