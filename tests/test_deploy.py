@@ -83,7 +83,7 @@ def compose_schema_errors(doc: dict) -> list[str]:
 def docker_compose_available() -> bool:
     if not shutil.which("docker"):
         return False
-    return subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0
+    return subprocess.run(["docker", "compose", "version"], capture_output=True, timeout=30).returncode == 0
 
 
 def dockerfile() -> list[tuple[str, str]]:
