@@ -8,6 +8,7 @@ provider's IMDS poller (`ImdsNoticeSource`) uses too.
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import os
 import threading
@@ -32,16 +33,20 @@ class NoticeSource(Protocol):
         ...
 
 
+class NoticeError(ValueError):
+    """A notice document that does not parse: the one error the parsers raise, whatever the input."""
+
+
 def parse_instance_action(body: str, received_at: datetime) -> Notice:
     """Parse AWS `spot/instance-action`: {"action": "terminate"|"stop"|"hibernate", "time": ISO 8601}."""
-    document = json.loads(body)
-    deadline = datetime.strptime(document["time"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
-    return Notice(
-        kind="spot-termination",
-        action=document["action"],
-        deadline=deadline,
-        received_at=received_at,
-    )
+    try:
+        document = json.loads(body)
+        deadline = datetime.strptime(document["time"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+        return Notice(kind="spot-termination", action=document["action"], deadline=deadline,
+                      received_at=received_at)
+    except (ValueError, KeyError, TypeError, IndexError, RecursionError) as err:  # JSON and pydantic errors too
+        raise NoticeError(f'spot/instance-action is not {{"action": ..., "time": "YYYY-MM-DDTHH:MM:SSZ"}}: '
+                          f"{type(err).__name__}: {str(err)[:200]}") from None
 
 
 class MetadataDirNoticeSource:
@@ -53,7 +58,10 @@ class MetadataDirNoticeSource:
 
     async def poll(self) -> Notice | None:
         if self._seen is None and self.instance_action.exists():
-            self._seen = parse_instance_action(self.instance_action.read_text(), datetime.now(UTC))
+            try:
+                self._seen = parse_instance_action(self.instance_action.read_text(), datetime.now(UTC))
+            except (OSError, ValueError) as err:  # unreadable or malformed: look again at the next poll
+                log.warning("unreadable notice file", path=str(self.instance_action), error=str(err))
         return self._seen
 
 
@@ -95,14 +103,14 @@ class GceMetadataNoticeSource:
             {"wait_for_change": "true", "last_etag": etag, "timeout_sec": self.WAIT_SECONDS})
         request = urllib.request.Request(self.base_url + key + query, headers={"Metadata-Flavor": "Google"})
         with self._opener.open(request, timeout=self.WAIT_SECONDS + 10) as response:
-            return response.read().decode().strip(), response.headers.get("ETag")
+            return response.read().decode(errors="replace").strip(), response.headers.get("ETag")
 
     def _watch(self, key: str, notice_value: str, kind: str) -> None:
         etag = None  # the first read returns at once; later ones wait for a change of that value
         while self._notice is None:
             try:
                 value, etag = self._get(key, etag)
-            except OSError as err:  # unreachable, or an HTTP error: keep watching
+            except (OSError, http.client.HTTPException) as err:  # unreachable, or an HTTP error: keep watching
                 log.warning("metadata server read failed", key=key, error=str(err))
                 time.sleep(1.0)
                 continue
@@ -145,13 +153,22 @@ class ImdsNoticeSource:
             log.warning("instance metadata read failed", error=str(err))
             return None
         if rebalance is not None and self.rebalance_recommended_at is None:
-            notice_time = json.loads(rebalance)["noticeTime"]
-            self.rebalance_recommended_at = datetime.strptime(notice_time, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
-            log.warning("rebalance recommended: a reclaim of this host is more likely", notice_time=notice_time)
+            try:
+                notice_time = json.loads(rebalance)["noticeTime"]
+                self.rebalance_recommended_at = datetime.strptime(notice_time, "%Y-%m-%dT%H:%M:%SZ").replace(
+                    tzinfo=UTC)
+            except (ValueError, KeyError, TypeError, IndexError) as err:  # a hint only: logged, never fatal
+                log.warning("unreadable rebalance recommendation", error=f"{type(err).__name__}: {err}"[:200])
+            else:
+                log.warning("rebalance recommended: a reclaim of this host is more likely", notice_time=notice_time)
         if action is not None:
-            self._notice = parse_instance_action(action, datetime.now(UTC))
-            log.warning("reclaim notice from instance metadata", action=self._notice.action,
-                        deadline=self._notice.deadline.isoformat())
+            try:
+                self._notice = parse_instance_action(action, datetime.now(UTC))
+            except NoticeError as err:  # read it again next interval
+                log.warning("unreadable reclaim notice from instance metadata", error=str(err))
+            else:
+                log.warning("reclaim notice from instance metadata", action=self._notice.action,
+                            deadline=self._notice.deadline.isoformat())
         return self._notice
 
     def _read_both(self) -> tuple[str | None, str | None]:

@@ -3,7 +3,7 @@
 It starts `TrainingRun` by its registered name with the shared models, so it needs no workflow code.
 Connection settings come from Temporal's environment configuration (TEMPORAL_ADDRESS,
 TEMPORAL_NAMESPACE, TEMPORAL_API_KEY, TLS, profiles); every client is made by `connect`, which sets
-the pydantic data converter.
+the pydantic data converter, with payload encryption when a key is configured (vaultlayer/codec.py).
 """
 
 from __future__ import annotations
@@ -14,11 +14,12 @@ import os
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 
+from pydantic import ValidationError
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.envconfig import ClientConfig
 from temporalio.service import RPCError
 
+from vaultlayer.codec import data_converter
 from vaultlayer.models import AttemptProgress, ReclaimAck, ReclaimRequest, RunInput, RunSpec, RunState, RunStatus
 
 WORKFLOW_NAME = "TrainingRun"
@@ -34,16 +35,23 @@ def configured_address() -> str | None:
     return ClientConfig.load_client_connect_config().get("target_host")
 
 
-async def connect(address: str | None = None, namespace: str | None = None,
-                  env: Mapping[str, str] | None = None) -> Client:
-    """`env`: Temporal environment-config variables to use instead of this process's environment."""
+def connect_config(address: str | None = None, namespace: str | None = None,
+                   env: Mapping[str, str] | None = None) -> dict:
+    """The `Client.connect` arguments: target, namespace, API key, TLS (mTLS certificates) and gRPC metadata
+    from Temporal's environment configuration (TEMPORAL_* variables, TOML profiles), and the data converter.
+    `env`: variables to use instead of this process's environment."""
     config = dict(ClientConfig.load_client_connect_config(override_env_vars=env))
     if address:
         config["target_host"] = address
     if namespace:
         config["namespace"] = namespace
     config.setdefault("target_host", "localhost:7233")
-    return await Client.connect(**config, data_converter=pydantic_data_converter)
+    return {**config, "data_converter": data_converter(env)}
+
+
+async def connect(address: str | None = None, namespace: str | None = None,
+                  env: Mapping[str, str] | None = None) -> Client:
+    return await Client.connect(**connect_config(address, namespace, env))
 
 
 async def submit(client: Client, spec: RunSpec, queue: str | None = None) -> WorkflowHandle:
@@ -87,7 +95,10 @@ async def status(client: Client, run_id: str, query_timeout: float = 10.0) -> Ru
     for pending in description.raw_description.pending_activities:
         if pending.activity_type.name != "run_attempt" or not pending.heartbeat_details.payloads:
             continue
-        [progress] = await client.data_converter.decode(pending.heartbeat_details.payloads, [AttemptProgress])
+        try:
+            [progress] = await client.data_converter.decode(pending.heartbeat_details.payloads, [AttemptProgress])
+        except ValidationError:  # a host that sends malformed progress shows none, it does not break `vl status`
+            continue
         current.step = progress.step
         current.checkpoint_interval = progress.checkpoint_interval
         if progress.durable_step is not None:

@@ -238,7 +238,7 @@ def load_file(path: Path) -> LoadedConfig:
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        problem = getattr(err, "problem", None) or str(err)
+        problem = " ".join((getattr(err, "problem", None) or str(err)).split())  # one line (fuzzing found two)
         raise ConfigError([f"{source}: {where}{problem}; fix: correct the YAML syntax there"]) from None
     return _validate({} if data is None else data, source, path.resolve().parent)
 
@@ -279,7 +279,8 @@ def location(loc: tuple) -> str:
     """('resources', 'pools', 1, 'market') -> 'resources.pools[1].market'."""
     text = ""
     for part in loc:
-        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+        name = str(part).encode("unicode_escape").decode()  # a key holding a newline stays on one line
+        text += f"[{part}]" if isinstance(part, int) else (f".{name}" if text else name)
     return text
 
 

@@ -1,6 +1,7 @@
 """The host agent: a Temporal worker on the host's own task queue that serves `run_attempt`.
 
-One agent per host; it runs one attempt at a time. The provider started it with the cluster's
+One agent per host; it runs one attempt at a time, and only attempts of the run and host it was started
+for (activities/host.py refuses the rest). The provider started it with the cluster's
 connection settings in its environment, or (cloud hosts) with `VL_TEMPORAL_SETTINGS` naming where to
 read them with the host's role; it learns of reclaims from the host's notice source.
 """
@@ -39,9 +40,9 @@ def notice_source() -> NoticeSource:
     return MetadataDirNoticeSource(Path(metadata_dir)) if metadata_dir else NoNoticeSource()
 
 
-async def serve(task_queue: str, host_id: str, host_dir: Path) -> None:
+async def serve(task_queue: str, host_id: str, host_dir: Path, run_id: str) -> None:
     configure_logging()
-    structlog.contextvars.bind_contextvars(host=host_id)
+    structlog.contextvars.bind_contextvars(host=host_id, run_id=run_id)
     settings = None
     if reference := os.environ.get("VL_TEMPORAL_SETTINGS"):
         if reference.startswith("gcp-secret-manager:"):
@@ -51,7 +52,8 @@ async def serve(task_queue: str, host_id: str, host_dir: Path) -> None:
 
         settings = await asyncio.to_thread(read_temporal_settings, reference)
     client = await vl_client.connect(env=settings)
-    activities = HostAgentActivities(host_id=host_id, host_dir=host_dir, notices=notice_source())
+    activities = HostAgentActivities(host_id=host_id, host_dir=host_dir, notices=notice_source(), run_id=run_id,
+                                     task_queue=task_queue)
     worker = Worker(
         client,
         task_queue=task_queue,
@@ -72,5 +74,5 @@ async def serve(task_queue: str, host_id: str, host_dir: Path) -> None:
         await stop.wait()
 
 
-def main(task_queue: str, host_id: str, host_dir: Path) -> None:
-    asyncio.run(serve(task_queue, host_id, host_dir))
+def main(task_queue: str, host_id: str, host_dir: Path, run_id: str) -> None:
+    asyncio.run(serve(task_queue, host_id, host_dir, run_id))

@@ -31,6 +31,7 @@ import structlog
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from activities.providers.base import load_toml_settings, NoCapacityError, ProviderConfigError
+from vaultlayer.codec import KEY_ENV
 from vaultlayer.home import vl_home as default_vl_home
 from vaultlayer.models import Host, HostDescription, HostState, Market, Pool, ProvisionInput, ProvisionResult, Refusal
 
@@ -304,7 +305,8 @@ def tag_value(resource: dict, key: str) -> str | None:
 def read_temporal_settings(reference: str) -> dict[str, str]:
     """On the host: the Temporal connection settings, read with the instance role. The stored value is a
     JSON object of Temporal environment-config variables (TEMPORAL_ADDRESS, TEMPORAL_NAMESPACE,
-    TEMPORAL_API_KEY, TEMPORAL_TLS_*). Errors name keys, never values."""
+    TEMPORAL_API_KEY, TEMPORAL_TLS_*, and VL_ENCRYPTION_KEY when payloads are encrypted). Errors name keys,
+    never values."""
     boto3 = _boto3()
     store, _, name = reference.partition(":")
     region = name.split(":")[3] if name.startswith("arn:") else None
@@ -322,13 +324,15 @@ def read_temporal_settings(reference: str) -> dict[str, str]:
         raise ValueError(f"{reference}: not a JSON object of TEMPORAL_* settings") from None
     if not isinstance(settings, dict) or "TEMPORAL_ADDRESS" not in settings:
         raise ValueError(f"{reference}: expected a JSON object with at least TEMPORAL_ADDRESS")
-    odd = [key for key, value in settings.items() if not key.startswith("TEMPORAL_") or not isinstance(value, str)]
+    odd = [key for key, value in settings.items()
+           if not (key.startswith("TEMPORAL_") or key == KEY_ENV) or not isinstance(value, str)]
     if odd:
-        raise ValueError(f"{reference}: keys must be TEMPORAL_* with string values; check {', '.join(odd)}")
+        raise ValueError(f"{reference}: keys must be TEMPORAL_* or {KEY_ENV}, with string values; "
+                         f"check {', '.join(odd)}")
     return settings
 
 
-def bootstrap_script(settings: AwsSettings, region: str, task_queue: str, host_id: str) -> str:
+def bootstrap_script(settings: AwsSettings, region: str, task_queue: str, host_id: str, run_id: str) -> str:
     """The instance's user-data (cloud-init runs it once as root). It holds no secret: the agent reads
     the Temporal connection settings with the instance role from the reference exported here."""
     venv = f"{HOST_HOME}/venv"
@@ -347,7 +351,7 @@ def bootstrap_script(settings: AwsSettings, region: str, task_queue: str, host_i
         f"{venv}/bin/pip install --quiet {shlex.quote(settings.package)}",
         *settings.setup,
         f"{venv}/bin/vl agent --task-queue {shlex.quote(task_queue)} --host-id {shlex.quote(host_id)} "
-        f"--host-dir {HOST_HOME}/host",
+        f"--host-dir {HOST_HOME}/host --run-id {shlex.quote(run_id)}",
         "",
     ])
 
@@ -413,7 +417,7 @@ class AwsProvider:
         candidates = self._candidates(ec2, settings, pool, region, last_zone)
         host_id = f"h-{attempt}"
         task_queue = f"vl-host-{request.run_id}-{host_id}"
-        user_data = bootstrap_script(settings, region, task_queue, host_id)
+        user_data = bootstrap_script(settings, region, task_queue, host_id, request.run_id)
         refusals: list[tuple[Refusal, str]] = []
         for candidate in candidates:
             token = hashlib.sha256(f"{request.run_id}/{attempt}/{len(this_attempt)}/{candidate.zone}/"

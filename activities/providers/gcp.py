@@ -31,6 +31,7 @@ import structlog
 from pydantic import BaseModel, ConfigDict, Field
 
 from activities.providers.base import load_toml_settings, NoCapacityError, ProviderConfigError, ProviderError
+from vaultlayer.codec import KEY_ENV
 from vaultlayer.home import vl_home as default_vl_home
 from vaultlayer.models import Host, HostDescription, HostState, Market, Pool, ProvisionInput, ProvisionResult, Refusal
 
@@ -300,7 +301,7 @@ def host_queue(run_id: str, host_id: str) -> str:
     return f"vl-host-{run_id}-{host_id}"
 
 
-def startup_script(settings: GcpSettings, task_queue: str, host_id: str) -> str:
+def startup_script(settings: GcpSettings, task_queue: str, host_id: str, run_id: str) -> str:
     """The VM's startup-script (run as root at boot). It holds no secret: the agent reads the Temporal
     connection settings from Secret Manager with the VM's service account. However it ends (a failed
     step, the agent exiting) the VM powers off, so a broken host stops costing GPU time and `describe`
@@ -320,7 +321,7 @@ def startup_script(settings: GcpSettings, task_queue: str, host_id: str) -> str:
         f"{venv}/bin/pip install --quiet {shlex.quote(settings.package)}",
         *settings.setup,
         f"{venv}/bin/vl agent --task-queue {shlex.quote(task_queue)} --host-id {shlex.quote(host_id)} "
-        f"--host-dir {HOST_HOME}/host",
+        f"--host-dir {HOST_HOME}/host --run-id {shlex.quote(run_id)}",
         "",
     ])
 
@@ -458,7 +459,7 @@ class GcpProvider:
         from google.cloud import compute_v1
 
         settings, pool, zone = self.settings, request.placement.pool, request.placement.pool.zone
-        script = startup_script(settings, host_queue(request.run_id, name), name)
+        script = startup_script(settings, host_queue(request.run_id, name), name, request.run_id)
         interface = {"network": settings.network}
         if settings.subnetwork:
             interface["subnetwork"] = settings.subnetwork
@@ -610,7 +611,8 @@ class GcpProvider:
 def read_temporal_settings(reference: str) -> dict[str, str]:
     """On the host: the Temporal connection settings, read with the VM's service account from
     `gcp-secret-manager:<secret version>`. The stored value is a JSON object of Temporal environment-
-    config variables (TEMPORAL_ADDRESS, TEMPORAL_NAMESPACE, TEMPORAL_API_KEY, TEMPORAL_TLS_*).
+    config variables (TEMPORAL_ADDRESS, TEMPORAL_NAMESPACE, TEMPORAL_API_KEY, TEMPORAL_TLS_*, and
+    VL_ENCRYPTION_KEY when payloads are encrypted).
     Errors name keys, never values."""
     import google_crc32c
     from google.api_core.exceptions import GoogleAPICallError
@@ -632,7 +634,9 @@ def read_temporal_settings(reference: str) -> dict[str, str]:
         raise ValueError(f"{reference}: not a JSON object of TEMPORAL_* settings") from None
     if not isinstance(settings, dict) or "TEMPORAL_ADDRESS" not in settings:
         raise ValueError(f"{reference}: expected a JSON object with at least TEMPORAL_ADDRESS")
-    odd = [key for key, value in settings.items() if not key.startswith("TEMPORAL_") or not isinstance(value, str)]
+    odd = [key for key, value in settings.items()
+           if not (key.startswith("TEMPORAL_") or key == KEY_ENV) or not isinstance(value, str)]
     if odd:
-        raise ValueError(f"{reference}: keys must be TEMPORAL_* with string values; check {', '.join(odd)}")
+        raise ValueError(f"{reference}: keys must be TEMPORAL_* or {KEY_ENV}, with string values; "
+                         f"check {', '.join(odd)}")
     return settings

@@ -117,6 +117,7 @@ class LocalProvider:
             "--task-queue", task_queue,
             "--host-id", host_id,
             "--host-dir", str(directory),
+            "--run-id", request.run_id,
         ]
         with open(directory / "agent.log", "ab") as agent_log:
             process = subprocess.Popen(
