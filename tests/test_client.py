@@ -151,11 +151,10 @@ async def test_cancel_keeps_checkpoints_and_vl_resume_continues_bit_identically(
     assert_same_weights(out, reference_weights(150))
     assert tree_digest(old_storage) == before, "the old run's storage must not change"
 
-    logs = await asyncio.to_thread(vl, vl_env, "logs", new_id, "--attempt", "1")
+    logs = await asyncio.to_thread(vl, vl_env, "logs", new_id, "--attempt", "1", "-f")  # finished: -f ends
     assert logs.returncode == 0, logs.stderr
-    assert f"resuming at step {kept[0].step}\n" in logs.stdout and "done: 150 steps" in logs.stdout
-    followed = await asyncio.to_thread(vl, vl_env, "logs", new_id, "-f")
-    assert followed.stdout == f"==> attempt 1 <==\n{logs.stdout}"
+    assert logs.stdout == await (await run.client.get_run(new_id)).logs(attempt=1)
+    assert logs.stdout.startswith(f"resuming at step {kept[0].step}\n") and "done: 150 steps" in logs.stdout
 
 
 @pytest.mark.parametrize("storage_url", ["file", "s3", "gs"], indirect=True)
