@@ -228,9 +228,9 @@ class Connection:
         self.ui_url = ui_url
 
     def run_link(self, run_id: str) -> str | None:
-        if not self.ui_url:
-            return None
-        return f"{self.ui_url}/namespaces/{self.client.namespace}/workflows/{run_id}"
+        from vaultlayer.ui import run_link
+
+        return run_link(self.ui_url, self.client.namespace, run_id) if self.ui_url else None
 
 
 async def connect() -> Connection:
@@ -378,6 +378,10 @@ async def cmd_run(args: argparse.Namespace) -> int:
 
     args = with_config(args)
     spec = build_spec(args)  # every input check happens before anything starts
+    if spec.checkpoint_dir is None:
+        from cli.snippet import offer_on_run
+
+        offer_on_run(spec.command, Path(spec.workdir))
     conn = await connect()
     problem = await ensure_search_attributes(conn.client)
     if problem:
@@ -683,6 +687,10 @@ def parser() -> argparse.ArgumentParser:
 
     schema = sub.add_parser("schema", help="print the JSON Schema of the run config file (vl run -f FILE)")
     schema.set_defaults(handler=cmd_schema)
+
+    from cli.snippet import add_parser as add_init_parser
+
+    add_init_parser(sub)
 
     status = sub.add_parser("status", help="show a run")
     status.add_argument("run_id")

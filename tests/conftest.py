@@ -22,6 +22,7 @@ from temporalio.testing import WorkflowEnvironment
 from activities.providers.local import group_alive, group_members  # noqa: F401 - used by tests
 from tests.fakes.gce import gce, gce_hosts  # noqa: F401 - fixtures: a fake GCP project, its VMs played
 from tests.object_storage import gcs_server, s3_server  # noqa: F401 - session fixtures
+from vaultlayer import ui
 from vaultlayer.models import Limits, Pool, RunSpec
 
 REPO = Path(__file__).resolve().parent.parent
@@ -46,6 +47,7 @@ async def temporal_env():
         dev_server_extra_args=[
             "--dynamic-config-value",
             f"limit.historyCount.suggestContinueAsNew={SUGGEST_CONTINUE_AS_NEW_AFTER}",
+            *ui.dev_server_args(),
         ],
     )
     yield env

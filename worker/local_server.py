@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from vaultlayer import ui
 from vaultlayer.home import vl_home
 
 SERVER_START_SECONDS = 30.0
@@ -128,7 +129,7 @@ def ensure_embedded() -> Embedded:
                                 f"VL_TEMPORAL_PORT to a free port, or set TEMPORAL_ADDRESS to use that server")
         _spawn("server", [
             temporal_binary(), "server", "start-dev", "--db-filename", str(db), "--ip", "127.0.0.1",
-            "--port", str(port), "--ui-port", str(ui_port), "--log-level", "warn",
+            "--port", str(port), "--ui-port", str(ui_port), "--log-level", "warn", *ui.dev_server_args(),
         ], marker=str(db))
         started.append("temporal dev server")
         deadline = time.monotonic() + SERVER_START_SECONDS
@@ -137,7 +138,9 @@ def ensure_embedded() -> Embedded:
                 raise EmbeddedError(f"the Temporal dev server did not start; see {home / 'logs' / 'server.log'}")
             time.sleep(0.1)
     address = f"127.0.0.1:{port}"
-    fingerprint = code_fingerprint()
+    from vaultlayer.codec import keys_fingerprint
+
+    fingerprint = f"{code_fingerprint()}/{keys_fingerprint()}"  # other keys need another worker too
     worker = _read("worker")
     if worker is not None and worker.get("code") != fingerprint:
         _stop("worker", wait_seconds=10)

@@ -1,0 +1,28 @@
+"""`vl ui RUN`: the run's page in the Temporal UI (embedded: http://localhost:8233; a cluster: VL_UI_URL)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    ui = sub.add_parser("ui", help="print the run's link in the Temporal UI")
+    ui.add_argument("run_id", metavar="RUN")
+    ui.set_defaults(handler=cmd_ui)
+
+
+async def cmd_ui(args: argparse.Namespace) -> int:
+    from temporalio.service import RPCError
+
+    from cli.main import connect, fail
+
+    conn = await connect()
+    if not conn.ui_url:
+        fail("no Temporal UI address for this cluster: set VL_UI_URL to your UI, such as "
+             "https://temporal.example.com (Temporal Cloud: https://cloud.temporal.io)", code=1)
+    try:
+        await conn.client.get_workflow_handle(args.run_id).describe()
+    except RPCError as err:
+        fail(f"no run {args.run_id!r} ({err.message}); list runs with: vl ls", code=1)
+    print(conn.run_link(args.run_id))
+    return 0
