@@ -1,0 +1,86 @@
+"""A Hugging Face `transformers.Trainer` callback that saves through VaultLayer and resumes after a reclaim.
+
+    vl_callback = VaultLayerCallback()
+    trainer = Trainer(..., callbacks=[vl_callback])
+    trainer.train(resume_from_checkpoint=vl_callback.restored_checkpoint())
+
+A save is the Trainer's own checkpoint (model, optimizer, scheduler, scaler, every RNG and the trainer
+state), asked for with `control.should_save` whenever `vaultlayer.should_save` says so: at the interval, and at
+once on a reclaim notice. Its files are hard-linked (cheap, and safe from the Trainer's checkpoint rotation)
+and handed to `vaultlayer.save_async`, which moves them into the checkpoint in the background. On a restart
+`restored_checkpoint()` is the restored checkpoint, and the Trainer's own resume skips the batches already
+trained on and restores the RNGs, so the run goes on as if never interrupted. A checkpoint the Trainer wrote
+only for VaultLayer is removed from `output_dir` once linked. Without `vl` around it the callback does nothing
+and `restored_checkpoint()` is None.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+import vaultlayer
+
+
+class VaultLayerCallback(TrainerCallback):
+    """Saves at the SDK's save points, reacts to reclaim notices, and names the checkpoint to resume from."""
+
+    def __init__(self) -> None:
+        self.requested = False  # this step's save was asked for by VaultLayer
+        self.requested_only = False  # ... and by nothing else: the local copy is ours to remove
+
+    def restored_checkpoint(self) -> str | None:
+        """The restored checkpoint for `trainer.train(resume_from_checkpoint=...)`, or None on a fresh start."""
+        restored = vaultlayer.resume()
+        if restored is None:
+            return None
+        print(f"vaultlayer: resuming the Trainer at step {restored.step}", flush=True)
+        return str(restored.path)
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs) -> None:
+        if vaultlayer.active() and args.save_only_model:
+            raise ValueError("VaultLayerCallback: TrainingArguments(save_only_model=True) leaves the optimizer, "
+                             "scheduler and RNG states out of checkpoints, so a resume would diverge; drop it")
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs) -> None:
+        self.requested = vaultlayer.should_save(state.global_step)
+        if self.requested:
+            self.requested_only = not control.should_save
+            control.should_save = True
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs) -> None:
+        if not self.requested:
+            return
+        self.requested = False
+        local = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        vaultlayer.save_async(state.global_step, lambda: _link_copy(local), _move_files)
+        if self.requested_only:
+            shutil.rmtree(local, ignore_errors=True)
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs) -> None:
+        vaultlayer.wait_for_saves()
+
+
+def _link_copy(source: Path) -> Path:
+    """A copy of `source` beside it made of hard links (a plain copy where links are refused)."""
+    target = source.with_name(f".vl-{source.name}-{uuid.uuid4().hex[:8]}")
+    shutil.copytree(source, target, copy_function=_link_or_copy)
+    return target
+
+
+def _link_or_copy(source: str, target: str) -> None:
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
+def _move_files(snapshot: Path, directory: Path) -> None:
+    for item in snapshot.iterdir():
+        shutil.move(item, directory / item.name)
+    snapshot.rmdir()
