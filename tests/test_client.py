@@ -20,7 +20,7 @@ from activities.attempt_logs import LogShipper
 from tests.conftest import REPO, TRAIN_TINY, assert_same_weights, group_alive, make_spec, wait_until
 from vaultlayer import checkpoint, seed
 from vaultlayer import client as vl_client
-from vaultlayer.logs_store import LogCursor, read_logs
+from vaultlayer.logs_store import LogCursor, read_logs, write_chunk
 from vaultlayer.models import AttemptOutcome, RunState
 from vaultlayer.runs import AsyncClient, Client, ClientError, RunNotFound
 
@@ -204,3 +204,30 @@ def test_resume_copies_the_newest_verified_checkpoint_and_reads_the_old_run_only
     assert not checkpoint.quarantine_records(storage_url, "r-old"), "the old run's storage is only read"
     with pytest.raises(checkpoint.CheckpointError, match="changed since it was verified"):
         seed.copy_checkpoint(source.model_copy(update={"manifest_sha256": "0" * 64}), storage_url, "r-other")
+
+
+async def test_a_run_without_a_worker_still_has_its_spec_and_stored_logs(temporal_env, tmp_path):
+    spec = make_spec(tmp_path, steps=1, out=tmp_path / "w.pt")
+    run = await AsyncClient(temporal_env.client, task_queue=f"no-worker-{spec.run_id}").submit(spec)
+    try:
+        write_chunk(spec.storage_url, spec.run_id, 1, 0, b"stored before the control plane went away\n")
+        assert await run.spec() == spec  # nobody answers the query: read from the run's history
+        assert await run.logs() == "==> attempt 1 <==\nstored before the control plane went away\n"
+    finally:
+        await temporal_env.client.get_workflow_handle(spec.run_id).terminate("test over")
+
+
+def test_following_reads_each_chunk_once_in_attempt_order(tmp_path):
+    storage = (tmp_path / "storage").as_uri()
+    cursor = LogCursor(storage, "r-1")
+    write_chunk(storage, "r-1", 1, 0, b"one\n")
+    write_chunk(storage, "r-1", 1, 4, b"two\n")
+    assert cursor.read_new() == "==> attempt 1 <==\none\ntwo\n"
+    assert cursor.read_new() == ""
+    write_chunk(storage, "r-1", 1, 8, b"three\n")
+    write_chunk(storage, "r-1", 2, 0, b"resumed\n")
+    assert cursor.read_new() == "three\n==> attempt 2 <==\nresumed\n"
+    write_chunk(storage, "r-1", 1, 14, b"from a written-off host\n")
+    write_chunk(storage, "r-1", 2, 8, b"done\n")
+    assert cursor.read_new() == "done\n"  # attempt 1 was read in full once attempt 2 had begun
+    assert read_logs(storage, "r-1", attempt=1) == "one\ntwo\nthree\nfrom a written-off host\n"

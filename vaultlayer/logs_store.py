@@ -69,12 +69,16 @@ class LogCursor:
         self.attempt = attempt
         self.read_up_to: dict[int, int] = {}  # attempt -> offset of the last chunk read
         self.shown_attempt: int | None = None
+        # Attempts read in full: an attempt stores its last chunk before it ends, so once a later attempt has
+        # stored anything, one more read gets all of it. Following a long run lists only its newest attempts.
+        # (A host written off while still alive may store more later: `read_logs` shows it, a follower not.)
+        self.done: set[int] = set()
 
     def read_new(self) -> str:
         attempts = [self.attempt] if self.attempt is not None else stored_attempts(self.storage_url, self.run_id)
         fs, _ = url_to_fs(logs_url(self.storage_url, self.run_id))
         parts = []
-        for attempt in attempts:
+        for attempt in (attempt for attempt in attempts if attempt not in self.done):
             last = self.read_up_to.get(attempt, -1)
             new = [(offset, path) for offset, path in _chunks(self.storage_url, self.run_id, attempt) if offset > last]
             if not new:
@@ -86,6 +90,7 @@ class LogCursor:
                 self.shown_attempt = attempt
             parts += [data[path].decode(errors="replace") for _, path in new]
             self.read_up_to[attempt] = new[-1][0]
+        self.done.update(attempt for attempt in attempts if attempt < attempts[-1])
         return "".join(parts)
 
 

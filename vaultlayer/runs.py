@@ -18,7 +18,7 @@ import os
 import secrets
 import threading
 from collections.abc import AsyncIterator, Coroutine, Iterator, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from temporalio.client import Client as TemporalClient
@@ -29,10 +29,11 @@ from temporalio.service import RPCError, RPCStatusCode
 from vaultlayer import checkpoint, logs_store, seed
 from vaultlayer import client as vl_client
 from vaultlayer.home import default_storage_url
-from vaultlayer.models import CheckpointRef, RunSpec, RunStatus
+from vaultlayer.models import CheckpointRef, RunInput, RunSpec, RunStatus
 
 T = TypeVar("T")
 LOG_POLL_SECONDS = 1.0
+SPEC_QUERY_SECONDS = 3.0  # then the spec is read from the run's history
 
 
 class ClientError(Exception):
@@ -146,8 +147,19 @@ class AsyncRun:
         return await vl_client.status(self.client.temporal, self.run_id)
 
     async def spec(self) -> RunSpec:
+        """What the run was submitted with. From its history when no worker answers the query, so that the
+        checkpoints and logs of a run stay readable after its control plane has gone."""
         if self._spec is None:
-            self._spec = await vl_client.spec(self.client.temporal, self.run_id)
+            handle = self.client.temporal.get_workflow_handle(self.run_id)
+            try:
+                self._spec = await handle.query("spec", result_type=RunSpec,
+                                                rpc_timeout=timedelta(seconds=SPEC_QUERY_SECONDS))
+            except RPCError:
+                async for event in handle.fetch_history_events():
+                    payloads = event.workflow_execution_started_event_attributes.input.payloads
+                    [started] = await self.client.temporal.data_converter.decode(payloads, [RunInput])
+                    self._spec = started.spec
+                    break
         return self._spec
 
     async def wait(self, timeout: float | None = None) -> RunStatus:
