@@ -1,0 +1,59 @@
+"""Faults of the control plane: the Temporal server SIGKILLed and restarted on the same database, mid-run.
+
+Hosts and the control-plane worker stay up through it; the run must carry on (agents and worker reconnect by
+themselves) and finish bit-identical to an uninterrupted run, with no host left behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+from temporalio.service import RPCError
+
+from tests.conftest import assert_same_weights, make_spec, wait_until
+from tests.faults.conftest import DevServer, assert_no_host_left, status_of
+from vaultlayer import client as vl_client
+from vaultlayer.models import RunState
+from worker.control import create_worker
+
+OUTAGE_SECONDS = 2.0
+
+
+async def test_dev_server_killed_and_restarted_on_the_same_database(vl_home, tmp_path, reference_weights, figure):
+    server = DevServer(tmp_path)
+    server.start()
+    try:
+        client = await server.connect()
+        queue = f"vl-test-{uuid.uuid4().hex[:8]}"
+        out = tmp_path / "w.pt"
+        spec = make_spec(tmp_path, steps=200, out=out, heartbeat_timeout_seconds=10.0)
+        async with create_worker(client, task_queue=queue, home=vl_home):
+            handle = await vl_client.submit(client, spec, queue=queue)
+
+            async def step_beyond(step: int):
+                try:
+                    status = await status_of(client, spec.run_id)
+                except RPCError:  # the server is still coming back
+                    return None
+                return status if (status.step or 0) > step and (status.durable_step or 0) >= 10 else None
+
+            before = await wait_until(lambda: step_beyond(20), 90, "training and a checkpoint")
+            server.kill()
+            killed_at = time.monotonic()
+            await asyncio.sleep(OUTAGE_SECONDS)  # the outage itself: the host trains on, unheard
+            server.start()
+            restarted_at = time.monotonic()
+            after = await wait_until(lambda: step_beyond(before.step + 10), 90, "progress after the restart")
+            resumed_at = time.monotonic()
+            await asyncio.wait_for(handle.result(), 180)
+            status = await status_of(client, spec.run_id)
+    finally:
+        server.kill()
+    assert status.state == RunState.SUCCEEDED, status.stop_reason
+    assert after.step > before.step
+    assert_same_weights(out, reference_weights(200))
+    assert_no_host_left(vl_home)
+    figure(outage_seconds=round(restarted_at - killed_at, 1), seconds_to_resume=round(resumed_at - restarted_at, 1),
+           attempts=len(status.attempts), steps_lost=status.steps_lost)
