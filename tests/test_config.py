@@ -50,6 +50,7 @@ BAD_CONFIGS = [
     ("checkpoint:\n  dir: .\n", "vl.yaml: checkpoint.dir: '.' holds"),
     ("limits:\n  max_cost: -5\n", "vl.yaml: limits.max_cost: -5 is too small; fix: give a number more than 0"),
     ("limits:\n  max_attempts: ten\n", "vl.yaml: limits.max_attempts: 'ten' is not a whole number; fix:"),
+    ("limits:\n  max_reclaims: yes\n", "vl.yaml: limits.max_reclaims: True is not a whole number; fix:"),
     ("limits:\n  deadline: tomorrow\n",
      "vl.yaml: limits.deadline: 'tomorrow' is neither a duration nor a time; fix:"),
     ("limits:\n  deadline: 2026-01-01T00:00:00\n",

@@ -40,7 +40,7 @@ class ConfigError(ValueError):
 class ConfigModel(BaseModel):
     """Unknown fields are errors, so that a typo is reported instead of silently ignored."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # strict: `true` is not the number 1
 
 
 def _duration(value: object) -> str:
@@ -109,9 +109,11 @@ class CheckpointConfig(ConfigModel):
     @field_validator("every", mode="before")
     @classmethod
     def _every(cls, value: object) -> object:
-        if value is None or isinstance(value, bool):
+        if value is None:
             return value
         try:
+            if isinstance(value, bool):
+                raise ValueError
             parse_interval(str(value))
         except ValueError:
             raise ValueError(f"{value!r} is neither a number of steps nor a duration; fix: write a positive "
