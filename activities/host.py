@@ -25,7 +25,7 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities import setup_commands
-from activities.attempt_logs import LogShipper
+from activities.attempt_logs import LogShipper, mask
 from activities.env_secrets import SecretUnavailable, resolve_secrets
 from activities.notices import NoticeSource
 from activities.snapshots import SETTLE_SECONDS, DirectorySnapshots, restore_directory
@@ -319,7 +319,9 @@ class HostAgentActivities:
                 exit_code=exit_code,
                 reason="" if exit_code == 0 else (setup_commands.failure(control / "setup-failed")
                                                   or f"the script exited with code {exit_code}"),
-                log_tail="" if exit_code == 0 else tail(self.host_dir / f"a{inp.attempt}.log"),
+                # The tail goes into history: masked like the stored log, so a secret printed is not kept.
+                log_tail="" if exit_code == 0 else mask(tail(self.host_dir / f"a{inp.attempt}.log").encode(),
+                                                        shipper.secrets).decode(errors="replace"),
             )
         finally:
             uploads.cancel()

@@ -99,6 +99,26 @@ async def test_a_planted_secret_appears_in_no_history_log_or_checkpoint(temporal
     assert spec.run_id in worker_logs
 
 
+async def test_a_secret_the_script_prints_is_masked_in_the_failure_tail_and_the_stored_log(
+        temporal_env, control, tmp_path, monkeypatch):
+    planted = f"planted-{secrets.token_hex(16)}"
+    source = f"PLANTED_SOURCE_{secrets.token_hex(4).upper()}"
+    monkeypatch.setenv(source, planted)
+    digest = hashlib.sha256(planted.encode()).hexdigest()
+    spec = make_spec(tmp_path, steps=1, out=tmp_path / "unused",
+                     command=[sys.executable, str(READER), "RUN_CONFIG_BLOB", digest, "print-and-fail"],
+                     env_secrets={"RUN_CONFIG_BLOB": f"env:{source}"})  # masked though its name looks harmless
+    client = temporal_env.client
+    await vl_client.submit(client, spec, queue=control)
+    await asyncio.wait_for(asyncio.gather(client.get_workflow_handle(spec.run_id).result(), return_exceptions=True), 60)
+    status = await vl_client.status(client, spec.run_id)
+    assert status.state == RunState.FAILED and status.exit_code == 3
+    assert "debugging: RUN_CONFIG_BLOB=***" in status.attempts[-1].log_tail
+    assert planted not in await temporal_haystack(client, spec.run_id)
+    stored, _ = files_haystack(tmp_path / "storage")
+    assert "debugging: RUN_CONFIG_BLOB=***" in stored and planted not in stored
+
+
 async def test_a_secret_the_host_cannot_read_fails_the_attempt_naming_the_reference(temporal_env, control, tmp_path):
     missing = f"NOT_SET_{secrets.token_hex(4).upper()}"
     spec = make_spec(tmp_path, steps=1, out=tmp_path / "unused", command=[sys.executable, "-c", "pass"],
