@@ -56,7 +56,7 @@ class VaultLayerCallback(Callback):
             trainer._checkpoint_connector._restore_modules_and_callbacks(  # noqa: SLF001 - no public hook
                 restored.path / CHECKPOINT_FILE, weights_only=True)
             print(f"vaultlayer: resuming Lightning at step {restored.step}", flush=True)
-        if self.loaded is not None and self.loaded["epoch_rng"] is not None:
+        if self.loaded is not None:
             set_rng_state(self.loaded["epoch_rng"])  # the epoch's batches are drawn again, as they were
         self.epoch_rng = rng_state()
 
