@@ -27,6 +27,7 @@ from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 
 from activities.providers.local import LocalProvider
 from tests.conftest import REPO, TRAIN_TINY, make_spec
+from tests.test_cli import free_port
 from vaultlayer import checkpoint
 from vaultlayer import client as vl_client
 from vaultlayer.codec import ENCODING, AesGcmCodec, EncryptionKeyError, data_converter, key_id, load_keys
@@ -239,6 +240,33 @@ async def test_host_agent_refuses_other_runs_and_hosts(temporal_env, temporal_ad
             assert await send(run_id, mine) == "ran: completed"  # its own work it does
     finally:
         provider.release(host)
+
+
+def test_a_shell_with_another_key_setting_is_refused_by_the_embedded_worker(tmp_path):
+    """The embedded worker holds the key of the `vl` that started it; a `vl` without that key is told so,
+    on one line, instead of starting runs that worker could not read (or reading runs sealed for it)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VL_", "TEMPORAL_"))}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.update(VL_HOME=str(tmp_path / "home"), VL_TEMPORAL_PORT=str(free_port()), VL_UI_PORT=str(free_port()))
+    keyed = {**env, "VL_ENCRYPTION_KEY": new_key()}
+
+    def vl(environment: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "cli.main", *args], env=environment, cwd=REPO,
+                              capture_output=True, text=True, timeout=120)
+
+    try:
+        started = vl(keyed, "ls")
+        assert started.returncode == 0 and "started control-plane worker" in started.stderr, started.stderr
+        refused = vl(env, "ls")
+        key = key_id(base64.b64decode(keyed["VL_ENCRYPTION_KEY"]))
+        assert refused.returncode == 1 and refused.stderr.strip().splitlines() == [
+            f"vl: error: the background worker runs with keys {key} and this shell has no encryption key; set "
+            "VL_ENCRYPTION_KEY or VL_ENCRYPTION_KEY_FILE as it was when the worker started, or vl down to restart "
+            "it with this shell's"], refused.stderr
+        again = vl(keyed, "ls")
+        assert again.returncode == 0 and "started" not in again.stderr, "the same key reuses the worker"
+    finally:
+        vl(env, "down")
 
 
 def test_run_ids_cannot_escape_the_storage_root(tmp_path):

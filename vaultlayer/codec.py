@@ -72,10 +72,9 @@ def load_keys(env: Mapping[str, str] | None = None) -> list[bytes]:
     return []
 
 
-def key_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The key setting as it stands in `env`, to hand to a process this one starts (never to history)."""
-    env = os.environ if env is None else env
-    return {name: env[name] for name in (KEY_ENV, KEY_FILE_ENV) if env.get(name)}
+def keys_fingerprint(env: Mapping[str, str] | None = None) -> str:
+    """The configured keys' ids, '' without encryption: a background worker started with others is stale."""
+    return ",".join(key_id(key) for key in load_keys(env))
 
 
 class AesGcmCodec(PayloadCodec):

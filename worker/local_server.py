@@ -27,6 +27,10 @@ from vaultlayer import ui
 from vaultlayer.home import vl_home
 
 SERVER_START_SECONDS = 30.0
+# SQLite in WAL mode, synced at its checkpoints rather than at every commit: a sync per transaction held
+# the dev server to a few workflow tasks a second under load (docs/load.md). A crash of the server loses
+# nothing and the file never corrupts; a power cut may lose the last commits.
+SQLITE_PRAGMAS = ("--sqlite-pragma", "journal_mode=wal", "--sqlite-pragma", "synchronous=normal")
 
 
 class EmbeddedError(RuntimeError):
@@ -93,13 +97,14 @@ def _read(name: str) -> dict | None:
     return record if _alive(record) else None
 
 
-def _spawn(name: str, command: list[str], marker: str, env: dict[str, str] | None = None, code: str = "") -> dict:
+def _spawn(name: str, command: list[str], marker: str, env: dict[str, str] | None = None, code: str = "",
+           keys: str = "") -> dict:
     log_dir = vl_home() / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     with open(log_dir / f"{name}.log", "ab") as log_file:
         process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
                                    start_new_session=True, env=env, cwd=vl_home())
-    record = {"pid": process.pid, "marker": marker, "command": command, "code": code}
+    record = {"pid": process.pid, "marker": marker, "command": command, "code": code, "keys": keys}
     _state_file(name).parent.mkdir(parents=True, exist_ok=True)
     _state_file(name).write_text(json.dumps(record))
     return record
@@ -116,6 +121,10 @@ def code_fingerprint() -> str:
     return digest.hexdigest()[:16]
 
 
+def _keys_text(ids: str) -> str:
+    return f"keys {ids}" if ids else "no encryption key"
+
+
 def ensure_embedded() -> Embedded:
     """Start (or reuse) the dev server and the control-plane worker; return where they are."""
     port, ui_port = ports()
@@ -130,6 +139,7 @@ def ensure_embedded() -> Embedded:
         _spawn("server", [
             temporal_binary(), "server", "start-dev", "--db-filename", str(db), "--ip", "127.0.0.1",
             "--port", str(port), "--ui-port", str(ui_port), "--log-level", "warn", *ui.dev_server_args(),
+            *SQLITE_PRAGMAS,
         ], marker=str(db))
         started.append("temporal dev server")
         deadline = time.monotonic() + SERVER_START_SECONDS
@@ -140,8 +150,13 @@ def ensure_embedded() -> Embedded:
     address = f"127.0.0.1:{port}"
     from vaultlayer.codec import keys_fingerprint
 
-    fingerprint = f"{code_fingerprint()}/{keys_fingerprint()}"  # other keys need another worker too
+    fingerprint, keys = code_fingerprint(), keys_fingerprint()
     worker = _read("worker")
+    if worker is not None and worker.get("keys", "") != keys:
+        # Its runs are sealed with its keys: another key setting could not read them, nor it ours.
+        raise EmbeddedError(f"the background worker runs with {_keys_text(worker.get('keys', ''))} and this shell "
+                            f"has {_keys_text(keys)}; set VL_ENCRYPTION_KEY or VL_ENCRYPTION_KEY_FILE as it was "
+                            "when the worker started, or vl down to restart it with this shell's")
     if worker is not None and worker.get("code") != fingerprint:
         _stop("worker", wait_seconds=10)
         worker = None
@@ -149,7 +164,7 @@ def ensure_embedded() -> Embedded:
         env = {**os.environ, "TEMPORAL_ADDRESS": address, "VL_HOME": str(home)}
         env.pop("TEMPORAL_NAMESPACE", None)
         _spawn("worker", [sys.executable, "-m", "worker.control"], marker="worker.control",
-               env=env, code=fingerprint)
+               env=env, code=fingerprint, keys=keys)
         started.append("control-plane worker")
     return Embedded(address=address, ui_url=f"http://localhost:{ui_port}", started=started)
 
