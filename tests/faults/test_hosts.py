@@ -1,0 +1,79 @@
+"""Faults of a host: its agent SIGKILLed while the script it started lives on, and a reclaim without notice during
+the very first step, before any checkpoint exists. Each run ends identical to an uninterrupted one, with no
+host left (an orphaned script included: it is in the host's process group).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+from tests.conftest import assert_same_weights, group_members, make_spec, wait_until
+from tests.faults.conftest import assert_no_host_left, counter_command, status_of
+from vaultlayer import checkpoint
+from vaultlayer import client as vl_client
+from vaultlayer.models import AttemptOutcome, RunState
+
+
+async def test_host_agent_killed_while_its_script_lives_on(temporal_env, control, vl_home, tmp_path,
+                                                           reference_weights, figure):
+    out = tmp_path / "w.pt"
+    spec = make_spec(tmp_path, steps=150, out=out, heartbeat_timeout_seconds=3.0)
+    client = temporal_env.client
+    await vl_client.submit(client, spec, queue=control)
+
+    async def stored_some():
+        status = await status_of(client, spec.run_id)
+        return status if (status.durable_step or 0) >= 20 and status.current_host else None
+
+    status = await wait_until(stored_some, 90, "training and two checkpoints")
+    pgid = int(status.current_host.handle["pgid"])  # the agent leads its host's process group
+    os.kill(pgid, signal.SIGKILL)
+
+    await asyncio.wait_for(client.get_workflow_handle(spec.run_id).result(), 180)
+    status = await status_of(client, spec.run_id)
+    first, second = status.attempts[0], status.attempts[1]
+    # The orphaned script keeps the host alive: a host fault, not a reclaim, and the host is released.
+    assert first.outcome == AttemptOutcome.HOST_FAULT and "heartbeats stopped while the host is running" in first.reason
+    assert second.start_step == first.durable_step >= 20
+    assert status.state == RunState.SUCCEEDED
+    assert_same_weights(out, reference_weights(150))
+    assert not group_members(pgid) or all(state == "Z" for _, state in group_members(pgid))
+    assert_no_host_left(vl_home)
+    figure(steps_lost=status.steps_lost, resumed_from=second.start_step)
+
+
+async def test_reclaim_during_the_very_first_step_resumes_from_scratch(temporal_env, control, vl_home, tmp_path,
+                                                                      counter_reference, figure):
+    out = tmp_path / "out.json"
+    steps = 30
+    spec = make_spec(tmp_path, steps=steps, out=out, command=counter_command(steps, out, step_time=0.3),
+                     heartbeat_timeout_seconds=2.0)
+    client = temporal_env.client
+    await vl_client.submit(client, spec, queue=control)
+    host_dir = vl_home / "hosts" / spec.run_id / "h-1"
+
+    async def first_step_running():
+        """The script has started and not yet finished a step (the SDK reports progress after each)."""
+        tag = host_dir / "host.json"
+        if not tag.exists():
+            return False
+        started = "script started" in (host_dir / "agent.log").read_text(errors="replace")
+        return started and not (host_dir / "a1" / "control" / "progress.json").exists()
+
+    await wait_until(first_step_running, 60, "the script's first step")
+    await vl_client.reclaim(client, spec.run_id, with_notice=False)
+
+    await asyncio.wait_for(client.get_workflow_handle(spec.run_id).result(), 120)
+    status = await status_of(client, spec.run_id)
+    first, second = status.attempts[0], status.attempts[1]
+    assert first.outcome == AttemptOutcome.RECLAIMED and "host gone" in first.reason
+    assert first.durable_step is None and first.end_step in (0, 1, None)
+    assert second.start_step == 0 and second.resumed_from is None
+    assert [attempt for _, _, attempt in checkpoint.list_checkpoints(spec.storage_url, spec.run_id)
+            if attempt == 1] == [], "the first host stored nothing"
+    assert status.state == RunState.SUCCEEDED
+    assert out.read_text() == counter_reference(steps)
+    assert_no_host_left(vl_home)
+    figure(steps_lost=status.steps_lost, first_attempt_end_step=first.end_step)
