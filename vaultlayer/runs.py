@@ -91,13 +91,18 @@ class AsyncClient:
 
     async def get_run(self, run_id: str) -> AsyncRun:
         """The run with this id; RunNotFound if there is none."""
+        if not await self._exists(run_id):
+            raise RunNotFound(f"no run {run_id!r}; list runs with: vl ls")
+        return AsyncRun(self, run_id)
+
+    async def _exists(self, run_id: str) -> bool:
         try:
             await self.temporal.get_workflow_handle(run_id).describe()
         except RPCError as err:
             if err.status == RPCStatusCode.NOT_FOUND:
-                raise RunNotFound(f"no run {run_id!r}; list runs with: vl ls") from None
+                return False
             raise
-        return AsyncRun(self, run_id)
+        return True
 
     async def list_runs(self, limit: int = 100) -> list[RunStatus]:
         """Runs, newest first."""
@@ -116,11 +121,8 @@ class AsyncClient:
         spec = await old.spec()
         new_spec = RunSpec.model_validate(spec.model_dump() | {"run_id": new_id or new_run_id(),
                                                                "submitted_at": datetime.now(UTC)})
-        try:
-            await self.get_run(new_spec.run_id)
+        if await self._exists(new_spec.run_id):  # checked before the copy lands in that run's storage
             raise ClientError(f"run id {new_spec.run_id!r} is taken; give the new run another id")
-        except RunNotFound:
-            pass
         source = await asyncio.to_thread(seed.newest_verified, spec.storage_url, run_id, status.fences)
         if source is None:
             raise ClientError(f"run {run_id} has no verified checkpoint in {spec.storage_url} to resume from; "
