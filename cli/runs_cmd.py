@@ -8,7 +8,10 @@ verified checkpoint), 2 on bad input.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+from vaultlayer.models import RunSpec
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -23,6 +26,19 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     resume.add_argument("--run-id", dest="new_run_id", metavar="ID", help="the new run's id (default: generated)")
     resume.add_argument("--detach", action="store_true", help="submit and return")
     resume.set_defaults(handler=cmd_resume)
+
+
+def spec_from_config(path: str | os.PathLike, *flags: str) -> RunSpec:
+    """The RunSpec that `vl run -f PATH [FLAGS]` would submit, for the Python client: `client.submit(
+    spec_from_config("vl.yaml"))`. Here, on the CLI floor, because the merge of a config file under the flags
+    and the checks behind it are `vl run`'s own. Bad input raises UsageError, one line per problem."""
+    from cli.main import build_spec, new_run_id, parser, with_config
+
+    argv = ["run", "-f", str(path), *flags]
+    args = parser().parse_args(argv)
+    args.command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    args.run_id, args.argv = args.run_id or new_run_id(), argv
+    return build_spec(with_config(args))
 
 
 def detached_hint(run_id: str) -> str:

@@ -231,3 +231,19 @@ def test_following_reads_each_chunk_once_in_attempt_order(tmp_path):
     write_chunk(storage, "r-1", 2, 8, b"done\n")
     assert cursor.read_new() == "done\n"  # attempt 1 was read in full once attempt 2 had begun
     assert read_logs(storage, "r-1", attempt=1) == "one\ntwo\nthree\nfrom a written-off host\n"
+
+
+def test_a_config_file_becomes_the_spec_vl_run_would_submit(tmp_path, vl_home, monkeypatch):
+    from cli.main import UsageError
+    from cli.runs_cmd import spec_from_config
+
+    (tmp_path / "train.py").write_text("")
+    (tmp_path / "vl.yaml").write_text("command: python train.py --steps 10\ncheckpoint: {every: 5, keep: 2}\n")
+    monkeypatch.chdir(vl_home)
+    spec = spec_from_config(tmp_path / "vl.yaml", "--max-cost", "3")
+    assert spec.command[1:] == ["train.py", "--steps", "10"] and spec.workdir == str(tmp_path)
+    assert (spec.checkpoint_every, spec.keep_checkpoints, spec.limits.max_cost) == ("5", 2, 3)
+    assert spec.run_id.startswith("r-") and spec.storage_url == (vl_home / "storage").as_uri()
+    (tmp_path / "bad.yaml").write_text("checkpoint: {keep: lots}\n")
+    with pytest.raises(UsageError, match="checkpoint.keep"):
+        spec_from_config(tmp_path / "bad.yaml")
