@@ -1,0 +1,88 @@
+"""Checkpoint storage (S3 over HTTP on loopback, tests/object_storage.py) down while the next host restores.
+
+`S3Server.stop()` closes the listening socket and every open connection. The restore either rides the outage
+out on its retries or fails the attempt as a host fault and a later attempt restores; either way the run ends
+identical to an uninterrupted one, with no host left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import make_spec, wait_until
+from tests.faults.conftest import assert_no_host_left, counter_command, status_of
+from vaultlayer import client as vl_client
+from vaultlayer.models import AttemptOutcome, RunState
+
+OUTAGE_SECONDS = 4.0
+
+
+def restore_times(hosts_dir: Path) -> list[float]:
+    """When each host agent of the run restored a checkpoint (epoch seconds, from its JSON log)."""
+    times = []
+    for log in hosts_dir.glob("*/agent.log"):
+        for line in log.read_text(errors="replace").splitlines():
+            if '"checkpoint restored"' in line:
+                stamp = json.loads(line)["timestamp"].replace("Z", "+00:00")
+                times.append(datetime.fromisoformat(stamp).timestamp())
+    return times
+
+
+@pytest.mark.parametrize("storage_url", ["s3"], indirect=True)
+async def test_storage_outage_during_restore(temporal_env, control, vl_home, tmp_path, counter_reference, storage_url,
+                                             s3_server, figure):
+    out = tmp_path / "out.json"
+    steps = 100
+    spec = make_spec(tmp_path, steps=steps, out=out, command=counter_command(steps, out, step_time=0.05),
+                     storage_url=storage_url)
+    client = temporal_env.client
+    await vl_client.submit(client, spec, queue=control)
+
+    async def stored_some():
+        status = await status_of(client, spec.run_id)
+        return status if (status.durable_step or 0) >= 10 and status.current_host else None
+
+    await wait_until(stored_some, 90, "a checkpoint")
+    await vl_client.reclaim(client, spec.run_id)
+    host_dir = vl_home / "hosts" / spec.run_id / "h-2"
+
+    async def provisioned():
+        return (host_dir / "host.json").exists()
+
+    await wait_until(provisioned, 60, "the second host")
+    s3_server.stop()  # the checkpoint to restore is chosen; the host has not started on it yet
+    stopped_at = time.time()
+    try:
+        assert not (host_dir / "a2").exists()
+
+        async def restoring():
+            return (host_dir / "a2" / "restore").exists()
+
+        await wait_until(restoring, 60, "the second attempt to start its restore")
+        await asyncio.sleep(max(0.0, OUTAGE_SECONDS - (time.time() - stopped_at)))  # the outage goes on
+    finally:
+        s3_server.start()
+    restarted_at = time.time()
+
+    await asyncio.wait_for(client.get_workflow_handle(spec.run_id).result(), 180)
+    status = await status_of(client, spec.run_id)
+    assert status.state == RunState.SUCCEEDED, status.stop_reason
+    reclaimed, restored = status.attempts[0], status.attempts[-1]
+    assert reclaimed.outcome == AttemptOutcome.RECLAIMED and reclaimed.emergency_save == "saved"
+    # Every attempt after the reclaim restored the emergency save: nothing was lost to the outage.
+    assert all(record.start_step == reclaimed.durable_step for record in status.attempts[1:])
+    assert all(record.outcome in (AttemptOutcome.HOST_FAULT, AttemptOutcome.COMPLETED)
+               for record in status.attempts[1:])
+    assert restored.outcome == AttemptOutcome.COMPLETED
+    restored_at = min(restore_times(vl_home / "hosts" / spec.run_id))
+    assert restored_at > restarted_at, "a restore succeeded while storage was down"
+    assert out.read_text() == counter_reference(steps)
+    assert_no_host_left(vl_home)
+    figure(outage_seconds=round(restarted_at - stopped_at, 1), attempts_after_outage=len(status.attempts) - 1,
+           seconds_to_restore_after_outage=round(restored_at - restarted_at, 1), steps_lost=status.steps_lost)
