@@ -59,7 +59,12 @@ async def cmd_logs(args: argparse.Namespace) -> int:
                 sys.stdout.write(text)
                 sys.stdout.flush()
         else:
-            sys.stdout.write(await run.logs(args.attempt))
+            text = await run.logs(args.attempt)
+            sys.stdout.write(text)
+            if not text:
+                which = f"attempt {args.attempt} of run" if args.attempt else "run"
+                print(f"vl: no output stored for {which} {args.run_id} (yet); follow it with: vl logs {args.run_id} -f",
+                      file=sys.stderr)
     except RunNotFound as err:
         fail(str(err), code=1)
     except Exception as err:  # noqa: BLE001 - storage errors, after retries: say so on one line

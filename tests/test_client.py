@@ -206,13 +206,15 @@ def test_resume_copies_the_newest_verified_checkpoint_and_reads_the_old_run_only
         seed.copy_checkpoint(source.model_copy(update={"manifest_sha256": "0" * 64}), storage_url, "r-other")
 
 
-async def test_a_run_without_a_worker_still_has_its_spec_and_stored_logs(temporal_env, tmp_path):
+async def test_a_run_without_a_worker_still_has_its_spec_and_stored_logs(temporal_env, vl_env, tmp_path):
     spec = make_spec(tmp_path, steps=1, out=tmp_path / "w.pt")
     run = await AsyncClient(temporal_env.client, task_queue=f"no-worker-{spec.run_id}").submit(spec)
     try:
         write_chunk(spec.storage_url, spec.run_id, 1, 0, b"stored before the control plane went away\n")
         assert await run.spec() == spec  # nobody answers the query: read from the run's history
         assert await run.logs() == "==> attempt 1 <==\nstored before the control plane went away\n"
+        printed = await asyncio.to_thread(vl, vl_env, "logs", spec.run_id, "--attempt", "1")
+        assert (printed.returncode, printed.stdout) == (0, "stored before the control plane went away\n")
     finally:
         await temporal_env.client.get_workflow_handle(spec.run_id).terminate("test over")
 
