@@ -58,6 +58,9 @@ class VaultLayerCallback(TrainerCallback):
             return
         self.requested = False
         local = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        if not local.is_dir():  # a hyperparameter search saves under a run folder of its own
+            print(f"vaultlayer: no Trainer checkpoint at {local}; step {state.global_step} not saved", flush=True)
+            return
         vaultlayer.save_async(state.global_step, lambda: _link_copy(local), _move_files)
         if self.requested_only:
             shutil.rmtree(local, ignore_errors=True)
