@@ -85,7 +85,9 @@ async def test_vl_ui_prints_the_runs_link(cli_env, temporal_env, temporal_addres
         cli_env.update(TEMPORAL_ADDRESS=temporal_address, VL_UI_URL="https://temporal.example.com/")
         shown = await asyncio.to_thread(vl, cli_env, "ui", run.run_id)
         assert shown.returncode == 0, shown.stderr
-        assert shown.stdout == f"https://temporal.example.com/namespaces/default/workflows/{run.run_id}\n"
+        execution = (await temporal_env.client.get_workflow_handle(run.run_id).describe()).run_id
+        assert shown.stdout == (f"https://temporal.example.com/namespaces/default/workflows/{run.run_id}/{execution}"
+                                f"/user-metadata\n")
 
         missing = await asyncio.to_thread(vl, cli_env, "ui", "no-such-run")
         assert missing.returncode == 1

@@ -60,7 +60,7 @@ async def submit(client: Client, spec: RunSpec, queue: str | None = None) -> Wor
         RunInput(spec=spec),
         id=spec.run_id,
         task_queue=queue or task_queue(),
-        static_summary=f"vl run: {' '.join(spec.command)[:200]}",
+        static_summary=f"vl run: `{' '.join(spec.command)[:200]}`",  # markdown: code keeps `--flags` intact
     )
 
 

@@ -96,6 +96,9 @@ def current_details(status: RunStatus) -> str:
     lines.append(f"reclaims {status.reclaims} · steps lost {status.steps_lost} · cost ${status.cost_usd:.2f}")
     if status.stop_reason:
         lines.append(f"reason: {status.stop_reason}")
+    if not status.state.finished:
+        lines.append("step: the newest step known safe; the live step is in the run_attempt heartbeat "
+                     "(Pending Activities) and in `vl status`")
     return "\n\n".join(lines)
 
 
