@@ -34,6 +34,10 @@ def expected_message(err: BaseException) -> str | None:
     its traceback."""
     from temporalio.service import RPCError, RPCStatusCode
 
+    from vaultlayer.codec import EncryptionKeyError
+
+    if isinstance(err, EncryptionKeyError):  # a run sealed with a key this shell lacks: the message names it
+        return str(err)
     if not isinstance(err, RPCError):
         return None
     if err.status == RPCStatusCode.NOT_FOUND:

@@ -79,6 +79,13 @@ async def test_encrypted_run_leaves_only_ciphertext_in_history(temporal_env, tem
                                                                   "TEMPORAL_TLS": "false"})
         with pytest.raises(EncryptionKeyError, match=f"encrypted with key {key_id(base64.b64decode(key))}"):
             await vl_client.status(stranger, spec.run_id)
+        keyless = await asyncio.to_thread(
+            subprocess.run, [sys.executable, "-m", "cli.main", "status", spec.run_id], cwd=REPO, capture_output=True,
+            text=True, timeout=60, env={**{k: v for k, v in os.environ.items() if not k.startswith("VL_")},
+                                        "TEMPORAL_ADDRESS": temporal_address, "VL_TASK_QUEUE": queue})
+        assert keyless.returncode == 1 and keyless.stderr.strip().splitlines() == [
+            f"vl: error: a payload is encrypted with key {key_id(base64.b64decode(key))} and this process has no "
+            "key; set VL_ENCRYPTION_KEY or VL_ENCRYPTION_KEY_FILE as the workers have it"], keyless.stderr
 
     plain = temporal_env.client  # no codec: what the server, its UI and `temporal workflow show` hold
     executions = [e async for e in plain.list_workflows(f'WorkflowId = "{spec.run_id}"')]
@@ -120,7 +127,10 @@ async def test_codec_keys_rotate_and_refuse_clearly():
         load_keys({"VL_ENCRYPTION_KEY": base64.b64encode(os.urandom(16)).decode()})
     with pytest.raises(EncryptionKeyError, match="cannot read it"):
         load_keys({"VL_ENCRYPTION_KEY_FILE": "/no/such/key"})
-    assert data_converter({}).payload_codec is None  # no key, no encryption
+    keyless = data_converter({}).payload_codec  # no key: nothing encrypted, and a clear refusal of ciphertext
+    assert await keyless.encode([opened]) == [opened]
+    with pytest.raises(EncryptionKeyError, match=f"encrypted with key {key_id(old)} and this process has no key"):
+        await keyless.decode([sealed])
 
 
 def post(url: str, body: bytes, headers: dict[str, str], method: str = "POST") -> tuple[int, dict, dict]:

@@ -78,13 +78,16 @@ def keys_fingerprint(env: Mapping[str, str] | None = None) -> str:
 
 
 class AesGcmCodec(PayloadCodec):
-    """Each payload becomes nonce || AES-GCM(serialized payload), with its key id as associated data."""
+    """Each payload becomes nonce || AES-GCM(serialized payload), with its key id as associated data.
+    Without keys it encrypts nothing and refuses what it cannot read by name, not as an unknown encoding."""
 
     def __init__(self, keys: Sequence[bytes]) -> None:
-        self._current = key_id(keys[0])
+        self._current = key_id(keys[0]) if keys else None
         self._ciphers = {key_id(key): AESGCM(key) for key in keys}
 
     async def encode(self, payloads: Sequence[Payload]) -> list[Payload]:
+        if self._current is None:
+            return list(payloads)
         cipher, kid = self._ciphers[self._current], self._current.encode()
         encoded = []
         for payload in payloads:
@@ -101,6 +104,9 @@ class AesGcmCodec(PayloadCodec):
             return payload  # written before encryption was turned on
         kid = payload.metadata.get(KEY_ID_METADATA, b"").decode(errors="replace")
         cipher = self._ciphers.get(kid)
+        if cipher is None and not self._ciphers:
+            raise EncryptionKeyError(f"a payload is encrypted with key {kid or '(none named)'} and this process has "
+                                     f"no key; set {KEY_ENV} or {KEY_FILE_ENV} as the workers have it")
         if cipher is None:
             raise EncryptionKeyError(
                 f"a payload is encrypted with key {kid or '(none named)'}, and this process has only "
@@ -118,6 +124,6 @@ def data_converter(env: Mapping[str, str] | None = None) -> DataConverter:
     messages are encrypted too (failure messages can quote commands and paths)."""
     keys = load_keys(env)
     if not keys:
-        return pydantic_data_converter
+        return dataclasses.replace(pydantic_data_converter, payload_codec=AesGcmCodec([]))
     return dataclasses.replace(pydantic_data_converter, payload_codec=AesGcmCodec(keys),
                                failure_converter_class=DefaultFailureConverterWithEncodedAttributes)
