@@ -11,7 +11,6 @@ import argparse
 import asyncio
 import json
 import os
-import secrets
 import shutil
 import sys
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 
 from cli import errors
 from vaultlayer.models import AttemptOutcome, Limits, Market, Pool, RunSpec, RunState, RunStatus
+from vaultlayer.run_ids import new_run_id
 
 EXIT_BAD_INPUT = 2
 EXIT_CANCELLED = 3
@@ -213,10 +213,6 @@ def build_spec(args: argparse.Namespace) -> RunSpec:
         changeover_seconds=seconds_option("--changeover", args.changeover),
         reclaim_only_in=args.reclaim_in,
     )
-
-
-def new_run_id() -> str:
-    return f"r-{datetime.now(UTC):%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
 
 
 # ---------------------------------------------------------------- connection

@@ -32,7 +32,8 @@ def spec_from_config(path: str | os.PathLike, *flags: str) -> RunSpec:
     """The RunSpec that `vl run -f PATH [FLAGS]` would submit, for the Python client: `client.submit(
     spec_from_config("vl.yaml"))`. Here, on the CLI floor, because the merge of a config file under the flags
     and the checks behind it are `vl run`'s own. Bad input raises UsageError, one line per problem."""
-    from cli.main import build_spec, new_run_id, parser, with_config
+    from cli.main import build_spec, parser, with_config
+    from vaultlayer.run_ids import new_run_id
 
     argv = ["run", "-f", str(path), *flags]
     args = parser().parse_args(argv)

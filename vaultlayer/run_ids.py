@@ -6,6 +6,8 @@ leave the storage root or clash with another run's directory."""
 from __future__ import annotations
 
 import re
+import secrets
+from datetime import UTC, datetime
 
 RUN_ID_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
 RUN_ID_RULE = "1-63 of a-z 0-9 - _ . starting with a letter or digit, without '..'"
@@ -24,3 +26,8 @@ def check_run_id(run_id: str) -> str:
     if problem is not None:
         raise ValueError(problem)
     return run_id
+
+
+def new_run_id() -> str:
+    """A fresh id under the rule: `r-<UTC date>-<time>-<4 hex>`, so ids sort by when they were made."""
+    return f"r-{datetime.now(UTC):%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"

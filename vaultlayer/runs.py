@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import secrets
 import threading
 from collections.abc import AsyncIterator, Coroutine, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
@@ -30,6 +29,7 @@ from vaultlayer import checkpoint, logs_store, seed
 from vaultlayer import client as vl_client
 from vaultlayer.home import default_storage_url
 from vaultlayer.models import CheckpointRef, RunInput, RunSpec, RunStatus
+from vaultlayer.run_ids import new_run_id
 
 T = TypeVar("T")
 LOG_POLL_SECONDS = 1.0
@@ -42,10 +42,6 @@ class ClientError(Exception):
 
 class RunNotFound(ClientError, LookupError):
     pass
-
-
-def new_run_id() -> str:
-    return f"r-{datetime.now(UTC):%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
 
 
 def run_spec(command: Sequence[str], **fields: Any) -> RunSpec:
