@@ -184,7 +184,7 @@ def test_codec_server_round_trips_over_http():
         server.shutdown()
 
 
-def test_connection_settings_come_from_temporal_env_config(tmp_path):
+async def test_connection_settings_come_from_temporal_env_config(tmp_path):
     cert, private, ca = (tmp_path / name for name in ("client.pem", "client.key", "ca.pem"))
     for path in (cert, private, ca):
         path.write_bytes(f"-----{path.name}-----".encode())
@@ -200,11 +200,13 @@ def test_connection_settings_come_from_temporal_env_config(tmp_path):
     profile = tmp_path / "temporal.toml"
     profile.write_text(f'[profile.cloud]\naddress = "ns.acct.tmprl.cloud:7233"\nnamespace = "ns.acct"\n'
                        f'api_key = "from-profile"\n')
+    # As a cloud host's agent reads them: the settings secret's JSON is its whole environment.
     cloud = vl_client.connect_config(env={"TEMPORAL_CONFIG_FILE": str(profile), "TEMPORAL_PROFILE": "cloud",
                                           "VL_ENCRYPTION_KEY": new_key()})
     assert cloud["target_host"] == "ns.acct.tmprl.cloud:7233" and cloud["api_key"] == "from-profile"
     assert cloud["tls"] is True  # an API key implies TLS
-    assert cloud["data_converter"].payload_codec is not None
+    [sealed] = await cloud["data_converter"].payload_codec.encode([Payload(data=b"x")])
+    assert sealed.metadata["encoding"] == ENCODING
 
 
 @workflow.defn(name="SendAttempt")

@@ -181,8 +181,10 @@ def test_a_host_reads_its_temporal_settings_with_its_role(aws, temporal_address)
         "TEMPORAL_ADDRESS": temporal_address, "TEMPORAL_NAMESPACE": "default"}
     ssm = boto3.client("ssm")
     ssm.put_parameter(Name="/vaultlayer/temporal", Type="SecureString",
-                      Value=json.dumps({"TEMPORAL_ADDRESS": "t.example:7233", "TEMPORAL_API_KEY": "k-123"}))
-    assert read_temporal_settings("ssm:/vaultlayer/temporal")["TEMPORAL_API_KEY"] == "k-123"
+                      Value=json.dumps({"TEMPORAL_ADDRESS": "t.example:7233", "TEMPORAL_API_KEY": "k-123",
+                                        "VL_ENCRYPTION_KEY": "a2V5"}))  # the payload key travels the same way
+    settings = read_temporal_settings("ssm:/vaultlayer/temporal")
+    assert settings["TEMPORAL_API_KEY"] == "k-123" and settings["VL_ENCRYPTION_KEY"] == "a2V5"
     ssm.put_parameter(Name="/vaultlayer/odd", Type="SecureString",
                       Value=json.dumps({"TEMPORAL_ADDRESS": "t.example:7233", "API_KEY": "k-secret-value"}))
     with pytest.raises(ValueError) as caught:
