@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import http.client
 import json
 import os
 import subprocess
@@ -170,6 +171,10 @@ def test_codec_server_round_trips_over_http():
         assert code == 403 and "'prod' is not served here" in refused["error"]
         code, _, refused = post(f"{base}/decode", b"not json", headers)
         assert code == 400 and "payloads" in refused["error"]
+        raw = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=10)
+        raw.request("POST", "/decode", body=b"", headers={"Content-Length": "-1"})  # would read until EOF
+        assert raw.getresponse().status == 413
+        raw.close()
         stranger = AesGcmCodec([os.urandom(32)])
         foreign = {"payloads": [json.loads(json.dumps(sealed))]}
         foreign_server = make_server(stranger, port=0)

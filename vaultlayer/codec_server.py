@@ -59,12 +59,12 @@ def make_server(codec: PayloadCodec, host: str = "127.0.0.1", port: int = DEFAUL
                 self._reply(403, {"error": f"namespace {namespace!r} is not served here; "
                                            f"this codec server serves {', '.join(sorted(allowed))}"})
                 return
-            length = int(self.headers.get("Content-Length") or 0)
-            if length > MAX_BODY_BYTES:
-                self._reply(413, {"error": f"body of {length} bytes is over the {MAX_BODY_BYTES} byte limit"})
+            length = self.headers.get("Content-Length", "0")
+            if not length.isdigit() or int(length) > MAX_BODY_BYTES:
+                self._reply(413, {"error": f"Content-Length {length!r}: send at most {MAX_BODY_BYTES} bytes"})
                 return
             try:
-                payloads = json_format.Parse(self.rfile.read(length), Payloads())
+                payloads = json_format.Parse(self.rfile.read(int(length)), Payloads())
                 work = codec.encode if parts[-1] == "encode" else codec.decode
                 result = asyncio.run(work(list(payloads.payloads)))
             except (json_format.ParseError, UnicodeDecodeError) as err:
