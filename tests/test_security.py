@@ -172,7 +172,8 @@ def test_codec_server_round_trips_over_http():
         code, _, refused = post(f"{base}/decode", b"not json", headers)
         assert code == 400 and "payloads" in refused["error"]
         raw = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=10)
-        raw.request("POST", "/decode", body=b"", headers={"Content-Length": "-1"})  # would read until EOF
+        # A negative length would read until the client hangs up: refused before reading.
+        raw.request("POST", "/decode", body=b"", headers={"Content-Length": "-1", "X-Namespace": "default"})
         assert raw.getresponse().status == 413
         raw.close()
         stranger = AesGcmCodec([os.urandom(32)])
