@@ -8,15 +8,13 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 import pytest
 from temporalio.client import WorkflowFailureError
 
-from tests.conftest import REPO, assert_same_weights, group_alive, group_members, make_spec, wait_until
+from tests.conftest import assert_same_weights, group_alive, group_members, make_spec, wait_until
 from vaultlayer import checkpoint
 from vaultlayer import client as vl_client
 from vaultlayer.models import AttemptOutcome, RunState, RunStatus
@@ -137,43 +135,6 @@ async def test_corrupt_newest_checkpoint_is_skipped(temporal_env, control, vl_ho
     assert "blake3" in status.bad_checkpoints[0].reason
     assert status.attempts[1].start_step == newest_step - 10
     assert_same_weights(out, reference_weights(150))
-
-
-async def test_control_worker_killed_and_restarted(temporal_env, temporal_address, vl_home, tmp_path,
-                                                   reference_weights):
-    queue = f"vl-test-{uuid.uuid4().hex[:8]}"
-    env = {**os.environ, "TEMPORAL_ADDRESS": temporal_address, "VL_TASK_QUEUE": queue, "VL_HOME": str(vl_home)}
-
-    def start_worker() -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-m", "worker.control"], env=env, cwd=REPO,
-                                stdout=subprocess.DEVNULL, stderr=open(tmp_path / "worker.log", "ab"))
-
-    worker = start_worker()
-    try:
-        out = tmp_path / "w.pt"
-        spec = make_spec(tmp_path, steps=400, out=out)
-        client = temporal_env.client
-        await vl_client.submit(client, spec, queue=queue)
-
-        async def progressed():
-            status = await live_status(client, spec.run_id)
-            return status if (status.step or 0) >= 20 else None
-
-        await wait_until(progressed, 90, "training to start")
-        worker.send_signal(signal.SIGKILL)
-        worker.wait()
-        await asyncio.sleep(3)  # the host trains on, heartbeating to the server, with no control plane
-        worker = start_worker()
-        # Only a live control plane can take this update and drive the reclaim and the next attempt.
-        ack = await vl_client.reclaim(client, spec.run_id)
-        assert ack.host == "h-1"
-        status = await result_of(client, spec.run_id)
-        assert status.state == RunState.SUCCEEDED
-        assert [a.outcome for a in status.attempts] == [AttemptOutcome.RECLAIMED, AttemptOutcome.COMPLETED]
-        assert_same_weights(out, reference_weights(400))
-    finally:
-        worker.kill()
-        worker.wait()
 
 
 async def test_cancel_releases_hosts_and_keeps_checkpoints(temporal_env, control, vl_home, tmp_path):

@@ -1,24 +1,71 @@
-"""Faults of the control plane: the Temporal server SIGKILLed and restarted on the same database, mid-run.
+"""Faults of the control plane, mid-run: the control-plane worker SIGKILLed and restarted; the Temporal server
+SIGKILLed and restarted on the same database.
 
-Hosts and the control-plane worker stay up through it; the run must carry on (agents and worker reconnect by
-themselves) and finish bit-identical to an uninterrupted run, with no host left behind.
+Hosts stay up through either; the run must carry on (agents and worker reconnect by themselves) and finish
+bit-identical to an uninterrupted run, with no host left behind.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import subprocess
+import sys
 import time
 import uuid
 
 from temporalio.service import RPCError
 
-from tests.conftest import assert_same_weights, make_spec, wait_until
+from tests.conftest import REPO, assert_same_weights, make_spec, wait_until
 from tests.faults.conftest import DevServer, assert_no_host_left, status_of
 from vaultlayer import client as vl_client
-from vaultlayer.models import RunState
+from vaultlayer.models import AttemptOutcome, RunState
 from worker.control import create_worker
 
 OUTAGE_SECONDS = 2.0
+
+
+async def test_control_worker_killed_and_restarted(temporal_env, temporal_address, vl_home, tmp_path,
+                                                   reference_weights, figure):
+    queue = f"vl-test-{uuid.uuid4().hex[:8]}"
+    env = {**os.environ, "TEMPORAL_ADDRESS": temporal_address, "VL_TASK_QUEUE": queue, "VL_HOME": str(vl_home)}
+
+    def start_worker() -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "worker.control"], env=env, cwd=REPO,
+                                stdout=subprocess.DEVNULL, stderr=open(tmp_path / "worker.log", "ab"))
+
+    worker = start_worker()
+    try:
+        out = tmp_path / "w.pt"
+        spec = make_spec(tmp_path, steps=400, out=out)
+        client = temporal_env.client
+        await vl_client.submit(client, spec, queue=queue)
+
+        async def progressed():
+            status = await status_of(client, spec.run_id)
+            return status if (status.step or 0) >= 20 else None
+
+        await wait_until(progressed, 90, "training to start")
+        worker.send_signal(signal.SIGKILL)
+        worker.wait()
+        await asyncio.sleep(3)  # the host trains on, heartbeating to the server, with no control plane
+        worker = start_worker()
+        restarted_at = time.monotonic()
+        # Only a live control plane can take this update and drive the reclaim and the next attempt.
+        ack = await vl_client.reclaim(client, spec.run_id)
+        seconds_to_take_commands = time.monotonic() - restarted_at
+        assert ack.host == "h-1"
+        await asyncio.wait_for(client.get_workflow_handle(spec.run_id).result(), 240)
+        status = await status_of(client, spec.run_id)
+        assert status.state == RunState.SUCCEEDED
+        assert [a.outcome for a in status.attempts] == [AttemptOutcome.RECLAIMED, AttemptOutcome.COMPLETED]
+        assert_same_weights(out, reference_weights(400))
+        assert_no_host_left(vl_home)
+        figure(seconds_to_take_commands=round(seconds_to_take_commands, 1), steps_lost=status.steps_lost)
+    finally:
+        worker.kill()
+        worker.wait()
 
 
 async def test_dev_server_killed_and_restarted_on_the_same_database(vl_home, tmp_path, reference_weights, figure):

@@ -1,8 +1,9 @@
-"""Checkpoint storage (S3 over HTTP on loopback, tests/object_storage.py) down while the next host restores.
+"""Checkpoint storage (S3 over HTTP on loopback, tests/object_storage.py) down during uploads, and while the next
+host restores. `S3Server.stop()` closes the listening socket and every open connection.
 
-`S3Server.stop()` closes the listening socket and every open connection. The restore either rides the outage
-out on its retries or fails the attempt as a host fault and a later attempt restores; either way the run ends
-identical to an uninterrupted one, with no host left.
+Uploads retry until storage is back and lose no save; the restore either rides the outage out on its retries or
+fails the attempt as a host fault and a later attempt restores. Either way the run ends identical to an
+uninterrupted one, with no host left.
 """
 
 from __future__ import annotations
@@ -15,12 +16,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import make_spec, wait_until
+from tests.conftest import assert_same_weights, make_spec, wait_until
 from tests.faults.conftest import assert_no_host_left, counter_command, status_of
 from vaultlayer import client as vl_client
+from vaultlayer.checkpoint import CheckpointState, describe_checkpoints
 from vaultlayer.models import AttemptOutcome, RunState
 
+S3 = pytest.mark.parametrize("storage_url", ["s3"], indirect=True)
 OUTAGE_SECONDS = 4.0
+UPLOAD_OUTAGE_SECONDS = 20.0
 
 
 def restore_times(hosts_dir: Path) -> list[float]:
@@ -34,7 +38,40 @@ def restore_times(hosts_dir: Path) -> list[float]:
     return times
 
 
-@pytest.mark.parametrize("storage_url", ["s3"], indirect=True)
+@S3
+async def test_a_storage_outage_during_uploads_loses_no_checkpoint_and_does_not_fail_the_run(
+        temporal_env, control, vl_home, tmp_path, reference_weights, storage_url, s3_server, figure):
+    out = tmp_path / "w.pt"
+    # 30 s of training; the outage starts within the first few seconds and lasts 20.
+    spec = make_spec(tmp_path, steps=300, step_time=0.1, out=out, storage_url=storage_url, keep_checkpoints=100)
+    client = temporal_env.client
+    await vl_client.submit(client, spec, queue=control)
+
+    async def stored_some():
+        status = await status_of(client, spec.run_id)
+        return (status.durable_step or 0) >= 20
+
+    await wait_until(stored_some, 120, "two checkpoints")
+    s3_server.stop()
+    try:
+        await asyncio.sleep(UPLOAD_OUTAGE_SECONDS)  # saves pile up on the host while their uploads fail and retry
+    finally:
+        s3_server.start()
+
+    await asyncio.wait_for(client.get_workflow_handle(spec.run_id).result(), 280)
+    status = await status_of(client, spec.run_id)
+    assert status.state == RunState.SUCCEEDED
+    assert [a.outcome for a in status.attempts] == [AttemptOutcome.COMPLETED], status.attempts
+    assert status.attempts[0].durable_step == 300
+    stored = describe_checkpoints(storage_url, spec.run_id, status.fences, verify=True)
+    assert sorted(item.step for item in stored) == list(range(10, 301, 10)), "every save the script made"
+    assert {item.state for item in stored} == {CheckpointState.COMPLETE}
+    assert_same_weights(out, reference_weights(300))
+    assert_no_host_left(vl_home)
+    figure(outage_seconds=UPLOAD_OUTAGE_SECONDS, checkpoints_stored=len(stored), steps_lost=status.steps_lost)
+
+
+@S3
 async def test_storage_outage_during_restore(temporal_env, control, vl_home, tmp_path, counter_reference, storage_url,
                                              s3_server, figure):
     out = tmp_path / "out.json"
