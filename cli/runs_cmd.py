@@ -97,4 +97,4 @@ async def cmd_resume(args: argparse.Namespace) -> int:
     if args.detach:
         print(detached_hint(run.run_id), flush=True)
         return 0
-    return await follow(conn, run.run_id)
+    return await follow(conn, run.run_id, (await run.spec()).total_steps)
