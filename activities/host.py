@@ -214,7 +214,8 @@ class HostAgentActivities:
             await asyncio.sleep(interval)
 
     def _script_env(self, inp: AttemptInput, restore: Path, staging: Path, control: Path) -> dict:
-        env = {**os.environ, **inp.env}
+        # The agent's Temporal connection (an API key, a client key) is not the script's: it never talks to Temporal.
+        env = {name: value for name, value in os.environ.items() if not name.startswith("TEMPORAL_")} | inp.env
         for name in [k for k in env if k.startswith("VL_")]:
             del env[name]
         env.update(VL_RUN_ID=inp.run_id, VL_ATTEMPT=str(inp.attempt))
