@@ -14,6 +14,7 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
 from tests.conftest import make_spec, temporal_binary, wait_until
+from tests.test_run_e2e import record_histories
 from vaultlayer import client as vl_client
 from vaultlayer import ui
 from vaultlayer.models import AttemptOutcome
@@ -45,6 +46,7 @@ async def test_search_attributes_and_details_follow_the_run_through_a_reclaim(te
     await wait_until(lambda: _past_step(client, spec.run_id, 10), 60, "step 10")
     await vl_client.reclaim(client, spec.run_id)
     await asyncio.wait_for(handle.result(), 90)
+    await record_histories(client, spec.run_id)  # VL_RECORD_HISTORIES: the replay guard covers this patch
 
     attributes = (await handle.describe()).typed_search_attributes
     final = await vl_client.status(client, spec.run_id)

@@ -72,17 +72,22 @@ async def test_the_ui_link_shows_the_runs_step(browser_path, cli_env, vl_home, t
             assert shown.returncode == 0, shown.stderr
             link = shown.stdout.strip()
 
-            def look() -> str:
+            def look() -> tuple[str, str]:
                 browser = Browser(browser_path, tmp_path / "profile")
                 try:
                     page = browser.open(link)
                     text = browser.wait_for_text(page, f"step {step} · durable step {step}", timeout=30)
                     browser.screenshot(page, tmp_path / "run-page.png")
-                    return text
+                    # The link `vl run` prints opens the timeline: the attempt's bar says where it resumed.
+                    timeline = browser.open(f"http://127.0.0.1:{ui_port}/namespaces/default/workflows/{spec.run_id}")
+                    shown = browser.wait_for_text(timeline, f"attempt 2 on host h-2 from step {step}", timeout=30)
+                    browser.screenshot(timeline, tmp_path / "timeline.png")
+                    return text, shown
                 finally:
                     browser.close()
 
-            text = await asyncio.to_thread(look)
+            text, timeline = await asyncio.to_thread(look)
+            assert f"attempt 2 on host h-2 from step {step}" in timeline, timeline[-2000:]
             assert f"running · step {step} · durable step {step}" in text, text[-2000:]
             assert "attempt 2 on host h-2 (local/local/cpu/spot)" in text and "reclaims 1" in text
             assert "cost $0.00" in text

@@ -18,7 +18,7 @@ from temporalio.client import Client
 from temporalio.common import SearchAttributeKey, SearchAttributeUpdate
 from temporalio.service import RPCError, RPCStatusCode
 
-from vaultlayer.models import AttemptOutcome, RunSpec, RunStatus
+from vaultlayer.models import AttemptOutcome, AttemptRecord, RunSpec, RunStatus
 
 VL_STATE = SearchAttributeKey.for_keyword("VlState")
 VL_PROVIDER = SearchAttributeKey.for_keyword("VlProvider")
@@ -100,6 +100,11 @@ def current_details(status: RunStatus) -> str:
         lines.append("step: the newest step known safe; the live step is in the run_attempt heartbeat "
                      "(Pending Activities) and in `vl status`")
     return "\n\n".join(lines)
+
+
+def attempt_summary(record: AttemptRecord) -> str:
+    """The label of the attempt's bar in the UI's timeline, on the page the run's link opens."""
+    return f"attempt {record.attempt} on host {record.host} from step {record.start_step}"
 
 
 def run_link(ui_url: str, namespace: str, run_id: str) -> str:

@@ -266,6 +266,7 @@ class TrainingRun:
             start_to_close_timeout=timedelta(days=30),
             heartbeat_timeout=timedelta(seconds=spec.heartbeat_timeout_seconds),
             retry_policy=RetryPolicy(maximum_attempts=1),
+            summary=ui.attempt_summary(record) if workflow.patched(SEARCH_ATTRIBUTES_PATCH) else None,
         )
         if spec.reclaim_every_seconds and reclaims_in(spec, host.pool):
             self.injections.append(asyncio.create_task(self._reclaim_on_schedule(host)))
