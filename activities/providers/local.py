@@ -111,6 +111,8 @@ class LocalProvider:
             tag_file = directory / "host.json"
         (directory / "metadata").mkdir(parents=True, exist_ok=True)
         task_queue = host_queue(request.run_id, host_id)
+        # The agent inherits this worker's environment: its TLS/API-key settings and its encryption key setting
+        # (VL_ENCRYPTION_KEY or the path in VL_ENCRYPTION_KEY_FILE) reach the host here, never through history.
         env = {**os.environ, **self.temporal_env, "VL_HOST_METADATA_DIR": str(directory / "metadata")}
         command = [
             sys.executable, "-m", "cli.main", "agent",
