@@ -613,7 +613,10 @@ def cmd_codec_server(args: argparse.Namespace) -> int:
     host, port = server.server_address[:2]
     print(f"codec server on http://{host}:{port} (UI: Settings > Codec Server endpoint; "
           f"CLI: --codec-endpoint http://{host}:{port})", flush=True)
-    server.serve_forever()
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:  # Ctrl-C is how it stops
+        server.server_close()
     return 0
 
 

@@ -9,6 +9,7 @@ import base64
 import http.client
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -188,6 +189,30 @@ def test_codec_server_round_trips_over_http():
             foreign_server.shutdown()
     finally:
         server.shutdown()
+
+
+def test_vl_codec_server_serves_with_the_shells_key(tmp_path):
+    key_file = tmp_path / "keys"
+    key_file.write_text(new_key() + "\n")
+    server = subprocess.Popen([sys.executable, "-m", "cli.main", "codec-server", "--port", "0"], cwd=REPO,
+                              env={**os.environ, "VL_ENCRYPTION_KEY_FILE": str(key_file)}, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        banner = server.stdout.readline()
+        assert banner.startswith("codec server on http://127.0.0.1:"), banner
+        base = banner.split()[3]
+        plain = {"payloads": [{"metadata": {"encoding": base64.b64encode(b"json/plain").decode()},
+                               "data": base64.b64encode(b'"x"').decode()}]}
+        code, _, sealed = post(f"{base}/encode", json.dumps(plain).encode(), {"Content-Type": "application/json"})
+        assert code == 200
+        key = base64.b64decode(key_file.read_text())
+        assert base64.b64decode(sealed["payloads"][0]["metadata"]["encryption-key-id"]).decode() == key_id(key)
+        assert post(f"{base}/decode", json.dumps(sealed).encode(), {"Content-Type": "application/json"})[2] == plain
+        server.send_signal(signal.SIGINT)  # Ctrl-C stops it cleanly
+        assert server.wait(timeout=10) == 0
+    finally:
+        if server.poll() is None:
+            server.kill()
 
 
 async def test_connection_settings_come_from_temporal_env_config(tmp_path):
