@@ -8,7 +8,9 @@ continue-as-new when the server suggests it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from datetime import timedelta
+from typing import Any
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
@@ -60,6 +62,8 @@ PRUNE_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interva
                           maximum_attempts=3)
 RETENTION_PATCH = "checkpoint-retention"
 SEARCH_ATTRIBUTES_PATCH = "search-attributes"
+# A cancel lets a provision in flight return first, so that the reap that follows finds the host it made.
+PROVISION_CANCEL_PATCH = "provision-finishes-before-cancel"
 
 
 def reclaims_in(spec: RunSpec, pool: Pool) -> bool:
@@ -99,7 +103,17 @@ class TrainingRun:
                                    type="NoHost", non_retryable=True)
 
     @workflow.run
-    async def run(self, inp: RunInput) -> RunStatus:
+    async def run(self, raw: Any) -> RunStatus:
+        """`raw` is validated here rather than by the SDK, so that input which does not validate (a start from
+        the UI or `temporal workflow start`) fails the run with the reason instead of every workflow task."""
+        try:
+            inp = RunInput.model_validate(raw)
+        except ValidationError as err:
+            first = err.errors()[0]
+            where = ".".join(str(part) for part in first["loc"]) or "input"
+            raise ApplicationError(f"TrainingRun input {where}: {first['msg']}; start runs with vl run or the "
+                                   "Python client, which check their input", type="BadInput",
+                                   non_retryable=True) from None
         spec = self.spec = inp.spec
         status = self.status = inp.carried or RunStatus(run_id=spec.run_id, started_at=workflow.now())
         self._show()
@@ -179,11 +193,19 @@ class TrainingRun:
 
     async def _provision(self, record: AttemptRecord, placement: Placement) -> Host | None:
         """A host for the attempt, or None with the attempt closed as refused."""
-        provisioned = await workflow.execute_activity_method(
+        waits = workflow.patched(PROVISION_CANCEL_PATCH)
+        provisioning = workflow.start_activity_method(
             ControlActivities.provision, ProvisionInput(run_id=self.spec.run_id, placement=placement,
                                                         notice_seconds=self.spec.notice_seconds),
             start_to_close_timeout=timedelta(minutes=15), retry_policy=CONTROL_RETRY,
         )
+        try:
+            provisioned = await (asyncio.shield(provisioning) if waits else provisioning)
+        except asyncio.CancelledError:
+            if waits:  # the run is cancelled while a host is being made: the reap that follows must find it
+                with contextlib.suppress(ActivityError):
+                    await provisioning
+            raise
         if provisioned.host is None:
             record.refusal = provisioned.refusal
             self._close(record, AttemptResult(outcome=AttemptOutcome.REFUSED,

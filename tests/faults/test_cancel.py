@@ -1,9 +1,10 @@
 """Cancel during provisioning: nothing may leak.
 
 Provisioning on the gcp provider (the real google-cloud-compute client against the local Compute fake,
-tests/fakes/gce.py) takes as long as the zone operation that creates the VM; the fake makes that several
-seconds, as Compute Engine does. The run is cancelled while the VM is being created: the run ends cancelled,
-the VM is deleted, no agent was ever started for it (the `gce` fixture also checks no labelled VM is left).
+tests/fakes/gce.py) is slow in two ways Compute Engine is: the zone operation that creates the VM takes a while,
+and the create call itself can be answered 503 and retried with backoff. The run is cancelled in either window:
+before the VM exists (the retried create then makes it, after the cancel) or while it is being created. The run
+ends cancelled, and no VM and no agent of it is left (the `gce` fixture also checks no labelled VM is left).
 """
 
 from __future__ import annotations
@@ -15,27 +16,45 @@ import pytest
 from temporalio.client import WorkflowFailureError
 
 from tests.conftest import make_spec, wait_until
+from tests.fakes.gce import error_body
 from tests.faults.conftest import status_of
 from vaultlayer import client as vl_client
 from vaultlayer.models import Pool, RunState
 
 
-async def test_cancel_during_provisioning_leaves_nothing(temporal_env, control, gce, gce_hosts, tmp_path, figure):
-    gce.op_seconds = 8.0  # the zone operation that creates a VM
+@pytest.mark.parametrize("window", ["before the VM exists", "while the VM is created"])
+async def test_cancel_during_provisioning_leaves_nothing(temporal_env, control, gce, gce_hosts, tmp_path, figure,
+                                                        window):
+    gce.op_seconds = 4.0  # the zone operation that creates a VM (and the one that deletes it)
+    if window == "before the VM exists":  # the create call fails twice; the provider retries it after 1 s, 2 s
+        gce.fail_next("POST", r"/zones/[^/]+/instances$", 503, error_body(503, "backend error", "backendError"), 2)
     spec = make_spec(tmp_path, steps=20, out=tmp_path / "w.pt",
                      pools=[Pool(provider="gcp", region="", zone="us-central1-a", gpu="L4", gpu_count=1)])
     client = temporal_env.client
     await vl_client.submit(client, spec, queue=control)
 
-    async def creating():
-        status = await status_of(client, spec.run_id)
-        return status.state == RunState.PROVISIONING and any(vm["status"] == "PROVISIONING" for vm in gce.labelled())
+    def creates() -> int:
+        return sum(method == "POST" and path.endswith("/instances") for method, path in gce.requests)
 
-    await wait_until(creating, 60, "the VM to be in creation")
+    async def in_window():
+        status = await status_of(client, spec.run_id)
+        if status.state != RunState.PROVISIONING:
+            return False
+        if window == "before the VM exists":
+            return creates() == 1
+        return any(vm["status"] == "PROVISIONING" for vm in gce.labelled())
+
+    await wait_until(in_window, 60, f"provisioning, {window}")
+    assert window != "before the VM exists" or not gce.labelled()
     await vl_client.cancel(client, spec.run_id)
     cancelled_at = time.monotonic()
     with pytest.raises(WorkflowFailureError):
         await asyncio.wait_for(client.get_workflow_handle(spec.run_id).result(), 60)
+
+    async def created():
+        return creates() == 3 if window == "before the VM exists" else True
+
+    await wait_until(created, 30, "the provider's create call to go through")
 
     async def nothing_left():
         return not gce.labelled()
