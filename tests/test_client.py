@@ -18,7 +18,7 @@ import pytest
 
 from activities.attempt_logs import LogShipper
 from tests.conftest import REPO, TRAIN_TINY, assert_same_weights, group_alive, make_spec, wait_until
-from vaultlayer import checkpoint, seed
+from vaultlayer import checkpoint, seed, ui
 from vaultlayer import client as vl_client
 from vaultlayer.logs_store import LogCursor, read_logs, write_chunk
 from vaultlayer.models import AttemptOutcome, RunState
@@ -85,6 +85,8 @@ async def test_notebook_session_reads_status_checkpoints_and_logs_that_outlive_t
         assert status.state == RunState.SUCCEEDED
         assert [a.outcome for a in status.attempts] == [AttemptOutcome.RECLAIMED, AttemptOutcome.COMPLETED]
         assert_same_weights(out, reference_weights(150))
+        attributes = (await temporal_env.client.get_workflow_handle(spec.run_id).describe()).typed_search_attributes
+        assert attributes.get(ui.VL_STATE) == "succeeded"  # the notebook's runs are searchable like vl run's
         # The hosts and every file they had are gone; what follows comes from the run's storage.
         assert not any(group_alive(pgid) for pgid in host_pgids(vl_home, spec.run_id))
         shutil.rmtree(vl_home / "hosts" / spec.run_id)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+import warnings
 from collections.abc import AsyncIterator, Coroutine, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
@@ -30,6 +31,7 @@ from vaultlayer import client as vl_client
 from vaultlayer.home import default_storage_url
 from vaultlayer.models import CheckpointRef, RunInput, RunSpec, RunStatus
 from vaultlayer.run_ids import new_run_id
+from vaultlayer.ui import ensure_search_attributes
 
 T = TypeVar("T")
 LOG_POLL_SECONDS = 1.0
@@ -79,6 +81,11 @@ class AsyncClient:
             checkpoint.validate_storage_url(spec.storage_url)
         except ValueError as err:
             raise ClientError(f"storage_url: {err}") from None
+        if not spec.search_attributes:  # as `vl run` does: the run's state and step searchable in the UI
+            problem = await ensure_search_attributes(self.temporal)
+            if problem:
+                warnings.warn(problem, stacklevel=2)
+            spec = spec.model_copy(update={"search_attributes": problem is None})
         try:
             await vl_client.submit(self.temporal, spec, queue=self.task_queue)
         except WorkflowAlreadyStartedError:
