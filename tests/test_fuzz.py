@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 from temporalio import activity
-from temporalio.client import WorkflowUpdateFailedError
+from temporalio.client import WorkflowFailureError, WorkflowUpdateFailedError
 from temporalio.worker import Worker
 
 import worker.control
@@ -291,3 +291,21 @@ async def test_garbage_into_a_run_fails_no_workflow_task(temporal_env, vl_home, 
         history = await client.get_workflow_handle(spec.run_id, run_id=execution.run_id).fetch_history()
         failed = [event for event in history.events if event.HasField("workflow_task_failed_event_attributes")]
         assert not failed, failed[0].workflow_task_failed_event_attributes.failure.message
+
+
+@pytest.mark.parametrize(("raw", "where"), [
+    ({"spec": {**VALID_SPEC, "run_id": "../escape"}}, "spec.run_id"),
+    ({"spec": {**VALID_SPEC, "pools": "all of them"}}, "spec.pools"),
+    ("not a run", "input"),
+])
+async def test_a_run_started_with_bad_input_fails_with_the_reason_not_a_workflow_task(temporal_env, control, raw,
+                                                                                     where):
+    """As a start from the Temporal UI or `temporal workflow start` could send it."""
+    client = temporal_env.client
+    handle = await client.start_workflow("TrainingRun", raw, id=f"t-bad-{uuid.uuid4().hex[:8]}", task_queue=control)
+    with pytest.raises(WorkflowFailureError) as failed:
+        await asyncio.wait_for(handle.result(), 30)
+    cause = failed.value.cause
+    assert cause.type == "BadInput" and cause.message.startswith(f"TrainingRun input {where}: "), cause.message
+    history = await handle.fetch_history()
+    assert not [event for event in history.events if event.HasField("workflow_task_failed_event_attributes")]
