@@ -35,6 +35,7 @@ from vaultlayer import client as vl_client
 from vaultlayer.codec import ENCODING, AesGcmCodec, EncryptionKeyError, data_converter, key_id, load_keys
 from vaultlayer.codec_server import make_server
 from vaultlayer.models import AttemptInput, AttemptResult, Placement, Pool, ProvisionInput, RunState, RunSpec
+from vaultlayer.run_ids import new_run_id, run_id_problem
 from worker.control import create_worker
 
 
@@ -313,6 +314,7 @@ def test_a_shell_with_another_key_setting_is_refused_by_the_embedded_worker(tmp_
 
 
 def test_run_ids_cannot_escape_the_storage_root(tmp_path):
+    assert run_id_problem(new_run_id()) is None and run_id_problem("t-688e08a17c") is None  # generated, recorded
     for bad in ("../x", "/etc", "a/b", "a\\b", "a\x00b", "..", "a..b", "", "Upper", "x" * 64, ".hidden"):
         with pytest.raises(ValueError, match="run id .* is not allowed; use 1-63 of a-z"):
             RunSpec(run_id=bad, command=["x"], workdir="/", storage_url="file:///s")
