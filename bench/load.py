@@ -37,7 +37,7 @@ from pathlib import Path
 
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
-from temporalio.worker import Worker
+from temporalio.worker import PollerBehaviorAutoscaling, Worker
 
 from activities.providers.harness import QUEUE_VARIABLE, HarnessProvider
 from vaultlayer import checkpoint
@@ -54,7 +54,7 @@ from vaultlayer.models import (
     RunState,
     RunStatus,
 )
-from worker.local_server import port_open, temporal_binary
+from worker.local_server import SQLITE_PRAGMAS, port_open, temporal_binary
 
 REPO = Path(__file__).resolve().parents[1]
 CONTROL_QUEUE = "vl-load"
@@ -163,10 +163,10 @@ async def serve_harness(args: argparse.Namespace) -> None:
     harness = Harness(args.reclaim_prob, args.seed, args.events)
     worker = Worker(
         client, task_queue=args.harness_queue, activities=[harness.run_attempt],
-        max_concurrent_activities=args.runs + 10,
-        # The host agent's throttle (worker/agent.py): one heartbeat RPC per host every 2 s.
-        max_heartbeat_throttle_interval=timedelta(seconds=2),
-        default_heartbeat_throttle_interval=timedelta(seconds=2),
+        max_concurrent_activities=args.runs + 10, activity_task_poller_behavior=PollerBehaviorAutoscaling(),
+        # As the host agent's throttle (worker/agent.py): one heartbeat RPC per host every 2 s by default.
+        max_heartbeat_throttle_interval=timedelta(seconds=args.heartbeat_every),
+        default_heartbeat_throttle_interval=timedelta(seconds=args.heartbeat_every),
         graceful_shutdown_timeout=timedelta(seconds=2),
     )
     stop = asyncio.Event()
@@ -333,7 +333,7 @@ async def benchmark(args: argparse.Namespace, workdir: Path) -> dict:
         dynamic = [arg for value in SERVER_DYNAMIC_CONFIG for arg in ("--dynamic-config-value", value)]
         processes.start("server", [temporal_binary(), "server", "start-dev", "--headless", "--ip", "127.0.0.1",
                                    "--port", str(port), "--db-filename", str(workdir / "temporal.db"),
-                                   "--log-level", "error", *dynamic])
+                                   "--log-level", "error", *dynamic, *SQLITE_PRAGMAS])
         deadline = time.monotonic() + SERVER_START_SECONDS
         while not port_open(port):
             processes.check_alive()
@@ -347,7 +347,8 @@ async def benchmark(args: argparse.Namespace, workdir: Path) -> dict:
         processes.start("harness", [sys.executable, str(Path(__file__).resolve()), "--serve-harness",
                                     "--address", address, "--harness-queue", HARNESS_QUEUE,
                                     "--reclaim-prob", str(args.reclaim_prob), "--seed", str(args.seed),
-                                    "--runs", str(args.runs), "--events", str(events_file)], env=env)
+                                    "--runs", str(args.runs), "--heartbeat-every", str(args.heartbeat_every),
+                                    "--events", str(events_file)], env=env)
         client = await vl_client.connect(address=address)
         specs = [make_spec(args, storage_url, index) for index in range(args.runs)]
         began = time.monotonic()
@@ -394,6 +395,7 @@ async def benchmark(args: argparse.Namespace, workdir: Path) -> dict:
             "hosts_leaked": len(leaked),
             "settings": {"steps": args.steps, "step_time_s": args.step_time, "save_every": args.save_every,
                          "reclaim_prob": args.reclaim_prob, "heartbeat_timeout_s": args.heartbeat_timeout,
+                         "heartbeat_every_s": args.heartbeat_every,
                          "cpus": os.cpu_count(), "load_average_1m_at_end": round(os.getloadavg()[0], 2)},
         }
     finally:
@@ -422,6 +424,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reclaim-prob", type=float, default=0.3,
                         help="chance that an attempt is reclaimed, at a random step (default 0.3)")
     parser.add_argument("--heartbeat-timeout", type=float, default=30.0, help="the runs' heartbeat timeout, s")
+    parser.add_argument("--heartbeat-every", type=float, default=2.0,
+                        help="seconds between a host's heartbeats (default 2, the host agent's throttle)")
     parser.add_argument("--timeout", type=float, default=1800.0, help="give up on runs not done after this many s")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="one JSON object instead of a table")
@@ -440,8 +444,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if not 0 <= args.reclaim_prob < 1:
         parser.error("--reclaim-prob must be in [0, 1): at 1 no attempt could finish")
-    if args.step_time < 0 or args.timeout <= 0 or args.heartbeat_timeout <= 0:
-        parser.error("--step-time must be >= 0, --timeout and --heartbeat-timeout > 0")
+    if args.step_time < 0 or min(args.timeout, args.heartbeat_timeout, args.heartbeat_every) <= 0:
+        parser.error("--step-time must be >= 0; --timeout, --heartbeat-timeout and --heartbeat-every > 0")
     if args.keep:
         args.keep.mkdir(parents=True, exist_ok=False)
         result = asyncio.run(benchmark(args, args.keep))

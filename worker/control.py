@@ -11,7 +11,8 @@ from pathlib import Path
 
 import structlog
 from temporalio.client import Client
-from temporalio.worker import Worker
+from temporalio.worker import PollerBehaviorAutoscaling, Worker
+from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
 from activities.control import ControlActivities
 from vaultlayer import client as vl_client
@@ -29,12 +30,20 @@ def agent_connection_env(client: Client) -> dict[str, str]:
     return env
 
 
+# Imported once, not again for every workflow instance: `from workflows import policy` inside
+# imports_passed_through() still re-imported (and, without .pyc files, recompiled) the policy in each new
+# sandbox, which took most of the worker's time at 1,000 runs (docs/load.md). All are free of side effects.
+SANDBOX_PASSTHROUGH = ("workflows.policy", "vaultlayer", "activities")
+
+
 def create_worker(client: Client, task_queue: str | None = None, home: Path | None = None) -> Worker:
     activities = ControlActivities(vl_home=home or vl_home(), temporal_env=agent_connection_env(client))
     return Worker(
         client,
         task_queue=task_queue or vl_client.task_queue(),
         workflows=[TrainingRun],
+        workflow_runner=SandboxedWorkflowRunner(restrictions=SandboxRestrictions.default.with_passthrough_modules(
+            *SANDBOX_PASSTHROUGH)),
         activities=[
             activities.provision,
             activities.release,
@@ -45,6 +54,11 @@ def create_worker(client: Client, task_queue: str | None = None, home: Path | No
             activities.inject_reclaim,
         ],
         activity_executor=ThreadPoolExecutor(max_workers=32),
+        # The default pollers (5, only one of them for new workflow tasks) cap a worker at a few tasks a
+        # second once each poll round trip is slow: 1,000 runs sat in a backlog (docs/load.md). The server's
+        # hints scale the polls to the backlog instead.
+        workflow_task_poller_behavior=PollerBehaviorAutoscaling(),
+        activity_task_poller_behavior=PollerBehaviorAutoscaling(),
         graceful_shutdown_timeout=timedelta(seconds=5),
     )
 
