@@ -13,6 +13,7 @@ import structlog
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from activities.heartbeats import heartbeating
 from activities.providers import make_provider
 from activities.providers.base import NoCapacityError, Provider, ProviderConfigError
 from vaultlayer import checkpoint
@@ -43,6 +44,7 @@ class ControlActivities:
         return self._providers[name]
 
     @activity.defn(name="provision")
+    @heartbeating
     def provision(self, inp: ProvisionInput) -> ProvisionResult:
         provider = self.provider(inp.placement.pool.provider)
         try:
@@ -53,14 +55,17 @@ class ControlActivities:
             raise ApplicationError(str(err), type="ProviderConfigError", non_retryable=True) from None
 
     @activity.defn(name="release")
+    @heartbeating
     def release(self, host: Host) -> None:
         self.provider(host.provider).release(host)
 
     @activity.defn(name="describe_host")
+    @heartbeating
     def describe_host(self, host: Host) -> HostDescription:
         return self.provider(host.provider).describe(host)
 
     @activity.defn(name="verify_checkpoint")
+    @heartbeating
     def verify_checkpoint(self, inp: VerifyInput) -> VerifyResult:
         result = checkpoint.choose_checkpoint(inp.storage_url, inp.run_id, inp.fences)
         for bad in result.rejected:
@@ -68,6 +73,7 @@ class ControlActivities:
         return result
 
     @activity.defn(name="prune_checkpoints")
+    @heartbeating
     def prune_checkpoints(self, inp: PruneInput) -> list[str]:
         """Retention (checkpoint.prune_checkpoints): here, because hosts come and go and may die mid-upload."""
         removed = checkpoint.prune_checkpoints(inp.storage_url, inp.run_id, inp.keep, inp.fences, inp.reported,
@@ -77,6 +83,7 @@ class ControlActivities:
         return removed
 
     @activity.defn(name="reap_run")
+    @heartbeating
     def reap_run(self, inp: ReapInput) -> list[str]:
         reaped = []
         for name in inp.providers:

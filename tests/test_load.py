@@ -89,3 +89,24 @@ async def test_twenty_concurrent_local_runs_finish(temporal_env, control, vl_hom
     tags = [json.loads(tag.read_text()) for tag in Path(vl_home, "hosts").glob("*/*/host.json")]
     assert len(tags) == runs
     assert not [tag["host_id"] for tag in tags if group_alive(tag["pgid"])]
+
+
+def test_control_activities_heartbeat_while_they_work(monkeypatch):
+    """A sync control activity heartbeats from a side thread until it returns, so a lost task is retried after the
+    workflow's heartbeat timeout rather than its whole start-to-close timeout."""
+    import threading
+
+    from temporalio.testing import ActivityEnvironment
+
+    from activities import heartbeats
+
+    monkeypatch.setattr(heartbeats, "HEARTBEAT_EVERY_SECONDS", 0.05)
+    beats = threading.Event()
+    env = ActivityEnvironment()
+    env.on_heartbeat = lambda *details: beats.set()
+
+    @heartbeats.heartbeating
+    def slow_body(limit: float) -> bool:
+        return beats.wait(limit)  # returns once the side thread has heartbeated
+
+    assert env.run(slow_body, 30.0) is True

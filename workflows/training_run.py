@@ -61,6 +61,9 @@ CONTROL_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_inter
 PRUNE_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=10),
                           maximum_attempts=3)
 RETENTION_PATCH = "checkpoint-retention"
+# Control activities heartbeat while they work (activities/heartbeats.py): a task lost on its way to the
+# worker, or a worker that died holding it, is retried after this instead of the whole start-to-close timeout.
+CONTROL_HEARTBEAT_TIMEOUT = timedelta(minutes=1)
 SEARCH_ATTRIBUTES_PATCH = "search-attributes"
 # A cancel lets a provision in flight return first, so that the reap that follows finds the host it made.
 PROVISION_CANCEL_PATCH = "provision-finishes-before-cancel"
@@ -162,7 +165,8 @@ class TrainingRun:
         providers = sorted({pool.provider for pool in self.spec.pools})
         await workflow.execute_activity_method(
             ControlActivities.reap_run, ReapInput(run_id=self.spec.run_id, providers=providers),
-            start_to_close_timeout=timedelta(minutes=5), retry_policy=CONTROL_RETRY,
+            start_to_close_timeout=timedelta(minutes=5), heartbeat_timeout=CONTROL_HEARTBEAT_TIMEOUT,
+            retry_policy=CONTROL_RETRY,
         )
 
     async def _choose_checkpoint(self) -> CheckpointRef | None:
@@ -170,7 +174,8 @@ class TrainingRun:
         result = await workflow.execute_activity_method(
             ControlActivities.verify_checkpoint,
             VerifyInput(run_id=self.spec.run_id, storage_url=self.spec.storage_url, fences=status.fences),
-            start_to_close_timeout=timedelta(minutes=30), heartbeat_timeout=None, retry_policy=CONTROL_RETRY,
+            start_to_close_timeout=timedelta(minutes=30), heartbeat_timeout=CONTROL_HEARTBEAT_TIMEOUT,
+            retry_policy=CONTROL_RETRY,
         )
         known = {bad.name for bad in status.bad_checkpoints}
         status.bad_checkpoints += [bad for bad in result.rejected if bad.name not in known]
@@ -197,7 +202,8 @@ class TrainingRun:
         provisioning = workflow.start_activity_method(
             ControlActivities.provision, ProvisionInput(run_id=self.spec.run_id, placement=placement,
                                                         notice_seconds=self.spec.notice_seconds),
-            start_to_close_timeout=timedelta(minutes=15), retry_policy=CONTROL_RETRY,
+            start_to_close_timeout=timedelta(minutes=15), heartbeat_timeout=CONTROL_HEARTBEAT_TIMEOUT,
+            retry_policy=CONTROL_RETRY,
         )
         try:
             provisioned = await (asyncio.shield(provisioning) if waits else provisioning)
@@ -235,6 +241,7 @@ class TrainingRun:
         if policy.limit_reached(self.spec, self.status, workflow.now()) is not None:
             await workflow.execute_activity_method(
                 ControlActivities.release, host, start_to_close_timeout=timedelta(minutes=5),
+                heartbeat_timeout=CONTROL_HEARTBEAT_TIMEOUT,
                 retry_policy=CONTROL_RETRY,
             )
             policy.bill(self.status, record, workflow.now())
@@ -260,6 +267,7 @@ class TrainingRun:
             status.current_host = None
             await workflow.execute_activity_method(
                 ControlActivities.release, host, start_to_close_timeout=timedelta(minutes=5),
+                heartbeat_timeout=CONTROL_HEARTBEAT_TIMEOUT,
                 retry_policy=CONTROL_RETRY,
             )
             policy.bill(status, record, workflow.now())
@@ -348,6 +356,7 @@ class TrainingRun:
         try:
             await workflow.execute_activity_method(
                 ControlActivities.prune_checkpoints, prune, start_to_close_timeout=timedelta(minutes=30),
+                heartbeat_timeout=CONTROL_HEARTBEAT_TIMEOUT,
                 retry_policy=PRUNE_RETRY,
             )
         except ActivityError as err:
@@ -391,6 +400,7 @@ class TrainingRun:
                                  reason=f"the host agent failed: {cause.message if cause else err}", **base)
         described = await workflow.execute_activity_method(
             ControlActivities.describe_host, host, start_to_close_timeout=timedelta(minutes=2),
+            heartbeat_timeout=CONTROL_HEARTBEAT_TIMEOUT,
             retry_policy=CONTROL_RETRY,
         )
         if described.state == HostState.GONE:
