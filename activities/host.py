@@ -242,6 +242,11 @@ class HostAgentActivities:
             bound.error("secret env unavailable", error=str(err))
             return AttemptResult(outcome=AttemptOutcome.FAILED, start_step=progress.start_step,
                                  durable_step=progress.durable_step, reason=str(err))
+        notice_id = uuid.uuid4().hex
+        if (early := await self.notices.poll()) is not None:
+            # It came while the host was restoring: in place before the script starts, its first save check
+            # sees it, however fast the script's steps are.
+            self._forward_notice(control, early, notice_id)
         log_file = open(self.host_dir / f"a{inp.attempt}.log", "ab")  # noqa: SIM115 - closed below
         shipper = LogShipper(inp.storage_url, inp.run_id, inp.attempt, Path(log_file.name), start=log_file.tell())
         try:
@@ -264,7 +269,6 @@ class HostAgentActivities:
         stop_uploads = asyncio.Event()
         uploads = asyncio.create_task(uploader.run(stop_uploads))
         notice: Notice | None = None
-        notice_id = uuid.uuid4().hex
         try:
             while True:
                 step = read_progress(control)

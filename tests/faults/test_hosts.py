@@ -47,8 +47,8 @@ async def test_host_agent_killed_while_its_script_lives_on(temporal_env, control
 async def test_reclaim_during_the_very_first_step_resumes_from_scratch(temporal_env, control, vl_home, tmp_path,
                                                                       counter_reference, figure):
     out = tmp_path / "out.json"
-    steps = 30
-    spec = make_spec(tmp_path, steps=steps, out=out, command=counter_command(steps, out, step_time=0.3),
+    steps = 20  # the first checkpoint comes after 10 steps, 5 s: long after the reclaim
+    spec = make_spec(tmp_path, steps=steps, out=out, command=counter_command(steps, out, step_time=0.5),
                      heartbeat_timeout_seconds=2.0)
     client = temporal_env.client
     await vl_client.submit(client, spec, queue=control)

@@ -44,7 +44,7 @@ async def test_200_reclaims_keep_history_bounded_and_replayable(temporal_env, co
     out = tmp_path / "out.json"
     steps = RECLAIMS
     spec = make_spec(tmp_path, steps=steps, out=out, command=counter_command(steps, out), checkpoint_every=None,
-                     pools=[Pool(provider=inproc_hosts.NAME)], notice_seconds=5.0,
+                     pools=[Pool(provider=inproc_hosts.NAME)], notice_seconds=10.0,
                      limits=Limits(max_reclaims=RECLAIMS + 50))
     client = temporal_env.client
     began = time.monotonic()
@@ -61,9 +61,9 @@ async def test_200_reclaims_keep_history_bounded_and_replayable(temporal_env, co
     assert not hosts.alive and hosts.started == len(status.attempts), "a host outlived its attempt"
     assert not scripts_alive(tmp_path / "inproc")
 
-    histories = []
-    async for execution in client.list_workflows(f'WorkflowId = "{spec.run_id}"'):
-        histories.append(await client.get_workflow_handle(spec.run_id, run_id=execution.run_id).fetch_history())
+    runs = [execution.run_id async for execution in client.list_workflows(f'WorkflowId = "{spec.run_id}"')]
+    histories = await asyncio.gather(*(client.get_workflow_handle(spec.run_id, run_id=run).fetch_history()
+                                       for run in runs))
     lengths = [len(history.events) for history in histories]
     assert len(histories) == status.continued_as_new + 1
     # Each run continues as new at the first attempt boundary after the server's suggestion: one attempt's
