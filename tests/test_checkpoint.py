@@ -98,11 +98,11 @@ def test_upload_retries_transient_storage_errors(tmp_path, storage, monkeypatch)
     real_send = checkpoint._send_file
     failures = {"model.pt": 2}
 
-    def flaky_send(fs, local, remote, relative):
+    def flaky_send(fs, local, remote, relative, known=None):
         if failures.get(relative, 0) > 0:
             failures[relative] -= 1
             raise ConnectionResetError("connection reset by peer")
-        return real_send(fs, local, remote, relative)
+        return real_send(fs, local, remote, relative, known)
 
     monkeypatch.setattr(checkpoint, "_send_file", flaky_send)
     ref = upload(tmp_path, storage, 10)
@@ -385,3 +385,20 @@ def test_a_manifest_entry_needs_exactly_one_digest(tmp_path, storage, digests):
                      files=[{"path": "model.pt", "size": 1, **digests}])
     check, ref = verify_checkpoint(storage, RUN, "000000000010-a1")
     assert ref is None and "exactly one of blake3 or sha256" in check.reason
+
+
+def test_upload_takes_the_writers_digest_only_for_a_file_unchanged_since(tmp_path, storage):
+    """The SDK records each file's BLAKE3 as it writes (vl-save.json); the upload uses it instead of reading
+    the bytes again, but only while the file has the size and mtime it was hashed at."""
+    local = make_local(tmp_path, 10)
+    recorded = "ab" * 32  # not the real digest: seeing it in the manifest proves the upload did not rehash
+    model, rng = (local / "model.pt").stat(), (local / "nested" / "rng.bin").stat()
+    (local / "vl-save.json").write_text(json.dumps({"step": 10, "files": {
+        "model.pt": {"size": model.st_size, "mtime_ns": model.st_mtime_ns, "blake3": recorded},
+        "nested/rng.bin": {"size": rng.st_size, "mtime_ns": rng.st_mtime_ns - 1, "blake3": recorded},
+    }}))
+    upload_checkpoint(local, storage, RUN, 1, 10)
+    manifest = Manifest.model_validate_json((ckpt_dir(storage, 10) / "MANIFEST.json").read_bytes())
+    digests = {entry.path: entry.blake3 for entry in manifest.files}
+    assert digests["model.pt"] == recorded
+    assert digests["nested/rng.bin"] == blake3.blake3((local / "nested" / "rng.bin").read_bytes()).hexdigest()

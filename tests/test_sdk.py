@@ -163,7 +163,8 @@ def test_notice_makes_the_next_save_an_emergency_that_waits_out_the_deadline(age
     assert returned_at >= deadline + 5.0
     assert returned_at < deadline + 5.0 + 1.0
     [checkpoint] = committed(staging)
-    assert save_record(checkpoint) | {"created_at": None} == {
+    assert save_record(checkpoint) | {"created_at": None, "files": None} == {
+        "files": None,
         "step": 2,
         "emergency": True,
         "notice_id": "notice-1",
@@ -196,3 +197,20 @@ def test_a_half_written_notice_is_read_again(agent):
     assert not vaultlayer.should_save(1)
     write_notice(control, "notice-1", time.time() + 60)
     assert vaultlayer.should_save(2)
+
+
+def test_a_committed_save_records_each_files_size_mtime_and_blake3(agent):
+    import blake3
+
+    staging, _ = agent
+    with vaultlayer.save(10) as directory:
+        (directory / "model.pt").write_bytes(b"weights" * 1000)
+        (directory / "nested").mkdir()
+        (directory / "nested" / "rng.bin").write_bytes(b"")
+    [saved] = committed(staging)
+    files = save_record(saved)["files"]
+    assert sorted(files) == ["model.pt", "nested/rng.bin"]
+    for relative, entry in files.items():
+        stat = (saved / relative).stat()
+        assert (entry["size"], entry["mtime_ns"]) == (stat.st_size, stat.st_mtime_ns)
+        assert entry["blake3"] == blake3.blake3((saved / relative).read_bytes()).hexdigest()

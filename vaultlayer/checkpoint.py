@@ -37,7 +37,7 @@ import fsspec
 import structlog
 from fsspec.core import url_to_fs
 from fsspec.registry import known_implementations
-from pydantic import ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from vaultlayer.models import CheckpointCheck, CheckpointRef, VerifyResult, VLModel
 from vaultlayer.run_ids import run_id_problem
@@ -184,10 +184,12 @@ def upload_checkpoint(
 ) -> CheckpointRef:
     """Upload every file of `local_dir` (but the top-level names in `skip`), then the manifest, last.
 
-    Each file is hashed from the same bytes that are sent, so the manifest describes exactly what
-    storage got even if the local file changes under us.
+    A file's digest is the one the SDK's writer recorded in vl-save.json when the file is unchanged since
+    (same size and mtime), else computed alongside the upload; either way the file must not change while it
+    is sent, so the manifest describes exactly what storage got.
     """
     local_dir = Path(local_dir)
+    recorded = _recorded_digests(local_dir)
     skipped = set(skip)
     relative_paths = [path for path in _local_files(local_dir) if path not in skipped]
     for relative in relative_paths:
@@ -200,7 +202,8 @@ def upload_checkpoint(
 
     def send(relative: str) -> ManifestFile:
         remote = f"{remote_dir}/{relative}"
-        return _retry(lambda: _send_file(fs, local_dir / relative, remote, relative), f"upload {relative}")
+        known = recorded.get(relative)
+        return _retry(lambda: _send_file(fs, local_dir / relative, remote, relative, known), f"upload {relative}")
 
     files = _in_threads(send, relative_paths)
     files.sort(key=lambda entry: entry.path)
@@ -557,37 +560,75 @@ def _manifest_mismatch(manifest: Manifest, *, run_id: str, step: int, attempt: i
     return None
 
 
-def _send_file(fs: fsspec.AbstractFileSystem, local: Path, remote: str, relative: str) -> ManifestFile:
-    """Upload one file (multipart when big) while another thread hashes it, so the upload runs at the
+def _send_file(fs: fsspec.AbstractFileSystem, local: Path, remote: str, relative: str,
+               known: _RecordedDigest | None = None) -> ManifestFile:
+    """Upload one file (multipart when big). Its digest is `known` when the file still has the size and
+    mtime it was hashed at, else another thread hashes it during the upload, so the upload runs at the
     storage's speed rather than the sum of both; stat before and after checks the file did not change.
 
     Staged saves belong to the agent once committed, so a change means something else writes there.
     """
     before = local.stat()
     fs.makedirs(remote.rsplit("/", 1)[0], exist_ok=True)
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="vl-hash") as hasher:
-        digest = hasher.submit(_local_blake3, local)
+    if known is not None and (known.size, known.mtime_ns) == (before.st_size, before.st_mtime_ns):
         fs.put_file(str(local), remote, chunksize=_PART_BYTES)
-        checksum = digest.result()
+        checksum = known.blake3
+    else:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="vl-hash") as hasher:
+            digest = hasher.submit(_local_blake3, local)
+            fs.put_file(str(local), remote, chunksize=_PART_BYTES)
+            checksum = digest.result()
     after = local.stat()
     if (after.st_size, after.st_mtime_ns, after.st_ino) != (before.st_size, before.st_mtime_ns, before.st_ino):
         raise CheckpointError(f"{local} changed while it was uploaded")
     return ManifestFile(path=relative, size=before.st_size, blake3=checksum)
 
 
+class _RecordedDigest(VLModel):
+    size: int
+    mtime_ns: int
+    blake3: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+def _recorded_digests(local_dir: Path) -> dict[str, _RecordedDigest]:
+    """The digests the SDK's writer recorded in vl-save.json; none when it has no valid "files" entry."""
+    try:
+        files = json.loads((local_dir / "vl-save.json").read_text()).get("files") or {}
+        return {path: _RecordedDigest.model_validate(entry) for path, entry in files.items()}
+    except (OSError, ValueError, AttributeError, TypeError):  # pydantic's ValidationError is a ValueError
+        return {}
+
+
 def _local_blake3(path: Path) -> str:
-    return blake3.blake3().update_mmap(path).hexdigest()
+    return blake3.blake3(max_threads=blake3.blake3.AUTO).update_mmap(path).hexdigest()
 
 
 def _fetch_file(fs: fsspec.AbstractFileSystem, remote: str, target: Path, entry: ManifestFile) -> None:
-    """Download to a temporary name beside `target` and rename only once size and digest match.
-
-    The bytes are hashed by a second thread as they arrive (hashlib releases the GIL), so checking every
-    byte costs about nothing over the transfer itself.
-    """
+    """Download to a temporary name beside `target` and rename only once size and digest match."""
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(f".{target.name}.vl-partial-{uuid.uuid4().hex[:8]}")
-    digest = _new_digest(entry.algorithm)
+    try:
+        if _is_local(fs):
+            size, digest = _copy_hashing(fs, remote, partial, entry.algorithm)
+        else:  # one streamed GET, then hash the local copy: far faster than the network, so nearly free
+            fs.get_file(remote, str(partial))
+            size, digest = partial.stat().st_size, _local_digest(partial, entry.algorithm)
+        if size != entry.size or digest != entry.digest:
+            raise CheckpointError(
+                f"{remote}: got {size} bytes with {entry.algorithm} {digest},"
+                f" manifest says {entry.size} bytes with {entry.algorithm} {entry.digest}"
+            )
+        os.replace(partial, target)
+    except FileNotFoundError:
+        raise CheckpointError(f"{remote} is in the manifest but missing from storage") from None
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def _copy_hashing(fs: fsspec.AbstractFileSystem, remote: str, partial: Path, algorithm: str) -> tuple[int, str]:
+    """Copy a file of a local (or mounted) file system while a second thread hashes the chunks as they pass
+    (both hash functions release the GIL): the copy and the check overlap instead of adding up."""
+    digest = _new_digest(algorithm)
     chunks: queue.Queue[bytes | None] = queue.Queue(maxsize=_CHUNKS_IN_FLIGHT)
 
     def hash_chunks() -> None:
@@ -598,25 +639,27 @@ def _fetch_file(fs: fsspec.AbstractFileSystem, remote: str, target: Path, entry:
     hasher.start()
     size = 0
     try:
-        try:
-            with fs.open(remote, "rb", block_size=_PART_BYTES) as source, open(partial, "wb") as sink:
-                while chunk := source.read(_PART_BYTES):
-                    chunks.put(chunk)
-                    sink.write(chunk)
-                    size += len(chunk)
-        finally:
-            chunks.put(None)
-            hasher.join()
-        if size != entry.size or digest.hexdigest() != entry.digest:
-            raise CheckpointError(
-                f"{remote}: got {size} bytes with {entry.algorithm} {digest.hexdigest()},"
-                f" manifest says {entry.size} bytes with {entry.algorithm} {entry.digest}"
-            )
-        os.replace(partial, target)
-    except FileNotFoundError:
-        raise CheckpointError(f"{remote} is in the manifest but missing from storage") from None
+        with fs.open(remote, "rb") as source, open(partial, "wb") as sink:
+            while chunk := source.read(_PART_BYTES):
+                chunks.put(chunk)
+                sink.write(chunk)
+                size += len(chunk)
     finally:
-        partial.unlink(missing_ok=True)
+        chunks.put(None)
+        hasher.join()
+    return size, digest.hexdigest()
+
+
+def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+    return bool(protocols & {"file", "local"})
+
+
+def _local_digest(path: Path, algorithm: str) -> str:
+    if algorithm == "blake3":
+        return _local_blake3(path)
+    with open(path, "rb") as source:
+        return hashlib.file_digest(source, "sha256").hexdigest()
 
 
 def _write_atomically(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:

@@ -126,6 +126,7 @@ class _Session:
             "emergency": slot.notice is not None,
             "notice_id": slot.notice.id if slot.notice else None,
             "created_at": time.time(),
+            "files": _digests(slot.path),
         }
         (slot.path / SAVE_RECORD).write_text(json.dumps(record))
         slot.path.rename(slot.final)
@@ -221,6 +222,24 @@ class _Session:
             "interval_seconds": every or None, "interval_reason": why, "saves_coalesced": self.coalesced,
         }))
         os.replace(partial, self.control_dir / "progress.json")
+
+
+def _digests(directory: Path) -> dict[str, dict[str, Any]]:
+    """Size, mtime and BLAKE3 of every file of a save, taken by the writer (in the background for `save_async`)
+    while the bytes are still in the page cache, so the agent uploads them without reading them again
+    (docs/checkpoint-format.md). Empty when the blake3 package is absent: the agent then hashes as it uploads."""
+    try:
+        import blake3
+    except ImportError:
+        return {}
+    files = {}
+    for path in sorted(directory.rglob("*")):
+        if path.is_file() and not path.is_symlink() and path.name != SAVE_RECORD:
+            stat = path.stat()
+            digest = blake3.blake3(max_threads=blake3.blake3.AUTO).update_mmap(path).hexdigest()
+            files[path.relative_to(directory).as_posix()] = {
+                "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "blake3": digest}
+    return files
 
 
 def _restored_from(environ: Mapping[str, str]) -> Restored | None:
