@@ -2,8 +2,8 @@
 counter script and its uninterrupted reference, the no-leak check, and the figure each test reports.
 
 Every test here injects one fault into a real run (real Temporal server, real `vl agent` processes, real
-scripts) and asserts that the run still ends with results identical to an uninterrupted run, and that no
-host outlives it. Each prints one `FAULT <test>: figure=value ...` line (and records it as a junit property).
+scripts; the 200-reclaim test alone serves its hosts' agents in-process, tests/faults/inproc_hosts.py) and
+asserts that the run still ends with results identical to an uninterrupted run, and that no host outlives it. Each prints one `FAULT <test>: figure=value ...` line (and records it as a junit property).
 """
 
 from __future__ import annotations

@@ -13,15 +13,14 @@ import asyncio
 import time
 
 import pytest_asyncio
-
 from temporalio.client import WorkflowHistory
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Replayer
 
-from tests.conftest import SUGGEST_CONTINUE_AS_NEW_AFTER, make_spec
 from activities.providers import PROVIDERS
+from tests.conftest import SUGGEST_CONTINUE_AS_NEW_AFTER, make_spec
 from tests.faults import inproc_hosts
-from tests.faults.conftest import counter_command, status_of, scripts_alive
+from tests.faults.conftest import counter_command, scripts_alive, status_of
 from vaultlayer import client as vl_client
 from vaultlayer.models import AttemptOutcome, Limits, Pool, RunState
 from workflows.training_run import TrainingRun
