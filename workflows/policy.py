@@ -33,11 +33,15 @@ from vaultlayer.models import (
     RunStatus,
 )
 
-# A pool that reclaimed or refused is not asked again for 5 min: asking costs seconds, so look again
-# soon. Doubled for each reclaim in the health window and while a pool keeps refusing, up to 30 min, so
-# that the end of a shortage is noticed.
+# A pool that reclaimed is left for others for 5 min, doubled for each reclaim in the health window, up to
+# 30 min: over 90% of reclaims hit the same zone again within minutes. Once every other pool has been
+# asked since, it is asked again at once.
 COOLDOWN_SECONDS = 5 * 60
 MAX_COOLDOWN_SECONDS = 30 * 60
+# A pool that refused is asked again after the others have had their turn (30 min at most), and never
+# within a minute: a refusal costs seconds and no money, and capacity comes back at any moment. A minute
+# is the retry gap of SkyPilot's managed jobs.
+REASK_SECONDS = 60
 HEALTH_WINDOW = timedelta(hours=12)
 # Trouble this recent in a pool, or a reclaim this recent in its region, puts it after calm pools:
 # capacity that just came back is the likeliest to go again, and zones of a region run short together.
@@ -113,9 +117,11 @@ class PoolHealth:
     index: int  # its place in the spec's preference order
     reclaims: int  # in the window
     exposure_hours: float  # host-hours held in the window
-    cool_until: datetime | None  # the cooldown, doubled for repeats
-    asked_until: datetime | None  # the first cooldown only: when asking once more is worth it
-    refused_until: datetime | None  # the part of the cooldown that refusals set: no capacity, known
+    last_asked: datetime | None  # when the run last asked the pool for a host
+    refused_at: datetime | None  # when it last refused, unless it has handed over a host since
+    refused_until: datetime | None  # not asked again before (REASK_SECONDS after the refusal)
+    reclaimed_at: datetime | None  # its last reclaim in the window
+    reclaim_until: datetime | None  # that reclaim's cooldown, doubled for repeats
     troubled: bool  # a reclaim or refusal of its own within RECENT_TROUBLE
     region_troubled: bool  # a reclaim in its region (provider and region) within RECENT_TROUBLE
     blocked: str  # why the pool is out for the whole run, or ""
@@ -125,9 +131,21 @@ class PoolHealth:
         """Reclaims per host-hour: the window's record with the prior added in."""
         return (self.reclaims + PRIOR_RECLAIMS_PER_HOUR * PRIOR_HOURS) / (self.exposure_hours + PRIOR_HOURS)
 
-    def usable(self, now: datetime, eager: bool = False, reclaimed_only: bool = False) -> bool:
-        until = self.asked_until if eager else self.refused_until if reclaimed_only else self.cool_until
-        return until is None or until <= now
+    def usable_at(self, others: list[PoolHealth], now: datetime) -> datetime:
+        """When the pool may be asked. After a refusal: once every other pool has been asked since (or
+        MAX_COOLDOWN_SECONDS on), and not within REASK_SECONDS. After a reclaim: once its cooldown is over
+        or every other pool has been asked since."""
+        def others_asked_since(moment: datetime) -> bool:
+            return all(o is self or (o.last_asked is not None and o.last_asked >= moment) for o in others)
+
+        at = now
+        if self.refused_at is not None:
+            turn = (self.refused_at if others_asked_since(self.refused_at)
+                    else self.refused_at + timedelta(seconds=MAX_COOLDOWN_SECONDS))
+            at = max(at, turn, self.refused_until)
+        if self.reclaim_until is not None and not others_asked_since(self.reclaimed_at):
+            at = max(at, self.reclaim_until)
+        return at
 
 
 @dataclass(frozen=True)
@@ -139,7 +157,8 @@ class DeadlinePlan:
     - Slack line: the work left is entitled to slack in proportion to it (the run's initial slack per
       second of work, times the work left). Waiting for spot may spend slack down to the line, not
       below: there, on-demand bridges the shortage. The line falls while on-demand makes progress, and
-      at the line spot is safe again (if the net also covers the move and one failed spot attempt).
+      spot is safe again once the slack is back at the line but for the bridge's own changeover (if the
+      net also covers the move and one failed spot attempt).
     """
 
     slack: float
@@ -147,6 +166,7 @@ class DeadlinePlan:
     spot_try: float  # what a spot attempt lost at once costs: a changeover plus the notice
     entitled: float  # the slack line for the work left
     rate: float  # slack per second of work: how fast the line falls while the run trains
+    bridge: float  # the changeover a bridge to on-demand spends: not held against the return
 
     def spot_allowed(self) -> bool:
         return self.slack - self.spot_try >= self.reserve
@@ -156,13 +176,13 @@ class DeadlinePlan:
         return min(self.slack - self.entitled, self.slack - self.spot_try - self.reserve)
 
     def spot_safe_again(self) -> bool:
-        return self.slack >= self.entitled and self.slack - 2 * self.spot_try >= self.reserve
+        return self.slack + self.bridge >= self.entitled and self.slack - 2 * self.spot_try >= self.reserve
 
     def seconds_until_safe(self) -> float:
         """On-demand keeps the slack and lowers the line: when the line will be reached."""
         if self.rate <= 0 or self.slack - 2 * self.spot_try < self.reserve:
             return math.inf
-        return max(0.0, (self.entitled - self.slack) / self.rate)
+        return max(0.0, (self.entitled - self.slack - self.bridge) / self.rate)
 
     def describe(self) -> str:
         return (f"slack {hours(self.slack)}, slack line {hours(self.entitled)}, "
@@ -192,9 +212,12 @@ def next_placement(spec: RunSpec, status: RunStatus, now: datetime) -> Place | W
     best, wait = choose(spot, spec, status, now)
     if plan is not None:
         at_risk = not plan.spot_allowed()
-        if on_demand and (at_risk or (wait > 0 and plan.room() <= 0)):
-            again, again_wait = choose(spot, spec, status, now, eager=True)
-            if not at_risk and again_wait == 0:
+        if on_demand and (at_risk or plan.room() <= 0):
+            unasked = [h for h in spot if h.last_asked is None or h.last_asked < round_start(status, now, plan)]
+            if not at_risk and unasked:
+                again = choose(unasked, spec, status, now, ignore_cooldowns=True)[0]
+                if wait == 0 and again is best:
+                    return place(spec, status, now, best.pool, why_chosen(best, len(spot), status))
                 return place(spec, status, now, again.pool,
                              f"the slack is at its line: asking {again.pool.key} again before paying for on-demand")
             if choose(on_demand, spec, status, now)[1] == 0:
@@ -226,12 +249,19 @@ def review(spec: RunSpec, status: RunStatus, now: datetime) -> Keep | Vacate:
     plan = deadline_plan(spec, status, now)
     spot = [h for h in pool_health(spec, status, now) if h.pool.market == Market.SPOT and not h.blocked]
     if pool is not None and pool.market == Market.ON_DEMAND and spot and plan is not None:
-        best, wait = choose(spot, spec, status, now, eager=True)  # asking costs nothing: the run stays
+        best, wait = choose(spot, spec, status, now)  # asking costs nothing: the run stays
         if wait == 0 and plan.spot_safe_again():
             return Vacate(f"spot is safe again: {plan.describe()}", to=best.pool)
         later = max(wait, min(plan.seconds_until_safe(), ON_DEMAND_REVIEW_SECONDS), MIN_REVIEW_SECONDS)
         checks.append(now + timedelta(seconds=later))
     return Keep(min(checks) if checks else None)
+
+
+def round_start(status: RunStatus, now: datetime, plan: DeadlinePlan) -> datetime:
+    """Below the slack line every spot pool is asked once more, cooling or not, before on-demand is paid
+    for: once since the slack reached the line, and once more after each host lost since."""
+    reached = now + timedelta(seconds=min(0.0, plan.room()))
+    return max([reached, *(r.ended_at for r in status.attempts if r.running_at is not None and r.ended_at)])
 
 
 def place(spec: RunSpec, status: RunStatus, now: datetime, pool: Pool, reason: str) -> Place:
@@ -337,10 +367,11 @@ def pool_health(spec: RunSpec, status: RunStatus, now: datetime) -> list[PoolHea
     by_key = {pool.key: pool for pool in spec.pools}
     reclaims = dict.fromkeys(by_key, 0)
     exposure = dict.fromkeys(by_key, 0.0)
-    refusals_in_a_row = dict.fromkeys(by_key, 0)
-    cool_until: dict[str, datetime | None] = dict.fromkeys(by_key)
-    asked_until: dict[str, datetime | None] = dict.fromkeys(by_key)
+    last_asked: dict[str, datetime | None] = dict.fromkeys(by_key)
+    refused_at: dict[str, datetime | None] = dict.fromkeys(by_key)
     refused_until: dict[str, datetime | None] = dict.fromkeys(by_key)
+    reclaimed_at: dict[str, datetime | None] = dict.fromkeys(by_key)
+    reclaim_until: dict[str, datetime | None] = dict.fromkeys(by_key)
     troubled: set[str] = set()
     troubled_regions: set[tuple[str, str]] = set()
     blocked = dict.fromkeys(by_key, "")
@@ -348,15 +379,16 @@ def pool_health(spec: RunSpec, status: RunStatus, now: datetime) -> list[PoolHea
         if record.pool not in by_key or record.ended_at is None:
             continue
         pool = by_key[record.pool]
+        last_asked[record.pool] = max(last_asked[record.pool] or record.started_at, record.started_at)
         if record.running_at is not None:
-            refusals_in_a_row[record.pool] = 0
+            refused_at[record.pool] = None
             held = min(record.ended_at, now) - max(record.running_at, since)
             exposure[record.pool] += max(0.0, held.total_seconds() / 3600)
         if record.outcome == AttemptOutcome.RECLAIMED and record.ended_at >= since:
             reclaims[record.pool] += 1
             cooldown = min(COOLDOWN_SECONDS * 2 ** (reclaims[record.pool] - 1), MAX_COOLDOWN_SECONDS)
-            cool_until[record.pool] = record.ended_at + timedelta(seconds=cooldown)
-            asked_until[record.pool] = record.ended_at + timedelta(seconds=COOLDOWN_SECONDS)
+            reclaim_until[record.pool] = record.ended_at + timedelta(seconds=cooldown)
+            reclaimed_at[record.pool] = record.ended_at
             if record.ended_at >= recent:
                 troubled.add(record.pool)
                 troubled_regions.add((pool.provider, pool.region))
@@ -364,17 +396,14 @@ def pool_health(spec: RunSpec, status: RunStatus, now: datetime) -> list[PoolHea
             if record.refusal == Refusal.UNSUPPORTED:
                 blocked[record.pool] = f"does not offer the type ({record.reason})"
             for key in refused_together(pool, record, spec.pools):
-                refusals_in_a_row[key] += 1
-                cooldown = min(COOLDOWN_SECONDS * 2 ** (refusals_in_a_row[key] - 1), MAX_COOLDOWN_SECONDS)
-                ends = record.ended_at + timedelta(seconds=cooldown)
-                cool_until[key] = max(cool_until[key] or ends, ends)
+                refused_at[key] = max(refused_at[key] or record.started_at, record.started_at)
+                ends = record.ended_at + timedelta(seconds=REASK_SECONDS)
                 refused_until[key] = max(refused_until[key] or ends, ends)
-                asked = record.ended_at + timedelta(seconds=COOLDOWN_SECONDS)
-                asked_until[key] = max(asked_until[key] or asked, asked)
                 if record.ended_at >= recent:
                     troubled.add(key)
-    return [PoolHealth(pool, index, reclaims[pool.key], exposure[pool.key], cool_until[pool.key],
-                       asked_until[pool.key], refused_until[pool.key], pool.key in troubled,
+    return [PoolHealth(pool, index, reclaims[pool.key], exposure[pool.key], last_asked[pool.key],
+                       refused_at[pool.key], refused_until[pool.key], reclaimed_at[pool.key],
+                       reclaim_until[pool.key], pool.key in troubled,
                        (pool.provider, pool.region) in troubled_regions, blocked[pool.key])
             for index, pool in enumerate(spec.pools)]
 
@@ -395,16 +424,14 @@ def pool_price(pool: Pool, status: RunStatus) -> float | None:
 
 
 def choose(candidates: list[PoolHealth], spec: RunSpec, status: RunStatus, now: datetime,
-           eager: bool = False) -> tuple[PoolHealth, float]:
+           ignore_cooldowns: bool = False) -> tuple[PoolHealth, float]:
     """The best pool usable now (wait 0), else the one usable first and how long until it is.
 
-    A reclaim's cooldown steers the run to other pools; when none is usable, a pool cooling only from
-    reclaims is asked again at once (a refusal is cheap, and only a refusal says there is no capacity).
-    Best: calm before troubled (no reclaim in its region, then no trouble of its own, in the last
+    Cooldowns (`PoolHealth.usable_at`) take the pools in turn: a reclaim steers the run to the others, a
+    refusal sends it round them before the same pool is asked again. Best: calm before troubled (no reclaim in its region, then no trouble of its own, in the last
     RECENT_TROUBLE), then the lowest price with the pool's expected reclaims priced in (each costs a
     changeover and a notice of paid time), then fewer reclaims, then the spec's order. Pools of unknown
-    price come after priced ones. `eager` waives the doubling of cooldowns: for when the alternative is
-    paying for on-demand.
+    price come after priced ones. `ignore_cooldowns`: for when the alternative is paying for on-demand.
     """
     move_hours = (spec.changeover_seconds + spec.notice_seconds) / 3600
 
@@ -413,12 +440,9 @@ def choose(candidates: list[PoolHealth], spec: RunSpec, status: RunStatus, now: 
         effective = (price or 0.0) * (1 + h.reclaim_rate * move_hours)
         return (price is None, h.region_troubled, h.troubled, effective, h.reclaim_rate, h.index)
 
-    usable = ([h for h in candidates if h.usable(now, eager)]
-              or [h for h in candidates if h.usable(now, reclaimed_only=True)])
-    if usable:
-        return min(usable, key=rank), 0.0
-    first = min(candidates, key=lambda h: ((h.asked_until if eager else h.cool_until), rank(h)))
-    return first, ((first.asked_until if eager else first.cool_until) - now).total_seconds()
+    ready = {h.pool.key: now if ignore_cooldowns else h.usable_at(candidates, now) for h in candidates}
+    first = min(candidates, key=lambda h: (ready[h.pool.key], rank(h)))
+    return first, (ready[first.pool.key] - now).total_seconds()
 
 
 # ---------------------------------------------------------------- deadline rule
@@ -479,6 +503,7 @@ def deadline_plan(spec: RunSpec, status: RunStatus, now: datetime) -> DeadlinePl
         spot_try=spec.changeover_seconds + spec.notice_seconds,
         entitled=initial_slack * left / work,
         rate=initial_slack / work,
+        bridge=spec.changeover_seconds,
     )
 
 
