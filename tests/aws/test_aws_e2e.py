@@ -96,7 +96,7 @@ async def test_capacity_error_in_one_zone_moves_placement_on(temporal_env, contr
 async def test_lost_heartbeats_are_told_apart_by_the_instance_state(temporal_env, control, aws, tmp_path,
                                                                      reference_weights):
     out = tmp_path / "w.pt"
-    spec = make_spec(tmp_path, steps=150, out=out, step_time=0.1, heartbeat_timeout_seconds=3.0,
+    spec = make_spec(tmp_path, steps=150, out=out, step_time=0.1, heartbeat_timeout_seconds=5.0,
                      pools=zone_pools("us-east-1a", "us-east-1b"))
     client = temporal_env.client
     await vl_client.submit(client, spec, queue=control)
