@@ -38,10 +38,10 @@ from vaultlayer.models import (
 # asked since, it is asked again at once.
 COOLDOWN_SECONDS = 5 * 60
 MAX_COOLDOWN_SECONDS = 30 * 60
-# A pool that refused is asked again after the others have had their turn (30 min at most), and never
-# within a minute: a refusal costs seconds and no money, and capacity comes back at any moment. A minute
-# is the retry gap of SkyPilot's managed jobs.
-REASK_SECONDS = 60
+# A pool that refused is asked again after the others have had their turn (30 min at most), and not within
+# 5 min: a refusal costs seconds and no money, so no doubling, but each ask is a provisioning call and an
+# attempt in the run's history, so a long shortage costs a few asks per pool an hour, not one a minute.
+REASK_SECONDS = 5 * 60
 HEALTH_WINDOW = timedelta(hours=12)
 # Trouble this recent in a pool, or a reclaim this recent in its region, puts it after calm pools:
 # capacity that just came back is the likeliest to go again, and zones of a region run short together.
