@@ -5,8 +5,8 @@ and its history, `next_placement` returns a placement, a wait, or a stop that na
 an attempt runs, `review` says when to look again and whether to move the run off its host. The rules
 and why each constant has its value: docs/policy.md.
 
-- Health: a pool that reclaimed or refused a host cools down, longer for each repeat; a pool with
-  trouble in the last hours, or in a region that just reclaimed, comes after calm ones (over 90% of
+- Health: a pool that reclaimed a host cools down, longer for each repeat; one that refused is asked
+  again after the others, in turn; a pool with trouble in the last hours, or in a region that just reclaimed, comes after calm ones (over 90% of
   spot reclaims hit the same type and zone again within minutes).
 - Choice: the cheapest healthy pool, its price raised by what its reclaims cost in moves.
 - On-demand: only when spot cannot meet the deadline (`DeadlinePlan`); back to spot when it can again.
