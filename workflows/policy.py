@@ -6,8 +6,9 @@ an attempt runs, `review` says when to look again and whether to move the run of
 and why each constant has its value: docs/policy.md.
 
 - Health: a pool that reclaimed a host cools down, longer for each repeat; one that refused is asked
-  again after the others, in turn; a pool with trouble in the last hours, or in a region that just reclaimed, comes after calm ones (over 90% of
-  spot reclaims hit the same type and zone again within minutes).
+  again after the others, in turn; a pool with trouble in the last hours, or in a region that just
+  reclaimed, comes after calm ones (over 90% of spot reclaims hit the same type and zone again within
+  minutes).
 - Choice: the cheapest healthy pool, its price raised by what its reclaims cost in moves.
 - On-demand: only when spot cannot meet the deadline (`DeadlinePlan`); back to spot when it can again.
 - Budgets: reclaims, host faults and script failures each have their own; reclaims never use up retries.
@@ -428,10 +429,11 @@ def choose(candidates: list[PoolHealth], spec: RunSpec, status: RunStatus, now: 
     """The best pool usable now (wait 0), else the one usable first and how long until it is.
 
     Cooldowns (`PoolHealth.usable_at`) take the pools in turn: a reclaim steers the run to the others, a
-    refusal sends it round them before the same pool is asked again. Best: calm before troubled (no reclaim in its region, then no trouble of its own, in the last
-    RECENT_TROUBLE), then the lowest price with the pool's expected reclaims priced in (each costs a
-    changeover and a notice of paid time), then fewer reclaims, then the spec's order. Pools of unknown
-    price come after priced ones. `ignore_cooldowns`: for when the alternative is paying for on-demand.
+    refusal sends it round them before the same pool is asked again. Best: calm before troubled (no
+    reclaim in its region, then no trouble of its own, in the last RECENT_TROUBLE), then the lowest price
+    with the pool's expected reclaims priced in (each costs a changeover and a notice of paid time), then
+    fewer reclaims, then the spec's order. Pools of unknown price come after priced ones.
+    `ignore_cooldowns`: for when the alternative is paying for on-demand.
     """
     move_hours = (spec.changeover_seconds + spec.notice_seconds) / 3600
 
