@@ -214,7 +214,8 @@ def next_placement(spec: RunSpec, status: RunStatus, now: datetime) -> Place | W
     if plan is not None:
         at_risk = not plan.spot_allowed()
         if on_demand and (at_risk or plan.room() <= 0):
-            unasked = [h for h in spot if h.last_asked is None or h.last_asked < round_start(status, now, plan)]
+            since = round_start(status, now, plan)
+            unasked = [h for h in spot if h.last_asked is None or h.last_asked < since]
             if not at_risk and unasked:
                 again = choose(unasked, spec, status, now, ignore_cooldowns=True)[0]
                 if wait == 0 and again is best:
