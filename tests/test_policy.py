@@ -142,7 +142,7 @@ def test_a_capacity_refusal_moves_on_to_the_next_pool():
     assert placed(next_placement(spec(EAST_A, WEST_A), history.status, history.now)) == WEST_A
 
 
-def test_refusals_everywhere_are_asked_again_every_minute_in_turn():
+def test_refusals_everywhere_are_asked_again_in_turn_without_doubling():
     pools = spec(EAST_A, EAST_B, WEST_A)
     history = History()
     asked = []
