@@ -385,15 +385,19 @@ async def cmd_run(args: argparse.Namespace) -> int:
     spec.search_attributes = problem is None
     await vl_client.submit(conn.client, spec)
     print(f"run {spec.run_id}", flush=True)
-    link = conn.run_link(spec.run_id)
+    return await started(conn, spec.run_id, args.detach, spec.total_steps)
+
+
+async def started(conn: Connection, run_id: str, detach: bool, total_steps: int | None) -> int:
+    """After a run is submitted (vl run, vl resume): its UI link, then either how to follow it or the live view."""
+    link = conn.run_link(run_id)
     if link:
         print(f"Temporal UI: {link}", flush=True)
-    if args.detach:
-        from cli.runs_cmd import detached_hint
-
-        print(detached_hint(spec.run_id), flush=True)
+    if detach:
+        print(f"detached; follow with: vl logs {run_id} -f   ·   vl status {run_id}   ·   "
+              f"stop with: vl cancel {run_id}", flush=True)
         return 0
-    return await follow(conn, spec.run_id, spec.total_steps)
+    return await follow(conn, run_id, total_steps)
 
 
 def status_json(status: RunStatus, with_attempts: bool = True) -> dict:

@@ -42,10 +42,6 @@ def spec_from_config(path: str | os.PathLike, *flags: str) -> RunSpec:
     return build_spec(with_config(args))
 
 
-def detached_hint(run_id: str) -> str:
-    return f"detached; follow with: vl logs {run_id} -f   ·   vl status {run_id}   ·   stop with: vl cancel {run_id}"
-
-
 async def cmd_logs(args: argparse.Namespace) -> int:
     from cli.main import UsageError, connect, fail
     from vaultlayer.runs import AsyncClient, RunNotFound
@@ -74,7 +70,7 @@ async def cmd_logs(args: argparse.Namespace) -> int:
 
 
 async def cmd_resume(args: argparse.Namespace) -> int:
-    from cli.main import UsageError, connect, fail, follow
+    from cli.main import UsageError, connect, fail, started
     from vaultlayer.checkpoint import CheckpointError
     from vaultlayer.run_ids import run_id_problem
     from vaultlayer.runs import AsyncClient, ClientError
@@ -91,10 +87,4 @@ async def cmd_resume(args: argparse.Namespace) -> int:
     print(f"run {run.run_id}", flush=True)
     print(f"resuming {old_run_id} from step {run.resumed_from.step} (checkpoint copied to {run.resumed_from.url})",
           flush=True)
-    link = conn.run_link(run.run_id)
-    if link:
-        print(f"Temporal UI: {link}", flush=True)
-    if args.detach:
-        print(detached_hint(run.run_id), flush=True)
-        return 0
-    return await follow(conn, run.run_id, (await run.spec()).total_steps)
+    return await started(conn, run.run_id, args.detach, (await run.spec()).total_steps)
