@@ -15,6 +15,7 @@ from typing import TypeVar
 
 import fsspec
 import pytest
+from temporalio.client import Client as TemporalClient
 
 from activities.attempt_logs import LogShipper
 from tests.conftest import REPO, TRAIN_TINY, assert_same_weights, group_alive, make_spec, wait_until
@@ -251,3 +252,26 @@ def test_a_config_file_becomes_the_spec_vl_run_would_submit(tmp_path, vl_home, m
     (tmp_path / "bad.yaml").write_text("checkpoint: {keep: lots}\n")
     with pytest.raises(UsageError, match="checkpoint.keep"):
         spec_from_config(tmp_path / "bad.yaml")
+
+
+async def test_connect_waits_out_a_server_that_is_starting_and_fails_at_once_otherwise(temporal_env, monkeypatch):
+    """A dev server answers "Frontend is not healthy yet" for a moment after it opens its port; `vl` and the
+    workers it starts connect right then. Any other failure (a refused port) is reported at once."""
+    real_connect = TemporalClient.connect
+    answers = [RuntimeError('Failed client connect: `get_system_info` call error after connection: Status { code: '
+                            'Unavailable, message: "Frontend is not healthy yet" }')] * 2
+
+    async def starting(*args, **kwargs):
+        if answers:
+            raise answers.pop()
+        return await real_connect(*args, **kwargs)
+
+    monkeypatch.setattr(TemporalClient, "connect", starting)
+    target = temporal_env.client.service_client.config.target_host
+    client = await vl_client.connect(target)
+    assert not answers and client.service_client.config.target_host == target
+
+    answers[:] = [RuntimeError("Failed client connect: tcp connect error: Connection refused")]
+    with pytest.raises(RuntimeError, match="Connection refused"):
+        await vl_client.connect(target)
+    assert not answers

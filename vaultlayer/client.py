@@ -49,9 +49,23 @@ def connect_config(address: str | None = None, namespace: str | None = None,
     return {**config, "data_converter": data_converter(env)}
 
 
+# A server that has just opened its port answers "Frontend is not healthy yet" for a moment.
+_STARTING_SERVER_WAIT_SECONDS = 30.0
+
+
 async def connect(address: str | None = None, namespace: str | None = None,
                   env: Mapping[str, str] | None = None) -> Client:
-    return await Client.connect(**connect_config(address, namespace, env))
+    """A client for the configured cluster; waits out a server that is still starting (the embedded one `vl`
+    just started, a worker started with it), and fails at once for anything else, such as a refused port."""
+    config = connect_config(address, namespace, env)
+    deadline = asyncio.get_running_loop().time() + _STARTING_SERVER_WAIT_SECONDS
+    while True:
+        try:
+            return await Client.connect(**config)
+        except RuntimeError as err:
+            if "not healthy yet" not in str(err) or asyncio.get_running_loop().time() > deadline:
+                raise
+        await asyncio.sleep(0.2)
 
 
 async def submit(client: Client, spec: RunSpec, queue: str | None = None) -> WorkflowHandle:
