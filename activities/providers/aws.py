@@ -308,13 +308,18 @@ def read_temporal_settings(reference: str) -> dict[str, str]:
     TEMPORAL_API_KEY, TEMPORAL_TLS_*, and VL_ENCRYPTION_KEY when payloads are encrypted). Errors name keys,
     never values."""
     boto3 = _boto3()
+    from botocore.config import Config
+
+    # The agent reads this before it can serve its host: a stalled request must not hold it past the
+    # workflow's start timeout (botocore's default read timeout alone is 60 s), so short timeouts, retried.
+    quick = Config(connect_timeout=5, read_timeout=10, retries={"mode": "standard", "total_max_attempts": 5})
     store, _, name = reference.partition(":")
     region = name.split(":")[3] if name.startswith("arn:") else None
     if store == "secretsmanager":
-        client = boto3.session.Session().client("secretsmanager", region_name=region)
+        client = boto3.session.Session().client("secretsmanager", region_name=region, config=quick)
         text = call(client.get_secret_value, SecretId=name)["SecretString"]
     elif store == "ssm":
-        client = boto3.session.Session().client("ssm", region_name=region)
+        client = boto3.session.Session().client("ssm", region_name=region, config=quick)
         text = call(client.get_parameter, Name=name, WithDecryption=True)["Parameter"]["Value"]
     else:
         raise ValueError(f"VL_TEMPORAL_SETTINGS {reference!r}: expected secretsmanager:<id> or ssm:<name>")

@@ -36,8 +36,12 @@ async def result_of(client, run_id: str, timeout: float = 240) -> RunStatus:
 async def on_host_with_checkpoint(client, run_id: str, attempt: int) -> RunStatus:
     async def ready():
         status = await vl_client.status(client, run_id)
-        on_it = status.current_host and len(status.attempts) == attempt
-        return status if on_it and (status.durable_step or 0) >= 10 * attempt else None
+        if not (status.current_host and len(status.attempts) == attempt):
+            return None
+        # A checkpoint of this attempt's own: the durable step carried over from the last one says nothing
+        # about whether this host's agent has even started.
+        durable = status.durable_step or 0
+        return status if durable >= 10 * attempt and durable > status.attempts[-1].start_step else None
 
     return await wait_until(ready, 120, f"attempt {attempt} training with a checkpoint")
 
