@@ -636,9 +636,12 @@ def _copy_hashing(fs: fsspec.AbstractFileSystem, remote: str, partial: Path, alg
     return partial.stat().st_size, checksum
 
 
+def _protocols(fs: fsspec.AbstractFileSystem) -> set[str]:
+    return {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+
+
 def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
-    protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
-    return bool(protocols & {"file", "local"})
+    return bool(_protocols(fs) & {"file", "local"})
 
 
 def _local_digest(path: Path, algorithm: str) -> str:
@@ -651,8 +654,7 @@ def _local_digest(path: Path, algorithm: str) -> str:
 def _write_atomically(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     """Write so that a reader never sees half a file: object stores do that by themselves (and a rename there
     is a copy), a file system needs a write then a rename."""
-    protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
-    if protocols & _ATOMIC_WRITE_PROTOCOLS:
+    if _protocols(fs) & _ATOMIC_WRITE_PROTOCOLS:
         fs.pipe_file(path, data)
         return
     partial = f"{path}.vl-partial-{uuid.uuid4().hex[:8]}"
