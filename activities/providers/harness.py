@@ -15,21 +15,12 @@ from pathlib import Path
 
 import structlog
 
-from vaultlayer.models import Host, HostDescription, HostState, Pool, ProvisionInput, ProvisionResult
+from vaultlayer.models import Host, HostDescription, HostState, ProvisionInput, ProvisionResult
 
 log = structlog.get_logger(__name__)
 
 QUEUE_VARIABLE = "VL_HARNESS_TASK_QUEUE"
 DEFAULT_QUEUE = "vl-harness"
-
-
-def is_configured(vl_home: Path) -> bool:
-    """Only where a harness has played hosts: the sweep looks at nothing otherwise."""
-    return (vl_home / "harness").is_dir()
-
-
-def validate_pool(pool: Pool) -> None:
-    """Any pool: the harness plays whatever host it is asked for."""
 
 
 class HarnessProvider:
