@@ -1,7 +1,7 @@
 """The `harness` provider: hosts played by the load harness (`bench/load.py`), for control-plane load tests.
 
 Only used when a run's pool names it. A host is a tag file under VL_HOME/harness/<run>/<host>.json
-and the task queue the harness process polls (VL_HARNESS_TASK_QUEUE): one harness worker plays every
+and the task queue the harness process polls (QUEUE_VARIABLE): one harness worker plays every
 host, so a thousand runs need one poller instead of a thousand agent processes. Release, describe and
 reap work on the tag files exactly as the local provider's do on its process groups, so a leaked host
 shows up as a tag never released.

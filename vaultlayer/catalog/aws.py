@@ -1,5 +1,5 @@
 """The `aws` provider's catalog: GPU classes -> EC2 instance types, the on-demand price table, region and
-zone rules, the settings file (`$VL_HOME/aws.toml`, or the file VL_AWS_CONFIG names), the pool check and
+zone rules, the settings file (`aws.toml` in VL_HOME, or the file CONFIG_VARIABLE names), the pool check and
 pricing, and the one retried way to call AWS that the spot-price lookup and the provider share.
 
 boto3 is imported inside the functions that need it (credentials, regions, spot prices): `vl` works without

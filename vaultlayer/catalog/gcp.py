@@ -1,6 +1,6 @@
 """The `gcp` provider's catalog: GPU classes -> Compute Engine shapes (a machine type, plus attached GPUs
-on N1), the (spot, on-demand) price table, zone rules, the settings file (`$VL_HOME/gcp.toml`, or the file
-VL_GCP_CONFIG names), the pool check and pricing.
+on N1), the (spot, on-demand) price table, zone rules, the settings file (`gcp.toml` in VL_HOME, or the file
+CONFIG_VARIABLE names), the pool check and pricing.
 
 google-auth is imported inside the credentials check only: `vl` works without the Google libraries. See
 docs/providers/gcp.md.
