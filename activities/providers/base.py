@@ -109,7 +109,8 @@ def bootstrap_script(*, temporal_settings: str, notice_source: str, package: str
         *(f"export {name}={shlex.quote(value)}" for name, value in (exports or {}).items()),
         f"export {TEMPORAL_SETTINGS_VARIABLE}={shlex.quote(temporal_settings)}",
         f"export {NOTICE_SOURCE_VARIABLE}={notice_source}",
-        f"python3 -m venv {venv} || {{ apt-get update -q && apt-get install -y -q python3-venv && python3 -m venv {venv}; }}",
+        f"python3 -m venv {venv} || "
+        f"{{ apt-get update -q && apt-get install -y -q python3-venv && python3 -m venv {venv}; }}",
         f"{venv}/bin/pip install --quiet {shlex.quote(package)}",
         *setup,
         f"{venv}/bin/vl agent --task-queue {shlex.quote(task_queue)} --host-id {shlex.quote(host_id)} "

@@ -125,8 +125,8 @@ def is_configured(vl_home: Path) -> bool:
 
 def load_settings(vl_home: Path) -> AwsSettings:
     path = settings_path(vl_home)
-    return load_toml_settings(path, AwsSettings, f"the aws provider needs its settings in {path} (temporal_settings, instance_profile); "
-                         "see docs/providers/aws.md")
+    return load_toml_settings(path, AwsSettings, f"the aws provider needs its settings in {path} "
+                              "(temporal_settings, instance_profile); see docs/providers/aws.md")
 
 
 def import_boto3():

@@ -165,8 +165,8 @@ def is_configured(vl_home: Path) -> bool:
 
 def load_settings(vl_home: Path) -> GcpSettings:
     path = settings_path(vl_home)
-    return load_toml_settings(path, GcpSettings, f"the gcp provider needs its settings in {path} (project, service_account); "
-                         "see docs/providers/gcp.md")
+    return load_toml_settings(path, GcpSettings, f"the gcp provider needs its settings in {path} "
+                              "(project, service_account); see docs/providers/gcp.md")
 
 
 def region_of(zone: str) -> str:

@@ -33,7 +33,15 @@ from activities.providers.base import (
 )
 from activities.providers.gcp.api import client_kwargs, error_reasons, retry_policy
 from activities.providers.gcp.host import NOTICE_SOURCE
-from vaultlayer.catalog.gcp import CLOUD_PLATFORM_SCOPE, GcpSettings, Shape, load_settings, prices_of, region_of, shape_for
+from vaultlayer.catalog.gcp import (
+    CLOUD_PLATFORM_SCOPE,
+    GcpSettings,
+    Shape,
+    load_settings,
+    prices_of,
+    region_of,
+    shape_for,
+)
 from vaultlayer.models import Host, HostDescription, HostState, Market, ProvisionInput, ProvisionResult, Refusal
 
 log = structlog.get_logger(__name__)
