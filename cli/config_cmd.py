@@ -106,7 +106,7 @@ def merge(args: argparse.Namespace, loaded: LoadedConfig, given: set[str]) -> ar
 def file_pools(entries: list, on_demand_fallback: bool, source: str) -> list[Pool]:
     """Each entry's pools (every zone or region of it, in order) as the pool flags make them, then, with the
     fallback, an on-demand copy of every spot pool after all of them."""
-    from activities.providers import validate_pools
+    from vaultlayer.catalog import validate_pools
 
     pools: list[Pool] = []
     for index, entry in enumerate(entries):

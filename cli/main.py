@@ -115,7 +115,7 @@ def checkpoint_dir_option(text: str | None, workdir: Path) -> str | None:
 
 
 def build_spec(args: argparse.Namespace) -> RunSpec:
-    from activities.providers import KNOWN_PROVIDERS, priced_pools, validate_pools
+    from vaultlayer.catalog import KNOWN_PROVIDERS, priced_pools, validate_pools
     from vaultlayer import checkpoint
     from vaultlayer.durations import parse_interval
     from vaultlayer.home import default_storage_url

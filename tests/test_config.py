@@ -15,7 +15,7 @@ import jsonschema
 import pytest
 import yaml
 
-from activities.providers import KNOWN_PROVIDERS
+from vaultlayer.catalog import KNOWN_PROVIDERS
 from cli import main as vl_main
 from tests.conftest import REPO, make_spec
 from vaultlayer import client as vl_client

@@ -28,9 +28,9 @@ from temporalio.api.enums.v1 import IndexedValueType
 from temporalio.api.operatorservice.v1 import ListSearchAttributesRequest
 from temporalio.envconfig import ClientConfig
 
-from activities.providers.aws import AwsSettings
-from activities.providers.gcp import GcpSettings
 from tests.conftest import REPO, temporal_binary, wait_until
+from vaultlayer.catalog.aws import AwsSettings
+from vaultlayer.catalog.gcp import GcpSettings
 from vaultlayer.ui import SEARCH_ATTRIBUTES
 from worker import health
 

@@ -23,13 +23,10 @@ from temporalio.client import WorkflowFailureError, WorkflowUpdateFailedError
 from temporalio.worker import Worker
 
 import worker.control
-from activities.notices import (
-    GceMetadataNoticeSource,
-    ImdsNoticeSource,
-    MetadataDirNoticeSource,
-    NoticeError,
-    parse_instance_action,
-)
+from activities.notices import NoticeError, parse_instance_action
+from activities.providers.aws import ImdsNoticeSource
+from activities.providers.gcp import GceMetadataNoticeSource
+from activities.providers.local import MetadataDirNoticeSource
 from tests.conftest import make_spec
 from vaultlayer import checkpoint
 from vaultlayer import client as vl_client

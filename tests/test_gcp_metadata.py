@@ -10,7 +10,7 @@ from datetime import timedelta
 
 import pytest
 
-from activities.notices import GceMetadataNoticeSource
+from activities.providers.gcp import GceMetadataNoticeSource
 from tests.conftest import wait_until
 from tests.fakes.gce import FakeGce
 

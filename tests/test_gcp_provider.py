@@ -13,7 +13,7 @@ from temporalio.exceptions import ApplicationError
 
 from activities.control import ControlActivities
 from activities.providers.base import ProviderError
-from activities.providers.gcp import GcpProvider, label_value, priced
+from activities.providers.gcp import GcpProvider, label_value
 from cli.main import UsageError, build_spec, parser
 from tests.conftest import REPO
 from tests.fakes.gce import (
@@ -27,6 +27,7 @@ from tests.fakes.gce import (
     quota_exceeded,
     stockout,
 )
+from vaultlayer.catalog.gcp import priced
 from vaultlayer.models import HostState, Market, Placement, Pool, ProvisionInput
 
 ZONE = "us-central1-a"

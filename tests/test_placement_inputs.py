@@ -10,8 +10,9 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from activities.control import ControlActivities
-from activities.providers import local
+from activities.providers.local import LocalProvider
 from cli import main as cli
+from vaultlayer.catalog import local
 from vaultlayer.models import (
     AttemptRecord,
     Host,
@@ -31,7 +32,7 @@ def test_local_pools_take_zone_labels_but_no_regions():
 
 
 def test_the_local_provider_never_hands_back_an_excluded_host_and_reports_the_pool_price(tmp_path):
-    provider = local.LocalProvider(vl_home=tmp_path, temporal_env={"TEMPORAL_ADDRESS": "127.0.0.1:1"})
+    provider = LocalProvider(vl_home=tmp_path, temporal_env={"TEMPORAL_ADDRESS": "127.0.0.1:1"})
     # A retried provision finds the first try's host alive: normally it is handed back as it is.
     first = subprocess.Popen(["sleep", "60"], start_new_session=True)
     directory = provider.host_dir("r", "h-1")

@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+HOME_VARIABLE = "VL_HOME"
+
 
 def vl_home() -> Path:
-    return Path(os.environ.get("VL_HOME", "~/.vaultlayer")).expanduser().resolve()
+    return Path(os.environ.get(HOME_VARIABLE, "~/.vaultlayer")).expanduser().resolve()
 
 
 def default_storage_url() -> str:

@@ -1,9 +1,9 @@
 """The host agent: a Temporal worker on the host's own task queue that serves `run_attempt`.
 
 One agent per host; it runs one attempt at a time, and only attempts of the run and host it was started
-for (activities/host.py refuses the rest). The provider started it with the cluster's
-connection settings in its environment, or (cloud hosts) with `VL_TEMPORAL_SETTINGS` naming where to
-read them with the host's role; it learns of reclaims from the host's notice source.
+for (activities/host.py refuses the rest). The provider started it with the cluster's connection
+settings in its environment, or (cloud hosts) with a reference to where it reads them with the host's
+role; the provider registry answers both that and where the host learns of reclaims.
 """
 
 from __future__ import annotations
@@ -17,43 +17,21 @@ from pathlib import Path
 import structlog
 from temporalio.worker import Worker
 
+from activities import providers
 from activities.host import HostAgentActivities
-from activities.notices import (
-    GceMetadataNoticeSource,
-    ImdsNoticeSource,
-    MetadataDirNoticeSource,
-    NoNoticeSource,
-    NoticeSource,
-)
 from vaultlayer import client as vl_client
 from vaultlayer.logs import configure_logging
 
 log = structlog.get_logger(__name__)
 
 
-def notice_source() -> NoticeSource:
-    if os.environ.get("VL_NOTICE_SOURCE") == "imds":
-        return ImdsNoticeSource()
-    if os.environ.get("VL_NOTICE_SOURCE") == "gce-metadata":
-        return GceMetadataNoticeSource()
-    metadata_dir = os.environ.get("VL_HOST_METADATA_DIR")
-    return MetadataDirNoticeSource(Path(metadata_dir)) if metadata_dir else NoNoticeSource()
-
-
 async def serve(task_queue: str, host_id: str, host_dir: Path, run_id: str) -> None:
     configure_logging()
     structlog.contextvars.bind_contextvars(host=host_id, run_id=run_id)
-    settings = None
-    if reference := os.environ.get("VL_TEMPORAL_SETTINGS"):
-        if reference.startswith("gcp-secret-manager:"):
-            from activities.providers.gcp import read_temporal_settings
-        else:
-            from activities.providers.aws import read_temporal_settings
-
-        settings = await asyncio.to_thread(read_temporal_settings, reference)
+    settings = await asyncio.to_thread(providers.temporal_settings)
     client = await vl_client.connect(env=settings)
-    activities = HostAgentActivities(host_id=host_id, host_dir=host_dir, notices=notice_source(), run_id=run_id,
-                                     task_queue=task_queue)
+    activities = HostAgentActivities(host_id=host_id, host_dir=host_dir, notices=providers.notice_source(),
+                                     run_id=run_id, task_queue=task_queue)
     worker = Worker(
         client,
         task_queue=task_queue,

@@ -14,7 +14,8 @@ import structlog
 from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.service import RPCError, RPCStatusCode
 
-from activities.providers import configured_providers, make_provider
+from activities.providers import make_provider
+from vaultlayer.catalog import configured_providers
 
 log = structlog.get_logger(__name__)
 

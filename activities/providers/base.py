@@ -1,22 +1,31 @@
-"""The one small interface every provider implements.
+"""What every provider shares, written once.
 
-Modelled on SkyPilot's provision API and dstack's Compute: provision returns a host or a typed
-refusal the policy can act on; release is idempotent and fast; describe tells a reclaimed host from a
-broken one after heartbeats stop.
+The control plane's side: the small interface every provider implements (modelled on SkyPilot's provision
+API and dstack's Compute: provision returns a host or a typed refusal the policy can act on; release is
+idempotent and fast; describe tells a reclaimed host from a broken one after heartbeats stop), its error
+hierarchy, the host's task-queue name and the bootstrap script a cloud host boots the agent with.
+The host's side: `HostSide`, what a host of one cloud reads from that cloud (its notice source, its
+Temporal settings, its secrets), and the checks every cloud's Temporal settings pass.
 """
 
 from __future__ import annotations
 
-import tomllib
-from pathlib import Path
-from typing import Protocol, TypeVar
+import json
+import shlex
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
 
-from pydantic import BaseModel, ValidationError
-
+from activities.notices import NoticeSource
+from vaultlayer.codec import KEY_ENV
+from vaultlayer.home import HOME_VARIABLE
 from vaultlayer.models import Host, HostDescription, InjectReclaimInput, ProvisionInput, ProvisionResult, Refusal
 
-
-SettingsT = TypeVar("SettingsT", bound=BaseModel)
+# What a cloud host's bootstrap exports for its agent: where to read the Temporal connection settings
+# (`<store>:<name>`, read with the host's own role) and which notice source to watch.
+TEMPORAL_SETTINGS_VARIABLE = "VL_TEMPORAL_SETTINGS"
+NOTICE_SOURCE_VARIABLE = "VL_NOTICE_SOURCE"
+HOST_HOME = "/opt/vaultlayer"  # VL_HOME on a cloud host: the agent's venv, its host directory
 
 
 class ProviderError(Exception):
@@ -33,6 +42,10 @@ class NoCapacityError(ProviderError):
     def __init__(self, kind: Refusal, message: str) -> None:
         super().__init__(message)
         self.kind = kind
+
+
+class SecretUnavailable(Exception):
+    """A secret env reference could not be read on this host: the attempt fails with this message."""
 
 
 class Provider(Protocol):
@@ -59,14 +72,66 @@ class ReclaimInjector(Protocol):
     async def inject_reclaim(self, request: InjectReclaimInput) -> None: ...
 
 
-def load_toml_settings(path: Path, model: type[SettingsT], missing: str) -> SettingsT:
-    """A provider's TOML settings as its pydantic model; every problem is one error naming the file."""
-    if not path.exists():
-        raise ValueError(missing)
+@dataclass(frozen=True)
+class HostSide:
+    """What a host of one cloud reads from that cloud. The registry asks every provider's `HOST` in turn,
+    so the agent never needs to know which cloud it is on."""
+
+    # This cloud's notice source when the host's environment names it, else None.
+    notice_source: Callable[[], NoticeSource | None]
+    # Store of a TEMPORAL_SETTINGS_VARIABLE reference (`<store>:<name>`) -> the reader of that reference.
+    temporal_settings_readers: dict[str, Callable[[str], dict[str, str]]] = field(default_factory=dict)
+    # Scheme of a secret env reference (`aws-sm:<id>`) -> the reader of the part after the scheme.
+    secret_readers: dict[str, Callable[[str], str]] = field(default_factory=dict)
+
+
+def host_queue(run_id: str, host_id: str) -> str:
+    """The task queue a host's agent polls: one per host, so an attempt reaches only its own host."""
+    return f"vl-host-{run_id}-{host_id}"
+
+
+def bootstrap_script(*, temporal_settings: str, notice_source: str, package: str, setup: list[str],
+                     task_queue: str, host_id: str, run_id: str, exports: dict[str, str] | None = None) -> str:
+    """A cloud host's boot script (run once as root): install the run's version of VaultLayer, run the
+    user's setup lines, start the host agent. It holds no secret: the agent reads the Temporal connection
+    settings with the host's own role from the `temporal_settings` reference exported here. However it ends
+    (a failed step, the agent exiting) the host powers off: it stops costing GPU time, and the provider
+    reads it as failed."""
+    venv = f"{HOST_HOME}/venv"
+    return "\n".join([
+        "#!/bin/bash",
+        "# VaultLayer host bootstrap: install the run's version, start the host agent.",
+        "set -euo pipefail",
+        "exec >>/var/log/vaultlayer-bootstrap.log 2>&1",
+        "# However this ends (a failed step, the agent exiting) the host powers off.",
+        "trap 'shutdown -h now' EXIT",
+        f"export {HOME_VARIABLE}={HOST_HOME}",
+        *(f"export {name}={shlex.quote(value)}" for name, value in (exports or {}).items()),
+        f"export {TEMPORAL_SETTINGS_VARIABLE}={shlex.quote(temporal_settings)}",
+        f"export {NOTICE_SOURCE_VARIABLE}={notice_source}",
+        f"python3 -m venv {venv} || "
+        f"{{ apt-get update -q && apt-get install -y -q python3-venv && python3 -m venv {venv}; }}",
+        f"{venv}/bin/pip install --quiet {shlex.quote(package)}",
+        *setup,
+        f"{venv}/bin/vl agent --task-queue {shlex.quote(task_queue)} --host-id {shlex.quote(host_id)} "
+        f"--host-dir {HOST_HOME}/host --run-id {shlex.quote(run_id)}",
+        "",
+    ])
+
+
+def check_temporal_settings(reference: str, text: str | bytes) -> dict[str, str]:
+    """The Temporal connection settings stored at `reference`: a JSON object of Temporal environment-config
+    variables (TEMPORAL_ADDRESS, TEMPORAL_NAMESPACE, TEMPORAL_API_KEY, TEMPORAL_TLS_*, and the encryption key
+    when payloads are encrypted). Errors name keys, never values."""
     try:
-        return model.model_validate(tomllib.loads(path.read_text()))
-    except tomllib.TOMLDecodeError as err:
-        raise ValueError(f"{path}: {err}") from None
-    except ValidationError as err:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
-        raise ValueError(f"{path}: {problems}") from None
+        settings = json.loads(text)
+    except ValueError:
+        raise ValueError(f"{reference}: not a JSON object of TEMPORAL_* settings") from None
+    if not isinstance(settings, dict) or "TEMPORAL_ADDRESS" not in settings:
+        raise ValueError(f"{reference}: expected a JSON object with at least TEMPORAL_ADDRESS")
+    odd = [key for key, value in settings.items()
+           if not (key.startswith("TEMPORAL_") or key == KEY_ENV) or not isinstance(value, str)]
+    if odd:
+        raise ValueError(f"{reference}: keys must be TEMPORAL_* or {KEY_ENV}, with string values; "
+                         f"check {', '.join(odd)}")
+    return settings

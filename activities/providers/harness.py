@@ -1,7 +1,7 @@
 """The `harness` provider: hosts played by the load harness (`bench/load.py`), for control-plane load tests.
 
 Only used when a run's pool names it. A host is a tag file under VL_HOME/harness/<run>/<host>.json
-and the task queue the harness process polls (VL_HARNESS_TASK_QUEUE): one harness worker plays every
+and the task queue the harness process polls (QUEUE_VARIABLE): one harness worker plays every
 host, so a thousand runs need one poller instead of a thousand agent processes. Release, describe and
 reap work on the tag files exactly as the local provider's do on its process groups, so a leaked host
 shows up as a tag never released.
@@ -15,21 +15,12 @@ from pathlib import Path
 
 import structlog
 
-from vaultlayer.models import Host, HostDescription, HostState, Pool, ProvisionInput, ProvisionResult
+from vaultlayer.models import Host, HostDescription, HostState, ProvisionInput, ProvisionResult
 
 log = structlog.get_logger(__name__)
 
 QUEUE_VARIABLE = "VL_HARNESS_TASK_QUEUE"
 DEFAULT_QUEUE = "vl-harness"
-
-
-def is_configured(vl_home: Path) -> bool:
-    """Only where a harness has played hosts: the sweep looks at nothing otherwise."""
-    return (vl_home / "harness").is_dir()
-
-
-def validate_pool(pool: Pool) -> None:
-    """Any pool: the harness plays whatever host it is asked for."""
 
 
 class HarnessProvider:

@@ -12,10 +12,12 @@ from pathlib import Path
 import boto3
 import pytest
 
-from activities.providers import aws as aws_module
-from activities.providers import priced_pools
 from activities.providers.aws import AwsProvider, read_temporal_settings
+from activities.providers.aws import host as aws_host
+from activities.providers.aws import provider as aws_provider
 from activities.providers.base import NoCapacityError
+from vaultlayer.catalog import aws as aws_catalog
+from vaultlayer.catalog import priced_pools
 from tests.aws.conftest import DLAMI_PARAMETER, MOTO_AMI, REGION, SECRET_NAME
 from tests.aws.fakes import parse_user_data
 from tests.conftest import REPO
@@ -53,7 +55,7 @@ def test_spot_launch_is_tagged_and_its_user_data_holds_no_secret(aws, provider, 
     assert instance["ImageId"] == ssm.get_parameter(Name=DLAMI_PARAMETER)["Parameter"]["Value"]
     assert host.handle["instance_id"] == instance["InstanceId"] and host.handle["zone"] == "us-east-1b"
     assert host.price_per_hour == 0.00001  # moto's spot price history
-    assert host.on_demand_price_per_hour == aws_module.ON_DEMAND_PRICES["g5.xlarge"]
+    assert host.on_demand_price_per_hour == aws_catalog.ON_DEMAND_PRICES["g5.xlarge"]
 
     encoded = aws.ec2.describe_instance_attribute(InstanceId=instance["InstanceId"], Attribute="userData")
     user_data = base64.b64decode(encoded["UserData"]["Value"]).decode()
@@ -90,7 +92,7 @@ def test_capacity_errors_come_back_as_typed_refusals(aws, provider, code, refusa
     assert f"g5.xlarge in us-east-1a: {code}" in str(caught.value)
     tried = [itype for zone, itype, outcome in aws.proxy.launches if outcome == code]
     # A quota is the region's: the other types would hit it too. Anything else: every type was tried.
-    assert tried == (["g5.xlarge"] if refusal == Refusal.QUOTA else aws_module.INSTANCE_TYPES["A10G:1"])
+    assert tried == (["g5.xlarge"] if refusal == Refusal.QUOTA else aws_catalog.INSTANCE_TYPES["A10G:1"])
     assert aws.instances("r-refused") == []
     aws.assert_nothing_left()
 
@@ -194,14 +196,12 @@ def test_a_host_reads_its_temporal_settings_with_its_role(aws, temporal_address)
 
 
 def aws_calls() -> dict[str, set[str]]:
-    """Every AWS operation aws.py makes through `call`, by the role that makes it: the host's
-    (`read_temporal_settings`) or the control-plane worker's (everything else)."""
-    tree = ast.parse(Path(aws_module.__file__).read_text())
+    """Every AWS operation the aws provider makes through `call`, by the role that makes it: the host's
+    (its host side) or the control-plane worker's (its provider and the catalog's spot prices)."""
     service_of = {"get_secret_value": "secretsmanager", "get_parameter": "ssm"}
     calls: dict[str, set[str]] = {"host": set(), "worker": set()}
-    for function in (n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)):
-        role = "host" if function.name == "read_temporal_settings" else "worker"
-        for node in ast.walk(function):
+    for role, module in (("host", aws_host), ("worker", aws_provider), ("worker", aws_catalog)):
+        for node in ast.walk(ast.parse(Path(module.__file__).read_text())):
             if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "call":
                 method = node.args[0].attr
                 action = "".join(part.title() for part in method.split("_"))

@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from activities.notices import ImdsNoticeSource
+from activities.providers.aws import ImdsNoticeSource
 from tests.aws.fakes import ImdsFake
 
 

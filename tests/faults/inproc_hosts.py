@@ -22,7 +22,7 @@ from temporalio.client import Client
 from temporalio.worker import Worker
 
 from activities.host import HostAgentActivities
-from activities.notices import MetadataDirNoticeSource
+from activities.providers.local import MetadataDirNoticeSource
 from tests.faults.conftest import scripts_alive, write_instance_action
 from vaultlayer.models import Host, HostDescription, HostState, ProvisionInput, ProvisionResult
 

@@ -1,4 +1,4 @@
-"""The `local` provider: a host is a `vl agent` process group on this machine.
+"""The `local` provider's control plane: a host is a `vl agent` process group on this machine.
 
 Each host gets its own working directory under VL_HOME/hosts/<run>/<host>, holding `host.json` (the
 host's tag: run, attempt, process group), the agent's log, and `metadata/`, which stands in for the
@@ -21,23 +21,11 @@ from pathlib import Path
 
 import structlog
 
-from vaultlayer.models import (
-    Host,
-    HostDescription,
-    HostState,
-    InjectReclaimInput,
-    Pool,
-    ProvisionInput,
-    ProvisionResult,
-)
+from activities.providers.base import host_queue
+from activities.providers.local.host import METADATA_DIR_VARIABLE, NOTICE_RELATIVE_PATH
+from vaultlayer.models import Host, HostDescription, HostState, InjectReclaimInput, ProvisionInput, ProvisionResult
 
 log = structlog.get_logger(__name__)
-
-NOTICE_RELATIVE_PATH = Path("spot") / "instance-action"
-
-
-def host_queue(run_id: str, host_id: str) -> str:
-    return f"vl-host-{run_id}-{host_id}"
 
 
 def group_members(pgid: int) -> list[tuple[int, str]]:
@@ -71,20 +59,6 @@ def kill_group(pgid: int, sig: int = signal.SIGKILL) -> None:
         pass
 
 
-def is_configured(vl_home: Path) -> bool:
-    """The local provider needs no settings."""
-    return True
-
-
-def validate_pool(pool: Pool) -> None:
-    if pool.gpu is not None:
-        raise ValueError(f"the local provider runs on this machine and cannot provision --gpu {pool.gpu}; "
-                         "leave --gpu out, or use --provider aws or gcp")
-    if pool.region != "local":
-        raise ValueError("the local provider has no regions; leave --region out (--zone takes any label, "
-                         "so that a run can have several local pools)")
-
-
 class LocalProvider:
     name = "local"
 
@@ -112,8 +86,8 @@ class LocalProvider:
         (directory / "metadata").mkdir(parents=True, exist_ok=True)
         task_queue = host_queue(request.run_id, host_id)
         # The agent inherits this worker's environment: its TLS/API-key settings and its encryption key setting
-        # (VL_ENCRYPTION_KEY or the path in VL_ENCRYPTION_KEY_FILE) reach the host here, never through history.
-        env = {**os.environ, **self.temporal_env, "VL_HOST_METADATA_DIR": str(directory / "metadata")}
+        # (the key, or the path of its file) reach the host here, never through history.
+        env = {**os.environ, **self.temporal_env, METADATA_DIR_VARIABLE: str(directory / "metadata")}
         command = [
             sys.executable, "-m", "cli.main", "agent",
             "--task-queue", task_queue,

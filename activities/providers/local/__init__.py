@@ -1,0 +1,13 @@
+"""The `local` provider: a host is a `vl agent` process group on this machine (provider.py), warned of a
+reclaim through a metadata directory shaped like AWS IMDS (host.py)."""
+
+from activities.providers.local.host import (
+    HOST,
+    METADATA_DIR_VARIABLE,
+    NOTICE_RELATIVE_PATH,
+    MetadataDirNoticeSource,
+)
+from activities.providers.local.provider import LocalProvider, group_alive, group_members, kill_group
+
+__all__ = ["HOST", "METADATA_DIR_VARIABLE", "NOTICE_RELATIVE_PATH", "LocalProvider", "MetadataDirNoticeSource",
+           "group_alive", "group_members", "kill_group"]
