@@ -16,9 +16,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from cli.context import UsageError, connect, consent, fail, warn
+from cli.context import Connection, UsageError, connect, consent, fail, warn
 from cli.render import follow
-from vaultlayer.config import load_file, load_pyproject
 from vaultlayer.request import PoolRequest, RunRequest, build_spec
 
 POOL_OPTIONS = set(PoolRequest.model_fields) - {"where"}
@@ -105,6 +104,8 @@ def request_from_args(args: argparse.Namespace) -> RunRequest:
         given["env"] = _pairs(given["env"], "--env", "NAME=VALUE")
     if "env_secrets" in given:
         given["env_secrets"] = _pairs(given["env_secrets"], "--env-secret", "NAME=REF, such as HF_TOKEN=env:HF_TOKEN")
+    from vaultlayer.config import load_file, load_pyproject  # yaml and fsspec: only when a run is asked for
+
     flags = RunRequest(**given)
     if args.file:
         loaded = load_file(Path(args.file))
@@ -163,7 +164,7 @@ async def cmd_resume(args: argparse.Namespace) -> int:
     return await started(conn, run.run_id, args.detach, (await run.spec()).total_steps)
 
 
-async def started(conn, run_id: str, detach: bool, total_steps: int | None) -> int:
+async def started(conn: Connection, run_id: str, detach: bool, total_steps: int | None) -> int:
     """After a run is submitted: its UI link, then either how to follow it or the live view."""
     link = conn.run_link(run_id)
     if link:

@@ -237,7 +237,7 @@ class LoadedConfig(BaseModel):
         values = {name: value for name, value in from_file.items() if value is not None and name not in chosen}
         values |= {name: getattr(given, name) for name in chosen}
 
-        if "workdir" in chosen:
+        if given.workdir:
             workdir = Path(given.workdir).resolve()
         else:
             workdir = (folder / config.workdir).resolve() if config.workdir else folder

@@ -18,7 +18,6 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from vaultlayer import checkpoint
 from vaultlayer.catalog import KNOWN_PROVIDERS, priced_pools, validate_pools
 from vaultlayer.durations import parse_duration, parse_interval
 from vaultlayer.home import default_storage_url
@@ -112,6 +111,8 @@ def build_spec(request: RunRequest, warn: Warn = _python_warning) -> RunSpec:
     if not workdir.is_dir():
         raise RunRequestError(f"--workdir {request.workdir!r} is not a directory; give an existing one")
     command = resolve_command(request.command, workdir)
+    from vaultlayer import checkpoint  # fsspec: imported when a spec is built, not by every `vl` command
+
     storage_url = request.storage or default_storage_url()
     try:
         checkpoint.validate_storage_url(storage_url)
