@@ -11,6 +11,7 @@ flags given on the command line over it, and the request's defaults fill the res
 from __future__ import annotations
 
 import difflib
+import os
 import re
 import shlex
 import tomllib
@@ -282,9 +283,9 @@ class LoadedConfig(BaseModel):
                 for index, entry in enumerate(entries)]
 
 
-def load_file(path: Path) -> LoadedConfig:
+def load_file(path: str | os.PathLike) -> LoadedConfig:
     """A YAML file, or a pyproject.toml's `[tool.vaultlayer]` table when the name ends in .toml."""
-    source = str(path)
+    source, path = str(path), Path(path)
     try:
         text = path.read_text()
     except FileNotFoundError:

@@ -65,7 +65,7 @@ def spec_of(run: Submittable) -> RunSpec:
     elif isinstance(run, Mapping):
         request = load_mapping(dict(run), "config", Path.cwd()).request()
     else:
-        request = load_file(Path(run)).request()
+        request = load_file(run).request()
     return build_spec(request)
 
 
