@@ -25,8 +25,14 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from vaultlayer import checkpoint
 from vaultlayer.durations import parse_duration, parse_interval
-from vaultlayer.request import PLACE_FIELDS, PoolRequest, RunRequest, RunRequestError, checkpoint_directory, \
-    resolve_command
+from vaultlayer.request import (
+    PLACE_FIELDS,
+    PoolRequest,
+    RunRequest,
+    RunRequestError,
+    checkpoint_directory,
+    resolve_command,
+)
 from vaultlayer.secrets import ENV_NAME, REFERENCE_FORMS, parse_reference
 
 PROVIDERS = ("local", "aws", "gcp")  # activities.providers.KNOWN_PROVIDERS; a test keeps the two equal

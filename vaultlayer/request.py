@@ -234,7 +234,8 @@ def _pools(request: RunRequest) -> list[Pool]:
             raise RunRequestError(f"{prefix}{err}") from None
         pools += made
     if request.on_demand_fallback:
-        fallback = [pool.model_copy(update={"market": Market.ON_DEMAND, "price_per_hour": pool.on_demand_price_per_hour})
+        fallback = [pool.model_copy(update={"market": Market.ON_DEMAND,
+                                            "price_per_hour": pool.on_demand_price_per_hour})
                     for pool in pools if pool.market == Market.SPOT]
         try:
             validate_pools(fallback)
