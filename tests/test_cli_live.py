@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 
 from rich.console import Console
 
-from cli import live
+from cli import render
 from tests.conftest import TRAIN_TINY, make_spec
 from tests.test_cli import cli_env, vl  # noqa: F401 - cli_env is a fixture
 from vaultlayer import client as vl_client
@@ -36,7 +36,7 @@ def text_of(table) -> str:
 
 
 def test_the_panel_shows_attempt_pool_host_step_rate_durable_step_reclaims_cost_and_eta():
-    text = " ".join(text_of(live.render(running_status(), rate=2.5, total_steps=3000, now=NOW)).split())
+    text = " ".join(text_of(render.panel(running_status(), rate=2.5, total_steps=3000, now=NOW)).split())
     assert text == ("r-1 · running "
                     "attempt 2 · pool aws/us-east-1a/A10G:1/spot · host h-2 "
                     "step 1500 / 3000 · 2.5 steps/s "
@@ -48,14 +48,14 @@ def test_the_panel_shows_attempt_pool_host_step_rate_durable_step_reclaims_cost_
 
 def test_the_panel_says_why_there_is_no_eta():
     status = running_status()
-    assert "vl run --total-steps N gives one" in text_of(live.render(status, rate=2.5, total_steps=None, now=NOW))
-    assert "measuring the rate" in text_of(live.render(status, rate=None, total_steps=3000, now=NOW))
+    assert "vl run --total-steps N gives one" in text_of(render.panel(status, rate=2.5, total_steps=None, now=NOW))
+    assert "measuring the rate" in text_of(render.panel(status, rate=None, total_steps=3000, now=NOW))
     fresh = RunStatus(run_id="r-2", state=RunState.PROVISIONING)
-    assert "waiting for a placement" in text_of(live.render(fresh, rate=None, total_steps=None, now=NOW))
+    assert "waiting for a placement" in text_of(render.panel(fresh, rate=None, total_steps=None, now=NOW))
 
 
 def test_step_rate_is_per_attempt():
-    rate = live.StepRate(window=20)
+    rate = render.StepRate(window=20)
     rate.add(0.0, 1, 100)
     assert rate.per_second() is None
     rate.add(4.0, 1, 120)
@@ -68,14 +68,14 @@ def test_step_rate_is_per_attempt():
 
 def test_live_panel_only_on_a_terminal(monkeypatch):
     plain = object()
-    with live.view_for(io.StringIO(), plain) as view:
+    with render.view_for(io.StringIO(), plain) as view:
         assert view is plain
     main, secondary = os.openpty()
     with open(secondary, "w") as terminal, open(main, "rb", buffering=0):
         monkeypatch.setenv("TERM", "xterm")
-        assert live.wants_live(terminal)
+        assert render.wants_live(terminal)
         monkeypatch.setenv("TERM", "dumb")
-        assert not live.wants_live(terminal)
+        assert not render.wants_live(terminal)
 
 
 async def test_vl_ui_prints_the_runs_link(cli_env, temporal_env, temporal_address, tmp_path):
@@ -103,7 +103,7 @@ async def test_vl_ui_prints_the_runs_link(cli_env, temporal_env, temporal_addres
 async def test_expected_errors_are_one_line_and_verbose_shows_the_traceback(cli_env, temporal_address):
     bad_input = ["run", "--provider", "nimbus", "--", "python", str(TRAIN_TINY), "--steps", "1", "--out", "x"]
     cases = [
-        ({}, bad_input, 2, "unknown provider 'nimbus'", "UsageError"),
+        ({}, bad_input, 2, "unknown provider 'nimbus'", "RunRequestError"),
         ({"TEMPORAL_ADDRESS": "127.0.0.1:1"}, ["ls"], 1, "cannot reach the Temporal server at 127.0.0.1:1 "
                                                         "(Connection refused)", "RuntimeError: Failed client connect"),
         ({"TEMPORAL_ADDRESS": temporal_address}, ["status", "no-such-run"], 1, "no run 'no-such-run'", "RPCError"),

@@ -239,19 +239,25 @@ def test_following_reads_each_chunk_once_in_attempt_order(tmp_path):
 
 
 def test_a_config_file_becomes_the_spec_vl_run_would_submit(tmp_path, vl_home, monkeypatch):
-    from cli.main import UsageError
-    from cli.runs_cmd import spec_from_config
+    from vaultlayer.config import load_file
+    from vaultlayer.request import RunRequest, RunRequestError
+    from vaultlayer.runs import spec_of
 
     (tmp_path / "train.py").write_text("")
     (tmp_path / "vl.yaml").write_text("command: python train.py --steps 10\ncheckpoint: {every: 5, keep: 2}\n")
     monkeypatch.chdir(vl_home)
-    spec = spec_from_config(tmp_path / "vl.yaml", "--max-cost", "3")
+    spec = spec_of(load_file(tmp_path / "vl.yaml").request(RunRequest(max_cost=3)))  # as `vl run -f .. --max-cost 3`
     assert spec.command[1:] == ["train.py", "--steps", "10"] and spec.workdir == str(tmp_path)
     assert (spec.checkpoint_every, spec.keep_checkpoints, spec.limits.max_cost) == ("5", 2, 3)
     assert spec.run_id.startswith("r-") and spec.storage_url == (vl_home / "storage").as_uri()
+    assert spec_of(tmp_path / "vl.yaml").limits.max_cost is None
+    from_dict = spec_of({"command": f"python {tmp_path / 'train.py'}", "limits": {"max_cost": 4}})
+    assert from_dict.workdir == str(vl_home) and from_dict.limits.max_cost == 4
     (tmp_path / "bad.yaml").write_text("checkpoint: {keep: lots}\n")
-    with pytest.raises(UsageError, match="checkpoint.keep"):
-        spec_from_config(tmp_path / "bad.yaml")
+    with pytest.raises(RunRequestError, match="checkpoint.keep"):
+        spec_of(str(tmp_path / "bad.yaml"))
+    with pytest.raises(RunRequestError, match="^config: limits.max_cost: 0 is too small"):
+        spec_of({"limits": {"max_cost": 0}})
 
 
 async def test_connect_waits_out_a_server_that_is_starting_and_fails_at_once_otherwise(temporal_env, monkeypatch):

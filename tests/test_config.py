@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import typing
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -15,12 +16,18 @@ import jsonschema
 import pytest
 import yaml
 
-from vaultlayer.catalog import KNOWN_PROVIDERS
+from cli import cmd_run, context
 from cli import main as vl_main
+from cli.cmd_run import request_from_args
+from cli.context import UsageError, warn
+from cli.main import parser
 from tests.conftest import REPO, make_spec
 from vaultlayer import client as vl_client
-from vaultlayer.config import PROVIDERS, RunConfig, load_file
+from vaultlayer.catalog import KNOWN_PROVIDERS
+from vaultlayer.config import PoolConfig, RunConfig, load_file
 from vaultlayer.models import AttemptOutcome, Market, RunState
+from vaultlayer.request import RunRequestError, build_spec
+from vaultlayer.runs import AsyncClient
 
 EXAMPLE = REPO / "examples" / "vl.yaml"
 
@@ -74,9 +81,10 @@ BAD_CONFIGS = [
 
 def refusal(argv: list[str]) -> list[str]:
     """What `vl run ARGV` prints on stderr when it refuses its input (it then exits 2, before connecting)."""
-    with pytest.raises(vl_main.UsageError) as refused:
+    with pytest.raises((RunRequestError, UsageError)) as refused:
         spec_from(argv)
-    return f"vl: error: {refused.value}".splitlines()
+    problems = refused.value.problems if isinstance(refused.value, RunRequestError) else [str(refused.value)]
+    return [f"vl: error: {problem}" for problem in problems]
 
 
 @pytest.mark.parametrize(("text", "expected"), BAD_CONFIGS, ids=range(len(BAD_CONFIGS)))
@@ -86,6 +94,36 @@ def test_bad_config_is_one_line_naming_field_value_and_fix(tmp_path, vl_home, mo
     lines = refusal(["run", "-f", "vl.yaml"])
     assert len(lines) == 1, lines
     assert lines[0].startswith(f"vl: error: {expected}"), lines[0]
+
+
+@pytest.mark.parametrize(("text", "expected"), BAD_CONFIGS, ids=range(len(BAD_CONFIGS)))
+async def test_vl_run_and_the_client_refuse_a_bad_file_alike(tmp_path, vl_home, monkeypatch, capsys, text, expected):
+    """`vl run -f FILE` and `AsyncClient.submit(FILE)` go through one check: the same lines, nothing submitted."""
+    monkeypatch.chdir(tmp_path)
+    Path("vl.yaml").write_text(text)
+    submitted = []
+
+    async def record(*args, **kwargs):
+        submitted.append(args)
+
+    def exit_now(code: int):
+        raise SystemExit(code)
+
+    async def no_connection():
+        raise AssertionError("bad input must be refused before connecting")
+
+    monkeypatch.setattr(vl_client, "submit", record)
+    monkeypatch.setattr(context, "exit_now", exit_now)
+    monkeypatch.setattr(cmd_run, "connect", no_connection)
+    with pytest.raises(SystemExit) as exited:
+        await asyncio.to_thread(vl_main.main, ["run", "-f", "vl.yaml"])  # vl's own event loop, as from a shell
+    printed = capsys.readouterr().err.splitlines()
+    with pytest.raises(RunRequestError) as refused:
+        await AsyncClient(temporal=None).submit("vl.yaml")
+    assert exited.value.code == context.EXIT_BAD_INPUT
+    assert printed == [f"vl: error: {problem}" for problem in refused.value.problems]
+    assert printed[0].startswith(f"vl: error: {expected}"), printed
+    assert submitted == []
 
 
 def test_every_problem_is_reported_at_once(tmp_path, vl_home, monkeypatch):
@@ -124,11 +162,9 @@ def test_vl_run_with_a_bad_file_exits_2_and_starts_nothing(tmp_path):
 
 
 def spec_from(argv: list[str]):
-    """The RunSpec `vl run ARGV` would submit: the same steps as cli.main.main and cmd_run, without submitting."""
-    args = vl_main.parser().parse_args(argv)
-    args.command = args.command[1:] if args.command[:1] == ["--"] else args.command
-    args.run_id, args.argv = "r-config-test", argv
-    return vl_main.build_spec(vl_main.with_config(args))
+    """The RunSpec `vl run ARGV` would submit: the same steps as cli.cmd_run.cmd_run, without submitting."""
+    return build_spec(request_from_args(parser().parse_args([*argv[:1], "--run-id", "r-config-test", *argv[1:]])),
+                      warn=warn)
 
 
 FULL = """
@@ -244,7 +280,7 @@ def test_vl_schema_is_json_schema_and_the_documented_example_validates():
 
 
 def test_schema_providers_are_the_registered_ones():
-    assert PROVIDERS == KNOWN_PROVIDERS
+    assert typing.get_args(PoolConfig.model_fields["provider"].annotation) == KNOWN_PROVIDERS
     assert RunConfig.model_fields["resources"].default_factory().pools is None
 
 

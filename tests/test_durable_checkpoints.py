@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from cli.main import build_spec, parser
+from cli.cmd_run import request_from_args
+from cli.main import parser
 from tests.conftest import REPO, assert_same_weights, group_members, make_spec, wait_until
 from tests.object_storage import ManifestHoldingProxy, storage_fs
 from tests.test_checkpoint_storage import CORRUPTIONS
@@ -28,6 +29,7 @@ from vaultlayer import checkpoint
 from vaultlayer import client as vl_client
 from vaultlayer.checkpoint import MANIFEST_NAME, CheckpointState, describe_checkpoints, list_checkpoints
 from vaultlayer.models import AttemptOutcome, RunState
+from vaultlayer.request import RunRequestError, build_spec
 
 S3 = pytest.mark.parametrize("storage_url", ["s3"], indirect=True)
 
@@ -260,19 +262,15 @@ async def test_zero_code_lightning_script_resumes_from_its_synced_directory(
     (["--keep-checkpoints", "0"], "--keep-checkpoints 0"),
 ])
 def test_zero_code_and_retention_flags_refuse_what_would_lose_data(flags, message, tmp_path, monkeypatch):
-    from cli.main import UsageError
-
     monkeypatch.chdir(REPO)
-    args = parser().parse_args(["run", *flags, "--", sys.executable, "-c", "pass"])
-    args.command, args.run_id = args.command[1:], "r-test"
-    with pytest.raises(UsageError, match=message):
-        build_spec(args)
+    args = parser().parse_args(["run", "--run-id", "r-test", *flags, "--", sys.executable, "-c", "pass"])
+    with pytest.raises(RunRequestError, match=message):
+        build_spec(request_from_args(args))
 
 
 def test_checkpoint_dir_is_made_absolute(monkeypatch):
     monkeypatch.chdir(REPO)
-    args = parser().parse_args(["run", "--checkpoint-dir", "ckpts", "--keep-checkpoints", "5", "--",
-                                sys.executable, "-c", "pass"])
-    args.command, args.run_id = args.command[1:], "r-test"
-    spec = build_spec(args)
+    args = parser().parse_args(["run", "--run-id", "r-test", "--checkpoint-dir", "ckpts", "--keep-checkpoints", "5",
+                                "--", sys.executable, "-c", "pass"])
+    spec = build_spec(request_from_args(args))
     assert (spec.checkpoint_dir, spec.keep_checkpoints) == (str(REPO / "ckpts"), 5)

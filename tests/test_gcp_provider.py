@@ -14,7 +14,8 @@ from temporalio.exceptions import ApplicationError
 from activities.control import ControlActivities
 from activities.providers.base import ProviderError
 from activities.providers.gcp import GcpProvider, label_value
-from cli.main import UsageError, build_spec, parser
+from cli.cmd_run import request_from_args
+from cli.main import parser
 from tests.conftest import REPO
 from tests.fakes.gce import (
     API,
@@ -29,6 +30,7 @@ from tests.fakes.gce import (
 )
 from vaultlayer.catalog.gcp import priced
 from vaultlayer.models import HostState, Market, Placement, Pool, ProvisionInput
+from vaultlayer.request import RunRequestError, build_spec
 
 ZONE = "us-central1-a"
 
@@ -239,10 +241,9 @@ def test_the_iam_roles_grant_what_the_provider_uses(gce, provider):
 
 def run_args(*flags: str):
     """`vl run --provider gcp FLAGS -- python -c pass`, parsed as `vl` does."""
-    args = parser().parse_args(["run", "--provider", "gcp", *flags, "--", sys.executable, "-c", "pass"])
-    args.command = args.command[1:]
-    args.run_id = "t-checked"
-    return args
+    args = parser().parse_args(["run", "--provider", "gcp", "--run-id", "t-checked", *flags, "--", sys.executable,
+                                "-c", "pass"])
+    return request_from_args(args)
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -254,7 +255,7 @@ def run_args(*flags: str):
     (["--gpu", "L4:1", "--region", "us-east1", "--zone", ZONE], "is in us-central1, not in --region us-east1"),
 ])
 def test_bad_pools_are_refused_before_anything_starts(gce, flags, message):
-    with pytest.raises(UsageError, match=message):
+    with pytest.raises(RunRequestError, match=message):
         build_spec(run_args(*flags))
     assert gce.requests == []
 
@@ -266,15 +267,15 @@ def test_settings_and_credentials_are_checked_before_anything_starts(gce, vl_hom
                                                                           ("", "us-central1-b", 0.2827)]
 
     (vl_home / "gcp.toml").write_text('project = "vl-test"\nservice_acount = "typo@vl-test.iam.gserviceaccount.com"\n')
-    with pytest.raises(UsageError, match="service_account: Field required.*service_acount: Extra inputs"):
+    with pytest.raises(RunRequestError, match="service_account: Field required.*service_acount: Extra inputs"):
         build_spec(args)
     (vl_home / "gcp.toml").unlink()
-    with pytest.raises(UsageError, match="needs its settings in .*gcp.toml"):
+    with pytest.raises(RunRequestError, match="needs its settings in .*gcp.toml"):
         build_spec(args)
 
     (vl_home / "gcp.toml").write_text(f'project = "vl-test"\nservice_account = "{HOST_SERVICE_ACCOUNT}"\n')
     monkeypatch.delenv("VL_GCP_EMULATOR_HOST")
     monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "no-such-key.json"))
-    with pytest.raises(UsageError, match="no Google Cloud credentials"):
+    with pytest.raises(RunRequestError, match="no Google Cloud credentials"):
         build_spec(args)
     assert gce.requests == []

@@ -11,7 +11,9 @@ import pytest
 
 from activities.control import ControlActivities
 from activities.providers.local import LocalProvider
-from cli import main as cli
+from cli import render
+from cli.cmd_run import request_from_args
+from cli.main import parser
 from vaultlayer.catalog import local
 from vaultlayer.models import (
     AttemptRecord,
@@ -23,6 +25,7 @@ from vaultlayer.models import (
     ProvisionInput,
     RunStatus,
 )
+from vaultlayer.request import RunRequestError, build_spec
 
 
 def test_local_pools_take_zone_labels_but_no_regions():
@@ -71,9 +74,8 @@ async def test_a_provider_without_a_notice_channel_takes_the_host_back_by_releas
 
 def spec_from(*flags: str, monkeypatch, tmp_path):
     monkeypatch.setenv("VL_HOME", str(tmp_path))
-    args = cli.parser().parse_args(["run", *flags, "--", "python", "-c", "pass"])
-    args.command, args.run_id = args.command[1:], "r-test"
-    return cli.build_spec(args)
+    args = parser().parse_args(["run", "--run-id", "r-test", *flags, "--", "python", "-c", "pass"])
+    return build_spec(request_from_args(args))
 
 
 def test_run_flags_set_limits_prices_and_an_on_demand_fallback(monkeypatch, tmp_path):
@@ -95,7 +97,7 @@ def test_run_flags_set_limits_prices_and_an_on_demand_fallback(monkeypatch, tmp_
                                                 (["--deadline", "soon"], "--deadline 'soon'"),
                                                 (["--price", "-1"], "--price -1.0: must be zero or more")])
 def test_bad_limit_flags_are_refused(flags, message, monkeypatch, tmp_path):
-    with pytest.raises(cli.UsageError, match=message):
+    with pytest.raises(RunRequestError, match=message):
         spec_from(*flags, monkeypatch=monkeypatch, tmp_path=tmp_path)
 
 
@@ -104,5 +106,5 @@ def test_status_shows_cost_per_attempt_and_per_run():
     record = AttemptRecord(attempt=1, pool="local/a/cpu/spot", host="h-1", started_at=started, cost_usd=1.25,
                            reason="reclaim notice")
     status = RunStatus(run_id="r", attempts=[record], cost_usd=1.25, on_demand_cost_usd=5.0)
-    assert cli.cost_line(status) == "cost $1.25, on demand $5.00 (25% of on-demand)"
-    assert "local/a/cpu/spot host h-1 running" in cli.attempt_line(record) and "$1.25" in cli.attempt_line(record)
+    assert render.cost_line(status) == "cost $1.25, on demand $5.00 (25% of on-demand)"
+    assert "local/a/cpu/spot host h-1 running" in render.attempt_line(record) and "$1.25" in render.attempt_line(record)

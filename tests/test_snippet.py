@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from cli.main import UsageError, parser
-from cli.snippet import offer_on_run, script_of
-from vaultlayer.snippet import HF, LIGHTNING, PYTORCH, NotApplicable, propose
+from cli.cmd_run import offer_on_run
+from cli.context import UsageError
+from cli.main import parser
+from vaultlayer.snippet import HF, LIGHTNING, PYTORCH, NotApplicable, propose, script_of
 
 SAMPLES = Path(__file__).resolve().parent / "samples"
 

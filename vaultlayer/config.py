@@ -4,17 +4,19 @@ One pydantic schema (`RunConfig`, published by `vl schema`) describes a run: com
 values and secret references), setup commands, candidate pools, checkpointing and limits. Unknown fields
 are refused with the nearest field name, and every problem becomes one line that names the field, the
 bad value and the fix (`ConfigError.problems`), before anything is provisioned. Fields left out mean
-"not set here": the `vl run` flags and their defaults fill them (cli/config_cmd.py merges the two).
+"not set here": `LoadedConfig.request` turns the file into a `RunRequest` (vaultlayer/request.py) with the
+flags given on the command line over it, and the request's defaults fill the rest.
 """
 
 from __future__ import annotations
 
 import difflib
+import os
 import re
 import shlex
 import tomllib
 import typing
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -23,18 +25,21 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from vaultlayer import checkpoint
 from vaultlayer.durations import parse_duration, parse_interval
+from vaultlayer.request import (
+    PLACE_FIELDS,
+    PoolRequest,
+    RunRequest,
+    RunRequestError,
+    checkpoint_directory,
+    resolve_command,
+)
 from vaultlayer.secrets import ENV_NAME, REFERENCE_FORMS, parse_reference
 
-PROVIDERS = ("local", "aws", "gcp")  # activities.providers.KNOWN_PROVIDERS; a test keeps the two equal
 DURATION_FIX = "write a number with a unit, such as '30s', '5m' or '2h'"
 
 
-class ConfigError(ValueError):
+class ConfigError(RunRequestError):
     """A config file that cannot be used: one line per problem."""
-
-    def __init__(self, problems: list[str]) -> None:
-        super().__init__("\n".join(problems))
-        self.problems = problems
 
 
 class ConfigModel(BaseModel):
@@ -63,7 +68,7 @@ class SecretRef(ConfigModel):
 class PoolConfig(ConfigModel):
     """Candidate capacity: one provider, its regions or zones (in order), a GPU class and count, a market."""
 
-    provider: Literal["local", "aws", "gcp"] = "local"
+    provider: Literal["local", "aws", "gcp"] = "local"  # vaultlayer.catalog.KNOWN_PROVIDERS; a test keeps them equal
     regions: list[str] = Field(default_factory=list, description="allowed regions, in order of preference")
     zones: list[str] = Field(default_factory=list, description="allowed zones, in order of preference")
     gpu: str | None = Field(None, description="GPU class and count, such as A10G:1 (cloud providers)")
@@ -220,10 +225,72 @@ class LoadedConfig(BaseModel):
     source: str  # as the user named it, for messages
     folder: Path
 
+    def request(self, given: RunRequest | None = None) -> RunRequest:
+        """The run this file describes, with the fields set on `given` (the flags given on the command line)
+        over it, field by field; relative paths in the file start at its folder. A pool given with a place
+        (provider, regions, zones) replaces the file's pools; one given without a place overrides the fields
+        it sets (gpu, market, prices) in every pool of the file. Raises ConfigError naming the file's field."""
+        given = given or RunRequest()
+        chosen = given.model_fields_set
+        config, folder, source = self.config, self.folder, self.source
+        saving, limits = config.checkpoint, config.limits
+        from_file: dict[str, object] = {
+            "setup": config.setup or None, "storage": saving.storage, "checkpoint_every": saving.every,
+            "checkpoint_min": saving.min, "checkpoint_max": saving.max, "keep_checkpoints": saving.keep,
+            "max_cost": limits.max_cost, "max_attempts": limits.max_attempts, "max_reclaims": limits.max_reclaims,
+            "script_retries": limits.script_retries, "total_steps": limits.total_steps, "work": limits.work,
+            "deadline": self._deadline(), "on_demand_fallback": config.resources.on_demand_fallback}
+        values = {name: value for name, value in from_file.items() if value is not None and name not in chosen}
+        values |= {name: getattr(given, name) for name in chosen}
 
-def load_file(path: Path) -> LoadedConfig:
+        if given.workdir:
+            workdir = Path(given.workdir).resolve()
+        else:
+            workdir = (folder / config.workdir).resolve() if config.workdir else folder
+            if not workdir.is_dir():
+                raise ConfigError([f"{source}: workdir: {config.workdir!r} is not a directory (relative paths "
+                                   f"start at {folder}); fix: give an existing directory"])
+            values["workdir"] = str(workdir)
+        if not given.command and config.command:
+            try:
+                values["command"] = resolve_command(config.command, workdir)
+            except RunRequestError as err:
+                raise ConfigError([f"{source}: command: {err}"]) from None
+        if saving.dir is not None and "checkpoint_dir" not in chosen:
+            try:
+                values["checkpoint_dir"] = checkpoint_directory(saving.dir, folder)
+            except RunRequestError as err:
+                raise ConfigError([f"{source}: checkpoint.dir: {str(err).removeprefix('--checkpoint-dir ')}"]) \
+                    from None
+        on_command_line = {*given.env, *given.env_secrets}
+        values["env"] = {name: value for name, value in config.env.items()
+                         if isinstance(value, str) and name not in on_command_line} | given.env
+        values["env_secrets"] = {name: value.secret for name, value in config.env.items()
+                                 if isinstance(value, SecretRef) and name not in on_command_line} | given.env_secrets
+        values["pools"] = self._pools(given.pools)
+        return RunRequest(**values)
+
+    def _deadline(self) -> str | datetime | None:
+        deadline = self.config.limits.deadline
+        if isinstance(deadline, datetime) and deadline <= datetime.now(UTC):
+            raise ConfigError([f"{self.source}: limits.deadline: '{deadline.isoformat()}' is in the past; fix: "
+                               "give a later time, or a duration from now such as 36h"])
+        return deadline
+
+    def _pools(self, given: list[PoolRequest] | None) -> list[PoolRequest] | None:
+        entries = self.config.resources.pools
+        if entries is None or (given is not None and (len(given) > 1 or PLACE_FIELDS & given[0].model_fields_set)):
+            return given
+        update = {name: getattr(given[0], name) for name in given[0].model_fields_set} if given else {}
+        return [PoolRequest(provider=entry.provider, regions=entry.regions, zones=entry.zones, gpu=entry.gpu,
+                            market=entry.market, price=entry.price, on_demand_price=entry.on_demand_price,
+                            where=f"{self.source}: resources.pools[{index}]").model_copy(update=update)
+                for index, entry in enumerate(entries)]
+
+
+def load_file(path: str | os.PathLike) -> LoadedConfig:
     """A YAML file, or a pyproject.toml's `[tool.vaultlayer]` table when the name ends in .toml."""
-    source = str(path)
+    source, path = str(path), Path(path)
     try:
         text = path.read_text()
     except FileNotFoundError:
@@ -234,7 +301,7 @@ def load_file(path: Path) -> LoadedConfig:
         data = _toml_table(text, source)
         if data is None:
             raise ConfigError([f"{source}: has no [tool.vaultlayer] table; fix: add one, or give a YAML file"])
-        return _validate(data, source, path.resolve().parent, prefix="tool.vaultlayer")
+        return load_mapping(data, source, path.resolve().parent, prefix="tool.vaultlayer")
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
@@ -242,7 +309,7 @@ def load_file(path: Path) -> LoadedConfig:
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = " ".join((getattr(err, "problem", None) or str(err)).split())  # one line (fuzzing found two)
         raise ConfigError([f"{source}: {where}{problem}; fix: correct the YAML syntax there"]) from None
-    return _validate({} if data is None else data, source, path.resolve().parent)
+    return load_mapping({} if data is None else data, source, path.resolve().parent)
 
 
 def load_pyproject(folder: Path) -> LoadedConfig | None:
@@ -251,7 +318,7 @@ def load_pyproject(folder: Path) -> LoadedConfig | None:
     if not path.is_file():
         return None
     data = _toml_table(path.read_text(), "pyproject.toml")
-    return None if data is None else _validate(data, "pyproject.toml", folder.resolve(), prefix="tool.vaultlayer")
+    return None if data is None else load_mapping(data, "pyproject.toml", folder.resolve(), prefix="tool.vaultlayer")
 
 
 def _toml_table(text: str, source: str) -> object:
@@ -262,7 +329,8 @@ def _toml_table(text: str, source: str) -> object:
     return document.get("tool", {}).get("vaultlayer")
 
 
-def _validate(data: object, source: str, folder: Path, prefix: str = "") -> LoadedConfig:
+def load_mapping(data: object, source: str, folder: Path, prefix: str = "") -> LoadedConfig:
+    """A config given as data (the file's shape); `source` names it in messages, `folder` anchors its paths."""
     if not isinstance(data, dict):
         raise ConfigError([f"{source}: {prefix + ': ' if prefix else ''}expected a mapping of fields such as "
                            f"command, env, resources; got {type(data).__name__}; fix: see docs/config.md"])

@@ -6,8 +6,12 @@ running, as in Jupyter. Everything returned is a pydantic model (`RunStatus`, `R
 `CheckpointListing`) or plain text (logs). `vl logs` and `vl resume` are built on this module, which is built
 on vaultlayer/client.py like the rest of `vl`.
 
+`submit` takes a run config file's path, a mapping in the file's shape or a `RunRequest`, and checks it as
+`vl run` does (vaultlayer/request.py: the same `build_spec`, the same one-line messages), or a `RunSpec`
+as it is.
+
     import vaultlayer
-    run = vaultlayer.submit(vaultlayer.run_spec(["python", "train.py"]))
+    run = vaultlayer.submit("vl.yaml")
     run.wait(); print(run.status().state, run.logs())
 """
 
@@ -17,8 +21,9 @@ import asyncio
 import os
 import threading
 import warnings
-from collections.abc import AsyncIterator, Coroutine, Iterator, Sequence
+from collections.abc import AsyncIterator, Coroutine, Iterator, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any, TypeVar
 
 from temporalio.client import Client as TemporalClient
@@ -28,12 +33,15 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from vaultlayer import checkpoint, logs_store, seed
 from vaultlayer import client as vl_client
+from vaultlayer.config import load_file, load_mapping
 from vaultlayer.home import default_storage_url
 from vaultlayer.models import CheckpointRef, RunInput, RunSpec, RunStatus
+from vaultlayer.request import RunRequest, build_spec
 from vaultlayer.run_ids import new_run_id
 from vaultlayer.ui import ensure_search_attributes
 
 T = TypeVar("T")
+Submittable = RunSpec | RunRequest | str | os.PathLike | Mapping[str, Any]
 LOG_POLL_SECONDS = 1.0
 SPEC_QUERY_SECONDS = 3.0  # then the spec is read from the run's history
 
@@ -44,6 +52,21 @@ class ClientError(Exception):
 
 class RunNotFound(ClientError, LookupError):
     pass
+
+
+def spec_of(run: Submittable) -> RunSpec:
+    """The RunSpec for `run`: a RunSpec as it is; a RunRequest, a config file's path or a mapping in the file's
+    shape (relative paths from the current directory) checked by `build_spec`, as `vl run -f` checks them.
+    Raises RunRequestError, one line per problem."""
+    if isinstance(run, RunSpec):
+        return run
+    if isinstance(run, RunRequest):
+        request = run
+    elif isinstance(run, Mapping):
+        request = load_mapping(dict(run), "config", Path.cwd()).request()
+    else:
+        request = load_file(run).request()
+    return build_spec(request)
 
 
 def run_spec(command: Sequence[str], **fields: Any) -> RunSpec:
@@ -75,8 +98,11 @@ class AsyncClient:
                               f"command (such as `vl ls`), or set TEMPORAL_ADDRESS to your cluster") from None
         return cls(temporal, task_queue)
 
-    async def submit(self, spec: RunSpec) -> AsyncRun:
-        """Start a run (vaultlayer.run_spec makes a RunSpec with `vl run`'s defaults)."""
+    async def submit(self, run: Submittable) -> AsyncRun:
+        """Start a run: a config file's path, a mapping in its shape, a RunRequest (all checked as `vl run`
+        checks them; RunRequestError says what is wrong, and nothing starts) or a RunSpec
+        (vaultlayer.run_spec makes one with `vl run`'s defaults)."""
+        spec = await asyncio.to_thread(spec_of, run)  # a provider's checks may ask its cloud
         try:
             checkpoint.validate_storage_url(spec.storage_url)
         except ValueError as err:
@@ -242,8 +268,8 @@ class Client:
             self._loop.close()
             raise
 
-    def submit(self, spec: RunSpec) -> Run:
-        return Run(self._loop, self._loop.run(self.aio.submit(spec)))
+    def submit(self, run: Submittable) -> Run:
+        return Run(self._loop, self._loop.run(self.aio.submit(run)))
 
     def get_run(self, run_id: str) -> Run:
         return Run(self._loop, self._loop.run(self.aio.get_run(run_id)))
@@ -325,8 +351,8 @@ def default_client() -> Client:
         return _default
 
 
-def submit(spec: RunSpec) -> Run:
-    return default_client().submit(spec)
+def submit(run: Submittable) -> Run:
+    return default_client().submit(run)
 
 
 def get_run(run_id: str) -> Run:

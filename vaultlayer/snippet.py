@@ -3,19 +3,23 @@
 `propose(source)` detects the framework (a Hugging Face `Trainer`, a Lightning `Trainer` with `.fit`, or a
 plain PyTorch loop `for step in range(...)` with `optimizer.step()`) and returns the script with the lines
 added, and their unified diff. Only those lines change: the edits are made in the text, at the positions the
-AST gives, so the rest of the script keeps its formatting and comments. Pure: no I/O (cli/snippet.py asks and
-writes).
+AST gives, so the rest of the script keeps its formatting and comments. `propose` is pure; `script_of`,
+`proposal_for` and `write` find, read and rewrite the script on disk (`vl init` and `vl run` ask first).
 """
 
 from __future__ import annotations
 
 import ast
 import difflib
+import os
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 
 HF, LIGHTNING, PYTORCH = "Hugging Face Trainer", "Lightning", "plain PyTorch loop"
 _HF_MODULES = {"transformers", "trl"}
 _LIGHTNING_MODULES = {"lightning", "pytorch_lightning"}
+_INTERPRETER_OPTIONS_WITH_VALUE = {"-W", "-X", "-Q"}
 
 
 class NotApplicable(ValueError):
@@ -285,3 +289,50 @@ def _free_name(tree: ast.Module, wanted: str) -> str:
     """`wanted`, or `vl_<wanted>` when the script already uses the name."""
     used = {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)}
     return wanted if wanted not in used else f"vl_{wanted}"
+
+
+# ---------------------------------------------------------------- the script on disk
+
+
+def script_of(command: list[str], workdir: Path) -> Path | None:
+    """The Python script a command runs (`python [options] train.py ...`, or `./train.py`), if it runs one."""
+    if not command:
+        return None
+    if command[0].endswith(".py"):
+        candidate = command[0]
+    elif Path(command[0]).name.startswith("python"):
+        rest = iter(command[1:])
+        candidate = None
+        for arg in rest:
+            if arg in ("-m", "-c", "-"):
+                return None
+            if arg in _INTERPRETER_OPTIONS_WITH_VALUE:
+                next(rest, None)
+            elif not arg.startswith("-"):
+                candidate = arg
+                break
+        if candidate is None or not candidate.endswith(".py"):
+            return None
+    else:
+        return None
+    path = workdir / candidate
+    return path if path.is_file() else None
+
+
+def proposal_for(path: Path) -> Proposal:
+    try:
+        source = path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise NotApplicable(f"cannot read {path}: {err}") from None
+    return propose(source, path.name)
+
+
+def write(path: Path, proposal: Proposal) -> Path:
+    """The new script in place (atomically), the original kept beside it as SCRIPT.bak."""
+    backup = path.with_name(path.name + ".bak")
+    shutil.copy2(path, backup)
+    partial = path.with_name(f".{path.name}.vl-{os.getpid()}")
+    partial.write_text(proposal.source)
+    shutil.copymode(path, partial)
+    os.replace(partial, path)
+    return backup

@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     code = main()
     # Skip the interpreter's finalization, where the Temporal client's Rust threads abort it now and then
-    # (exit 134 after a check that passed: temporalio/sdk-python#300); cli/errors.py exit_now does the same.
+    # (exit 134 after a check that passed: temporalio/sdk-python#300); cli/context.py exit_now does the same.
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

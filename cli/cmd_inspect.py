@@ -1,0 +1,164 @@
+"""The commands that read a run: `vl status`, `vl ls`, `vl logs`, `vl checkpoints` and `vl ui`.
+
+Exit codes: 0, or 1 when the run, its storage or the UI address cannot be read; 2 on bad input. `vl ui RUN`
+prints the run's page in the Temporal UI (embedded: http://localhost:8233; a cluster: VL_UI_URL): the current
+execution's User Metadata tab, where the run's current details (state, step, durable step, attempt, cost)
+are; a run that continues as new gets a new execution, and `vl ui` a new link.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from datetime import UTC, datetime
+
+from cli.context import UsageError, connect, fail
+from cli.render import attempt_line, cost_line, format_bytes, format_seconds, status_json
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    status = sub.add_parser("status", help="show a run")
+    status.add_argument("run_id")
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(handler=cmd_status)
+
+    ls = sub.add_parser("ls", help="list runs, newest first")
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(handler=cmd_ls)
+
+    checkpoints = sub.add_parser("checkpoints", help="a run's checkpoints: step, attempt, size, age, state")
+    checkpoints.add_argument("run_id")
+    checkpoints.add_argument("--verify", action="store_true", help="re-hash every stored byte against the manifests")
+    checkpoints.add_argument("--json", action="store_true")
+    checkpoints.set_defaults(handler=cmd_checkpoints)
+
+    logs = sub.add_parser("logs", help="the script's output, stored per attempt next to the checkpoints")
+    logs.add_argument("run_id", metavar="RUN")
+    logs.add_argument("-f", "--follow", action="store_true", help="keep printing new output until the run ends")
+    logs.add_argument("--attempt", type=int, metavar="N", help="only attempt N (default: every attempt)")
+    logs.set_defaults(handler=cmd_logs)
+
+    ui = sub.add_parser("ui", help="print the run's link in the Temporal UI")
+    ui.add_argument("run_id", metavar="RUN")
+    ui.set_defaults(handler=cmd_ui)
+
+
+async def cmd_status(args: argparse.Namespace) -> int:
+    from temporalio.service import RPCError
+
+    from vaultlayer import client as vl_client
+
+    conn = await connect()
+    try:
+        status = await vl_client.status(conn.client, args.run_id)
+    except RPCError as err:
+        fail(f"no run {args.run_id!r} ({err.message}); list runs with: vl ls", code=1)
+    if args.json:
+        print(json.dumps(status_json(status), indent=2))
+        return 0
+    print(f"run {status.run_id}: {status.state.value}")
+    if status.current_host:
+        print(f"host {status.current_host.host_id}, step {status.step}, durable step {status.durable_step}")
+    print(f"durable step {status.durable_step}, reclaims {status.reclaims}, steps lost {status.steps_lost}")
+    print(cost_line(status))
+    if status.checkpoint_interval:
+        print(f"checkpoint interval: {status.checkpoint_interval}")
+    for record in status.attempts:
+        print(attempt_line(record))
+    if status.stop_reason:
+        print(f"reason: {status.stop_reason}")
+    link = conn.run_link(status.run_id)
+    if link:
+        print(f"Temporal UI: {link}")
+    return 0
+
+
+async def cmd_ls(args: argparse.Namespace) -> int:
+    from vaultlayer import client as vl_client
+
+    conn = await connect()
+    runs = await vl_client.list_runs(conn.client)
+    if args.json:
+        print(json.dumps([status_json(run, with_attempts=False) for run in runs], indent=2))
+        return 0
+    for run in runs:
+        print(f"{run.run_id}  {run.state.value:<12} durable step {run.durable_step}  reclaims {run.reclaims}")
+    return 0
+
+
+async def cmd_checkpoints(args: argparse.Namespace) -> int:
+    from temporalio.service import RPCError
+
+    from vaultlayer import checkpoint
+    from vaultlayer import client as vl_client
+
+    conn = await connect()
+    try:
+        spec = await vl_client.spec(conn.client, args.run_id)
+        status = await vl_client.status(conn.client, args.run_id)
+    except RPCError as err:
+        fail(f"no run {args.run_id!r} ({err.message}); list runs with: vl ls", code=1)
+    try:
+        ended = [record.attempt for record in status.attempts if record.outcome is not None]
+        listings = await asyncio.to_thread(checkpoint.describe_checkpoints, spec.storage_url, spec.run_id,
+                                           status.fences, ended, args.verify)
+    except Exception as err:  # noqa: BLE001 - storage errors, after retries: say so on one line
+        fail(f"cannot read the checkpoints of {args.run_id} in {spec.storage_url}: {err}", code=1)
+    now = datetime.now(UTC)
+    ages = [(now - item.created_at).total_seconds() if item.created_at else None for item in listings]
+    if args.json:
+        print(json.dumps([item.model_dump(mode="json") | {"age_seconds": age} for item, age in zip(listings, ages)],
+                         indent=2))
+        return 0
+    if not listings:
+        print(f"no checkpoints in {spec.storage_url}/{spec.run_id}")
+        return 0
+    print(f"{'STEP':>10}  {'ATTEMPT':>7}  {'SIZE':>9}  {'AGE':>9}  STATE")
+    for item, age in zip(listings, ages):
+        state = f"{item.state.value}: {item.reason}" if item.reason else item.state.value
+        print(f"{item.step:>10}  {item.attempt:>7}  {format_bytes(item.size):>9}  "
+              f"{format_seconds(age) if age is not None else '-':>9}  {state}")
+    return 0
+
+
+async def cmd_logs(args: argparse.Namespace) -> int:
+    from vaultlayer.runs import AsyncClient, RunNotFound
+
+    if args.attempt is not None and args.attempt < 1:
+        raise UsageError(f"--attempt {args.attempt}: attempts count from 1; vl status {args.run_id} lists them")
+    conn = await connect()
+    try:
+        run = await AsyncClient(conn.client).get_run(args.run_id)
+        if args.follow:
+            async for text in run.follow_logs(args.attempt):
+                sys.stdout.write(text)
+                sys.stdout.flush()
+        else:
+            text = await run.logs(args.attempt)
+            sys.stdout.write(text)
+            if not text:
+                which = f"attempt {args.attempt} of run" if args.attempt else "run"
+                print(f"vl: no output stored for {which} {args.run_id} (yet); follow it with: vl logs {args.run_id} -f",
+                      file=sys.stderr)
+    except RunNotFound as err:
+        fail(str(err), code=1)
+    except Exception as err:  # noqa: BLE001 - storage errors, after retries: say so on one line
+        fail(f"cannot read the logs of {args.run_id}: {err}", code=1)
+    return 0
+
+
+async def cmd_ui(args: argparse.Namespace) -> int:
+    from temporalio.service import RPCError
+
+    conn = await connect()
+    if not conn.ui_url:
+        fail("no Temporal UI address for this cluster: set VL_UI_URL to your UI, such as "
+             "https://temporal.example.com (Temporal Cloud: https://cloud.temporal.io)", code=1)
+    try:
+        execution = await conn.client.get_workflow_handle(args.run_id).describe()
+    except RPCError as err:
+        fail(f"no run {args.run_id!r} ({err.message}); list runs with: vl ls", code=1)
+    print(f"{conn.run_link(args.run_id)}/{execution.run_id}/user-metadata")
+    return 0

@@ -1,0 +1,309 @@
+"""The run request: every option of `vl run`, as the flags, a config file or a notebook give it, and the one
+function that checks it and turns it into the `RunSpec` the workflow runs.
+
+`vl run` fills a `RunRequest` from its flags over a config file (vaultlayer/config.py: `LoadedConfig.request`);
+the notebook client (vaultlayer/runs.py) from a file, a mapping or a `RunRequest` it is handed. Both go through
+`build_spec`, so the same bad input is refused with the same one-line messages, before anything starts.
+Messages name the `vl run` flag, or the config file's field where the value came from a file.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import warnings
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from vaultlayer.catalog import KNOWN_PROVIDERS, priced_pools, validate_pools
+from vaultlayer.durations import parse_duration, parse_interval
+from vaultlayer.home import default_storage_url
+from vaultlayer.models import Limits, Market, Pool, RunSpec
+from vaultlayer.run_ids import new_run_id, run_id_problem
+from vaultlayer.secrets import ENV_NAME, looks_secret, parse_reference
+
+
+class RunRequestError(ValueError):
+    """Bad input, refused before anything is provisioned: one line per problem."""
+
+    def __init__(self, problems: list[str] | str) -> None:
+        self.problems = [problems] if isinstance(problems, str) else problems
+        super().__init__("\n".join(self.problems))
+
+
+class PoolRequest(BaseModel):
+    """Candidate capacity as a person writes it: one provider, its regions or zones (in order), a GPU class and
+    count, a market and prices. `build_spec` makes one `Pool` per zone (or region) of it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    provider: str = "local"
+    regions: list[str] = Field(default_factory=list)
+    zones: list[str] = Field(default_factory=list)
+    gpu: str | None = None  # CLASS or CLASS:COUNT, such as A10G:1
+    market: str = "spot"
+    price: float | None = None  # USD per hour of a host; overrides the provider's list price
+    on_demand_price: float | None = None  # USD per hour of the same capacity on demand: the fallback pool's price
+    where: str | None = None  # where it was written, such as "vl.yaml: resources.pools[0]", for messages
+
+
+PLACE_FIELDS = {"provider", "regions", "zones"}  # a pool given with any of these replaces a config file's pools
+
+
+class RunRequest(BaseModel):
+    """Every option of `vl run`, unchecked. Fields left out keep `vl run`'s defaults; durations are text such
+    as "30s" or "2h". Relative paths are relative to the current directory (a config file's to its folder)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    run_id: str | None = None  # default: generated
+    command: list[str] = Field(default_factory=list)
+    workdir: str | None = None  # default: the current directory
+    env: dict[str, str] = Field(default_factory=dict)
+    env_secrets: dict[str, str] = Field(default_factory=dict)  # NAME -> env:NAME, file:/path, aws-sm:ID, gcp-sm:...
+    setup: list[str] = Field(default_factory=list)
+    pools: list[PoolRequest] | None = None  # default: one local pool
+    on_demand_fallback: bool = False
+    storage: str | None = None  # default: file://$VL_HOME/storage
+    checkpoint_every: str | None = None  # steps or a duration; default: Young/Daly
+    checkpoint_min: str = "60s"
+    checkpoint_max: str = "30m"
+    checkpoint_dir: str | None = None
+    keep_checkpoints: int = 3
+    notice_seconds: float = 30.0
+    reclaim_every: str | None = None
+    reclaim_in: list[str] = Field(default_factory=list)
+    heartbeat_timeout: str = "30s"
+    start_timeout: str = "5m"
+    max_reclaims: int | None = None
+    max_attempts: int | None = None
+    max_cost: float | None = None
+    deadline: str | datetime | None = None  # a duration from now, or a time with its zone
+    total_steps: int | None = None
+    work: str | None = None
+    changeover: str = "6m"
+    exclude_hosts_for: str | None = None
+    script_retries: int = 0
+
+
+Warn = Callable[[str], None]
+
+
+def _python_warning(message: str) -> None:
+    warnings.warn(message, stacklevel=3)
+
+
+def build_spec(request: RunRequest, warn: Warn = _python_warning) -> RunSpec:
+    """The `RunSpec` to submit, after every check `vl run` makes; RunRequestError names the first problem.
+    `warn` hears about what is allowed but probably not meant (`vl run` prints it; the default warns)."""
+    run_id = request.run_id or new_run_id()
+    if (problem := run_id_problem(run_id)) is not None:
+        raise RunRequestError(f"--run-id: {problem}")
+    pools = _pools(request)
+    try:
+        pools = priced_pools(pools)
+    except ValueError as err:  # prices only rank the pools: go on without them
+        warn(f"{err}; pools are ranked without prices")
+    workdir = Path(request.workdir).resolve() if request.workdir else Path.cwd()
+    if not workdir.is_dir():
+        raise RunRequestError(f"--workdir {request.workdir!r} is not a directory; give an existing one")
+    command = resolve_command(request.command, workdir)
+    from vaultlayer import checkpoint  # fsspec: imported when a spec is built, not by every `vl` command
+
+    storage_url = request.storage or default_storage_url()
+    try:
+        checkpoint.validate_storage_url(storage_url)
+    except ValueError as err:
+        raise RunRequestError(f"--storage: {err}") from None
+    if request.checkpoint_every is not None:
+        try:
+            parse_interval(request.checkpoint_every)
+        except ValueError as err:
+            raise RunRequestError(f"--checkpoint-every {request.checkpoint_every!r}: {err}") from None
+    shortest = _seconds("--checkpoint-min", request.checkpoint_min)
+    if shortest > _seconds("--checkpoint-max", request.checkpoint_max):
+        raise RunRequestError(f"--checkpoint-min {request.checkpoint_min} is above "
+                              f"--checkpoint-max {request.checkpoint_max}")
+    if request.notice_seconds <= 0:
+        raise RunRequestError(f"--notice-seconds {request.notice_seconds}: must be positive, such as 30")
+    checkpoint_dir = checkpoint_directory(request.checkpoint_dir, workdir)
+    if request.keep_checkpoints < 1:
+        raise RunRequestError(f"--keep-checkpoints {request.keep_checkpoints}: must be at least 1")
+    env_secrets = _secret_references(request.env_secrets, request.env)
+    for name in request.env:
+        if looks_secret(name):
+            warn(f"env {name} looks like a secret, and a plain value is stored in the run's history; pass a "
+                 f"reference instead: --env-secret {name}=env:{name} (in a config file: {name}: {{secret: "
+                 f"env:{name}}}), see docs/config.md")
+    for flag, value in (("--max-reclaims", request.max_reclaims), ("--max-attempts", request.max_attempts)):
+        if value is not None and value < 0:
+            raise RunRequestError(f"{flag} {value}: must be zero or more")
+    for flag, value in (("--max-cost", request.max_cost), ("--total-steps", request.total_steps)):
+        if value is not None and value <= 0:
+            raise RunRequestError(f"{flag} {value}: must be more than zero")
+    submitted_at = datetime.now(UTC)
+    deadline = _deadline(request.deadline, submitted_at)
+    work_seconds = _seconds("--work", request.work)
+    if deadline is not None and request.total_steps is None:
+        warn("--deadline without --total-steps only stops the run at the deadline; give --total-steps (and "
+             "--work) so that the policy plans to finish before it")
+    limits = Limits(script_retries=request.script_retries, max_cost=request.max_cost, deadline=deadline,
+                    host_exclusion_seconds=_seconds("--exclude-hosts-for", request.exclude_hosts_for))
+    if request.max_reclaims is not None:
+        limits.max_reclaims = request.max_reclaims
+    if request.max_attempts is not None:
+        limits.max_attempts = request.max_attempts
+    return RunSpec(
+        run_id=run_id,
+        command=command,
+        workdir=str(workdir),
+        env=dict(request.env),
+        env_secrets=env_secrets,
+        setup=list(request.setup),
+        pools=pools,
+        storage_url=storage_url,
+        checkpoint_every=request.checkpoint_every,
+        checkpoint_min=request.checkpoint_min,
+        checkpoint_max=request.checkpoint_max,
+        checkpoint_dir=checkpoint_dir,
+        keep_checkpoints=request.keep_checkpoints,
+        notice_seconds=request.notice_seconds,
+        reclaim_every_seconds=_seconds("--reclaim-every", request.reclaim_every),
+        heartbeat_timeout_seconds=_seconds("--heartbeat-timeout", request.heartbeat_timeout),
+        start_timeout_seconds=_seconds("--start-timeout", request.start_timeout),
+        limits=limits,
+        submitted_at=submitted_at,
+        total_steps=request.total_steps,
+        work_seconds=work_seconds,
+        changeover_seconds=_seconds("--changeover", request.changeover),
+        reclaim_only_in=list(request.reclaim_in),
+    )
+
+
+# ---------------------------------------------------------------- the checks, one per kind of input
+
+
+def resolve_command(command: list[str], workdir: Path) -> list[str]:
+    """The command with its program resolved now, so a typo fails here and not on a host."""
+    if not command:
+        raise RunRequestError("no command given; usage: vl run [options] -- python train.py ...")
+    program = command[0]
+    if "/" in program:
+        path = (workdir / program).resolve()
+        if not path.is_file() or not os.access(path, os.X_OK):
+            raise RunRequestError(f"command {program!r} does not exist or is not executable; check the path")
+        return [str(path), *command[1:]]
+    found = shutil.which(program)
+    if found is None:
+        raise RunRequestError(f"command {program!r} not found on PATH; check the spelling or give its path")
+    return [os.path.abspath(found), *command[1:]]
+
+
+def checkpoint_directory(text: str | None, workdir: Path) -> str | None:
+    """The zero-code directory, absolute. A restore replaces its contents, so it must not hold the work
+    directory or the home directory."""
+    if text is None:
+        return None
+    directory = (workdir / Path(text).expanduser()).resolve()
+    for precious in (workdir.resolve(), Path.home().resolve()):
+        if precious.is_relative_to(directory):
+            raise RunRequestError(f"--checkpoint-dir {text!r} holds {precious}, and a restore replaces its "
+                                  f"contents; give the checkpoints a directory of their own, such as ./checkpoints")
+    if directory.exists() and not directory.is_dir():
+        raise RunRequestError(f"--checkpoint-dir {text!r} is not a directory")
+    return str(directory)
+
+
+def _pools(request: RunRequest) -> list[Pool]:
+    """Every requested pool, checked by its provider's catalog, then (with the fallback) an on-demand copy of
+    every spot pool after all of them, at its on-demand price: the policy uses those only when spot cannot
+    meet the deadline."""
+    pools: list[Pool] = []
+    for wanted in request.pools or [PoolRequest()]:
+        prefix = f"{wanted.where}: " if wanted.where else ""
+        if wanted.provider not in KNOWN_PROVIDERS:
+            raise RunRequestError(f"{prefix}unknown provider {wanted.provider!r}; use one of: "
+                                  f"{', '.join(KNOWN_PROVIDERS)}")
+        try:
+            made = _pools_of(wanted)
+            validate_pools(made)
+        except ValueError as err:
+            raise RunRequestError(f"{prefix}{err}") from None
+        pools += made
+    if request.on_demand_fallback:
+        fallback = [pool.model_copy(update={"market": Market.ON_DEMAND,
+                                            "price_per_hour": pool.on_demand_price_per_hour})
+                    for pool in pools if pool.market == Market.SPOT]
+        try:
+            validate_pools(fallback)
+        except ValueError as err:
+            raise RunRequestError(str(err)) from None
+        pools += fallback
+    return pools
+
+
+def _pools_of(wanted: PoolRequest) -> list[Pool]:
+    """One pool per zone (or region) given, in order, with the GPU, market and prices."""
+    gpu, gpu_count = None, 0
+    if wanted.gpu:
+        name, _, count = wanted.gpu.partition(":")
+        if not name or (count and (not count.isdigit() or int(count) < 1)):
+            raise ValueError(f"--gpu {wanted.gpu!r}: expected CLASS or CLASS:COUNT, such as A10G:1 or L4:2")
+        gpu, gpu_count = name, int(count or 1)
+    try:
+        market = Market(wanted.market)
+    except ValueError:
+        raise ValueError(f"--market {wanted.market!r}: use spot or on-demand") from None
+    regions, zones = wanted.regions, wanted.zones
+    if wanted.provider == "local":
+        places = [("local", None)] if not (regions or zones) else \
+            [(region, None) for region in regions] + [("local", zone) for zone in zones]
+    elif zones:
+        # The provider derives the region from a zone when no single region was given.
+        places = [(regions[0] if len(regions) == 1 else "", zone) for zone in zones]
+    else:
+        places = [(region, None) for region in regions] or [("", None)]
+    for flag, price in (("--price", wanted.price), ("--on-demand-price", wanted.on_demand_price)):
+        if price is not None and price < 0:
+            raise ValueError(f"{flag} {price}: must be zero or more (USD per hour)")
+    return [Pool(provider=wanted.provider, region=region, zone=zone, gpu=gpu, gpu_count=gpu_count, market=market,
+                 price_per_hour=wanted.price, on_demand_price_per_hour=wanted.on_demand_price)
+            for region, zone in places]
+
+
+def _secret_references(references: dict[str, str], env: dict[str, str]) -> dict[str, str]:
+    """NAME -> the reference in its stored form (a relative file: path made absolute against this directory)."""
+    checked = {}
+    for name, reference in references.items():
+        if not ENV_NAME.fullmatch(name):
+            raise RunRequestError(f"--env-secret {f'{name}={reference}'!r}: expected NAME=REF, such as "
+                                  f"HF_TOKEN=env:HF_TOKEN")
+        if name in env:
+            raise RunRequestError(f"--env-secret {name}: {name} also has a plain value (--env or env:); fix: keep one")
+        try:
+            checked[name] = parse_reference(reference)
+        except ValueError as err:
+            raise RunRequestError(f"--env-secret {name}: {err}") from None
+    return checked
+
+
+def _seconds(flag: str, text: str | None) -> float | None:
+    if text is None:
+        return None
+    try:
+        return parse_duration(text)
+    except ValueError as err:
+        raise RunRequestError(f"{flag} {text!r}: {err}") from None
+
+
+def _deadline(deadline: str | datetime | None, now: datetime) -> datetime | None:
+    if isinstance(deadline, datetime):
+        if deadline.tzinfo is None or deadline <= now:
+            raise RunRequestError(f"--deadline '{deadline.isoformat()}': give a later time with its zone, or a "
+                                  "duration from now such as 36h")
+        return deadline
+    seconds = _seconds("--deadline", deadline)
+    return now + timedelta(seconds=seconds) if seconds else None
