@@ -1,5 +1,6 @@
 """What a run shows in the Temporal UI: Vl* search attributes kept current by the workflow, its current
-details, their registration on a server, and a run on a server without them."""
+details (naming the attempt that runs, after a refused move too), their registration on a server, and a
+run on a server without them."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import asyncio
 import subprocess
 import sys
 import uuid
+from datetime import UTC, datetime, timedelta
 
 from temporalio.api.operatorservice.v1 import ListSearchAttributesRequest
 from temporalio.api.sdk.v1 import WorkflowMetadata
@@ -17,7 +19,18 @@ from tests.conftest import make_spec, temporal_binary, wait_until
 from tests.test_run_e2e import record_histories
 from vaultlayer import client as vl_client
 from vaultlayer import ui
-from vaultlayer.models import AttemptOutcome
+from vaultlayer.models import (
+    AttemptOutcome,
+    AttemptRecord,
+    AttemptResult,
+    Limits,
+    Market,
+    Pool,
+    RunSpec,
+    RunState,
+    RunStatus,
+)
+from workflows import accounting, policy
 
 
 async def details_of(client, run_id: str) -> str:
@@ -64,6 +77,37 @@ async def test_search_attributes_and_details_follow_the_run_through_a_reclaim(te
     found = [run.id async for run in client.list_workflows(f'VlState = "succeeded" AND VlStep = {step} '
                                                             f'AND WorkflowId = "{spec.run_id}"')]
     assert found == [spec.run_id]
+
+
+def test_after_a_refused_move_the_ui_names_the_attempt_that_runs_on():
+    """The policy moves the run from on-demand back to spot; the spot host is refused, so the move is
+    recorded after attempt 1, which runs on: the details and VlAttempt name attempt 1, not the refusal."""
+    t0 = datetime(2026, 11, 27, tzinfo=UTC)
+    spot = Pool(provider="aws", region="us-east-1", zone="us-east-1a", gpu="A10G", gpu_count=1, price_per_hour=1.0)
+    on_demand = Pool(provider="aws", region="us-east-1", gpu="A10G", gpu_count=1, market=Market.ON_DEMAND,
+                     price_per_hour=3.0)
+    # Half of a 24 h job stored 18 h into a 36 h deadline: on-demand bridges at the slack line, and spot is
+    # safe again at once (docs/policy.md).
+    spec = RunSpec(run_id="r", command=["python"], workdir="/", storage_url="file:///tmp/s", pools=[spot, on_demand],
+                   limits=Limits(deadline=t0 + timedelta(hours=36)), submitted_at=t0, total_steps=1000,
+                   work_seconds=24 * 3600, checkpoint_every="5m", search_attributes=True)
+    now = t0 + timedelta(hours=18)
+    running = AttemptRecord(attempt=1, pool=on_demand.key, host="h-1", start_step=500, started_at=now,
+                            running_at=now, price_per_hour=3.0)
+    status = RunStatus(run_id="r", state=RunState.RUNNING, attempts=[running], durable_step=500, started_at=t0)
+    now += timedelta(minutes=1)
+    move = policy.review(spec, status, now)
+    assert isinstance(move, policy.Vacate) and move.to == spot
+    # What the workflow's _move_to does when the provider refuses the new host.
+    status.attempts.append(AttemptRecord(attempt=2, pool=spot.key, started_at=now, placement_reason=move.reason))
+    status = accounting.close_attempt(status, 2, AttemptResult(
+        outcome=AttemptOutcome.REFUSED, refusal="no-capacity", reason="no-capacity: none left"), now)
+
+    assert status.current_attempt is status.attempts[0]
+    details = ui.current_details(status)
+    assert "attempt 1 on host h-1" in details and "attempt 2" not in details
+    attributes = {update.key.name: update.value for update in ui.search_attribute_updates(spec, status)}
+    assert (attributes["VlAttempt"], attributes["VlStep"], attributes["VlGpu"]) == (1, 500, "A10G")
 
 
 async def test_a_server_without_the_attributes_runs_and_vl_registers_them(tmp_path, vl_home):
