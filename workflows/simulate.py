@@ -310,7 +310,8 @@ def _provision(pool: Pool, reason: str, status: RunStatus, world: World, model: 
     if pool.market == Market.SPOT and not world.available(pool.zone, start + now):
         refused = AttemptResult(outcome=AttemptOutcome.REFUSED, refusal=Refusal.NO_CAPACITY,
                                 reason=f"{Refusal.NO_CAPACITY}: the trace has no capacity in {pool.zone}")
-        status = accounting.close_attempt(status, record.attempt, refused, at + timedelta(seconds=model.refusal_seconds))
+        answered = at + timedelta(seconds=model.refusal_seconds)
+        status = accounting.close_attempt(status, record.attempt, refused, answered)
         return status, status.attempts[-1]
     record.running_at, record.price_per_hour = at, pool.price_per_hour
     record.on_demand_price_per_hour = pool.on_demand_price_per_hour

@@ -1,8 +1,8 @@
 """The TrainingRun workflow: a loop over attempts until the script finishes or a limit stops it.
 
-Thin and deterministic: decisions come from `workflows.policy`; everything that touches a host, a
-cloud or storage is an activity. The whole run state lives in one `RunStatus`, carried over by
-continue-as-new when the server suggests it.
+Thin and deterministic: decisions come from `workflows.policy`, and what an ended attempt leaves in the
+status from `workflows.accounting`; everything that touches a host, a cloud or storage is an activity.
+The whole run state lives in one `RunStatus`, carried over by continue-as-new when the server suggests it.
 """
 
 from __future__ import annotations
@@ -131,7 +131,7 @@ class TrainingRun:
             raise ApplicationError(f"TrainingRun input {where}: {first['msg']}; start runs with vl run or the "
                                    "Python client, which check their input", type="BadInput",
                                    non_retryable=True) from None
-        # self.status is replaced, never changed in place, by each accounting step (workflows/accounting.py).
+        # Each accounting step (workflows/accounting.py) replaces self.status: read it through self, never a local.
         spec = self.spec = inp.spec
         self.status = inp.carried or RunStatus(run_id=spec.run_id, started_at=workflow.now())
         self._show()
