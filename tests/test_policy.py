@@ -18,7 +18,7 @@ from vaultlayer.models import (
     RunState,
     RunStatus,
 )
-from workflows import policy
+from workflows import accounting, policy
 from workflows.policy import Keep, Place, Stop, Vacate, Wait, next_placement, review
 
 T0 = datetime(2026, 11, 27, tzinfo=UTC)
@@ -38,7 +38,7 @@ def spec(*pools: Pool, **limits) -> RunSpec:
 
 
 class History:
-    """A run's attempts, one after another on a clock; records what `_close` and `bill` would."""
+    """A run's attempts, one after another on a clock, closed by the workflow's own accounting."""
 
     def __init__(self) -> None:
         self.status = RunStatus(run_id="r", started_at=T0)
@@ -56,16 +56,9 @@ class History:
         if outcome is None:  # still running
             return self
         self.now += minutes(0.5) if refused else held
-        result = policy.classify(AttemptResult(outcome=outcome, exit_code=exit_code, log_tail=log_tail,
-                                               durable_step=durable_step))
-        record.outcome, record.reason, record.exit_code = result.outcome, result.reason, exit_code
-        record.ended_at, record.durable_step = self.now, durable_step
-        policy.bill(self.status, record, self.now)
-        self.status.reclaims += record.outcome == AttemptOutcome.RECLAIMED
-        self.status.host_faults += record.outcome == AttemptOutcome.HOST_FAULT
-        self.status.script_failures += record.outcome == AttemptOutcome.FAILED
-        if durable_step is not None:
-            self.status.durable_step = max(self.status.durable_step or 0, durable_step)
+        result = AttemptResult(outcome=outcome, exit_code=exit_code, log_tail=log_tail, durable_step=durable_step,
+                               refusal=refusal)
+        self.status = accounting.close_attempt(self.status, number, result, self.now)
         return self
 
     def later(self, delta: timedelta) -> History:
@@ -353,31 +346,15 @@ def test_work_left_comes_from_the_estimate_or_the_measured_speed():
     assert policy.deadline_plan(measured, history.status, history.now) is None  # no deadline, no plan
 
 
-def test_costs_are_billed_per_attempt_with_the_on_demand_equivalent():
-    status = RunStatus(run_id="r")
-    spot = AttemptRecord(attempt=1, pool=EAST_A.key, started_at=T0, running_at=T0, price_per_hour=0.9,
-                         on_demand_price_per_hour=3.0)
-    policy.bill(status, spot, T0 + timedelta(hours=2))
-    assert spot.cost_usd == pytest.approx(1.8) and spot.on_demand_cost_usd == pytest.approx(6.0)
-    on_demand = AttemptRecord(attempt=2, pool=ON_DEMAND.key, started_at=T0, running_at=T0 + timedelta(hours=2),
-                              price_per_hour=3.0)
-    policy.bill(status, on_demand, T0 + timedelta(hours=3))
-    assert on_demand.on_demand_cost_usd == pytest.approx(3.0)  # an on-demand host's own price
-    refused = AttemptRecord(attempt=3, pool=WEST_A.key, started_at=T0)  # never held a host
-    policy.bill(status, refused, T0 + timedelta(hours=3))
-    assert refused.cost_usd == 0.0
-    assert status.cost_usd == pytest.approx(4.8) and status.on_demand_cost_usd == pytest.approx(9.0)
-    assert policy.running_cost(AttemptRecord(attempt=4, pool=EAST_A.key, started_at=T0, running_at=T0,
-                                             price_per_hour=2.0), T0 + timedelta(minutes=30)) == pytest.approx(1.0)
-
-
-def test_the_policy_is_pure():
+@pytest.mark.parametrize("module", [policy, accounting], ids=["policy", "accounting"])
+def test_the_policy_and_the_accounting_are_pure(module):
     import ast
     from pathlib import Path
 
-    source = Path(policy.__file__).read_text()
-    imported = {alias.name.split(".")[0] for node in ast.walk(ast.parse(source))
+    source = Path(module.__file__).read_text()
+    imported = {alias.name for node in ast.walk(ast.parse(source))
                 if isinstance(node, ast.Import | ast.ImportFrom)
                 for alias in (node.names if isinstance(node, ast.Import) else [ast.alias(node.module or "")])}
-    assert imported <= {"__future__", "math", "dataclasses", "datetime", "vaultlayer"}, imported
+    allowed = {"__future__", "math", "dataclasses", "datetime", "workflows.accounting"}
+    assert {name for name in imported if not name.startswith("vaultlayer.")} <= allowed, imported
     assert "datetime.now" not in source and "time.time" not in source

@@ -13,6 +13,7 @@ import pytest
 
 from bench import goodput
 from tests.conftest import REPO
+from vaultlayer.models import AttemptOutcome, RunState
 from workflows import baselines, policy, simulate
 
 GAP = 100.0
@@ -77,6 +78,26 @@ def test_restart_from_zero_loses_everything_and_same_zone_keeps_its_last_checkpo
     assert restart.finished_hours == pytest.approx((5400 + 360 + 7200) / 3600)  # from step 0 at 5400 s
     same_zone = simulate.simulate_run(baselines.OneZone(world, 0, 0, checkpoints=True), world, MODEL, start=0)
     assert same_zone.finished_hours == pytest.approx((5400 + 360 + 5400 + 12) / 3600)  # from its 1800 s save
+
+
+def test_the_simulator_closes_attempts_as_the_workflow_does():
+    """Through the workflow's accounting (workflows/accounting.py): a reclaimed attempt is fenced at its stored
+    step and charged the steps past it when the next one resumes; a refusal keeps its kind and is fenced too."""
+    world = simulate.World([trace("a", "#" * 36 + "." * 18 + "#" * 400)])
+    result, status = simulate.simulate(baselines.OneZone(world, 0, 0, checkpoints=True), world, MODEL, start=0)
+    reclaimed, completed = status.attempts
+    # Trains from 360 s, lost at 3600 s without an emergency save: 3234 s computed (one 6 s save), 1800 s stored.
+    assert (reclaimed.outcome, reclaimed.end_step, reclaimed.durable_step) == (AttemptOutcome.RECLAIMED, 3234, 1800)
+    assert reclaimed.steps_lost == status.steps_lost == 1434 and completed.start_step == 1800
+    assert status.fences == {1: 1800, 2: 7200} and (status.reclaims, status.durable_step) == (1, 7200)
+    assert status.state == RunState.SUCCEEDED
+    assert result.cost == status.cost_usd == pytest.approx(reclaimed.cost_usd + completed.cost_usd)
+
+    refused_first = simulate.World([trace("a", "." * 10 + "#" * 226), trace("b", "#" * 236)])
+    _, status = simulate.simulate(simulate.VaultLayer(), refused_first, MODEL, start=0)
+    refused, placed = status.attempts
+    assert (refused.outcome, refused.refusal, refused.cost_usd) == (AttemptOutcome.REFUSED, "no-capacity", None)
+    assert f"{refused.pool} refused" in placed.placement_reason and status.fences == {1: -1, 2: 7200}
 
 
 def test_on_demand_takes_over_when_spot_cannot_meet_the_deadline_and_the_deadline_holds():

@@ -258,6 +258,7 @@ class AttemptResult(VLModel):
     reason: str = ""
     log_tail: str = ""  # the end of the script's output when it failed, so the failure explains itself
     host_gone: bool = False  # the provider confirmed the host terminated: it cannot publish anything more
+    refusal: str | None = None  # a `Refusal` value when the outcome is refused
 
 
 class AttemptRecord(VLModel):
@@ -322,6 +323,23 @@ class RunStatus(VLModel):
     started_at: datetime | None = None
     ended_at: datetime | None = None
     continued_as_new: int = 0
+
+    @property
+    def current_attempt(self) -> AttemptRecord | None:
+        """The attempt in progress (its host being provisioned, or running); None between attempts.
+
+        The oldest attempt not yet ended, not the last record: a move provisions the next attempt's host
+        while this one runs, and a move the provider refused is recorded after the attempt that runs on.
+        An attempt always ends before the one after it starts (make before break), so only a move's host
+        can be open beside it.
+        """
+        return next((record for record in self.attempts if record.outcome is None), None)
+
+    @property
+    def last_ended_attempt(self) -> AttemptRecord | None:
+        """The attempt that ended last (a refused move is recorded after the attempt it left running)."""
+        ended = [record for record in self.attempts if record.ended_at is not None]
+        return max(ended, key=lambda record: (record.ended_at, record.attempt)) if ended else None
 
 
 class RunInput(VLModel):

@@ -8,6 +8,9 @@ know the attributes before a workflow sets them (setting an unknown one fails th
 VlStep is the newest step the control plane knows is safe: the step an attempt resumed from when it
 starts, its durable step when it ends, the last step when the run finishes. The live step is in the
 attempt's heartbeats (`vl status`, `vl run`), which the workflow does not see.
+
+The attempt shown (in the details and VlAttempt) is the one in progress, `RunStatus.current_attempt`,
+else the one that ended last: after a refused move, the attempt that runs on, not the refused record.
 """
 
 from __future__ import annotations
@@ -63,9 +66,14 @@ async def ensure_search_attributes(client: Client) -> str | None:
     return None
 
 
+def shown_attempt(status: RunStatus) -> AttemptRecord | None:
+    """The attempt the UI names: the one in progress, else the one that ended last."""
+    return status.current_attempt or status.last_ended_attempt
+
+
 def search_attribute_updates(spec: RunSpec, status: RunStatus) -> list[SearchAttributeUpdate]:
     """The attributes for the run as it is now (the workflow upserts them on state changes)."""
-    current = status.attempts[-1] if status.attempts else None
+    current = shown_attempt(status)
     pool = next((p for p in spec.pools if current and p.key == current.pool), spec.pools[0] if spec.pools else None)
     updates = [VL_STATE.value_set(status.state.value), VL_STEP.value_set(known_step(status)),
                VL_ATTEMPT.value_set(current.attempt if current else 0)]
@@ -76,7 +84,7 @@ def search_attribute_updates(spec: RunSpec, status: RunStatus) -> list[SearchAtt
 
 def known_step(status: RunStatus) -> int:
     """VlStep: the newest step known safe (see the module docstring)."""
-    current = status.attempts[-1] if status.attempts else None
+    current = shown_attempt(status)
     steps = [status.durable_step or 0]
     if current is not None:
         steps.append(current.start_step)
@@ -87,7 +95,7 @@ def known_step(status: RunStatus) -> int:
 
 def current_details(status: RunStatus) -> str:
     """The run's page in the UI (Temporal markdown): state, attempt, host, step, durable step, reclaims, cost."""
-    current = status.attempts[-1] if status.attempts else None
+    current = shown_attempt(status)
     durable = status.durable_step if status.durable_step is not None else "none yet"
     lines = [f"**{status.state.value}** · step {known_step(status)} · durable step {durable}"]
     if current is not None:

@@ -31,7 +31,7 @@ def _place(status: RunStatus, pool: Pool, reason: str) -> policy.Place:
 
 
 def _finished(status: RunStatus) -> policy.Stop | None:
-    last = policy.last_ended(status)
+    last = status.last_ended_attempt
     if last is not None and last.outcome == AttemptOutcome.COMPLETED:
         return policy.Stop(RunState.SUCCEEDED, "the script finished", exit_code=0)
     return None
@@ -162,7 +162,7 @@ class UniformProgress(_Baseline):
         return policy.Wait(max(1.0, min(next_tick, behind_in)), "ahead; no spot this tick")
 
     def review(self, spec: RunSpec, status: RunStatus, now: datetime) -> policy.Keep | policy.Vacate:
-        running = policy.running_attempt(status)
+        running = status.current_attempt
         if self.safety_net or running.pool != _on_demand_pool(spec).key:
             return policy.Keep()
         done, elapsed, _ = self.progress(spec, status, now)

@@ -12,6 +12,9 @@ and why each constant has its value: docs/policy.md.
 - Choice: the cheapest healthy pool, its price raised by what its reclaims cost in moves.
 - On-demand: only when spot cannot meet the deadline (`DeadlinePlan`); back to spot when it can again.
 - Budgets: reclaims, host faults and script failures each have their own; reclaims never use up retries.
+
+What an ended attempt leaves in the status the policy reads (outcome, cost, fences, counters) is
+`workflows.accounting`'s.
 """
 
 from __future__ import annotations
@@ -24,7 +27,6 @@ from vaultlayer.durations import parse_interval
 from vaultlayer.models import (
     AttemptOutcome,
     AttemptRecord,
-    AttemptResult,
     Market,
     Placement,
     Pool,
@@ -33,6 +35,7 @@ from vaultlayer.models import (
     RunState,
     RunStatus,
 )
+from workflows.accounting import running_cost
 
 # A pool that reclaimed is left for others for 5 min, doubled for each reclaim in the health window, up to
 # 30 min: over 90% of reclaims hit the same zone again within minutes. Once every other pool has been
@@ -55,20 +58,6 @@ PRIOR_HOURS = 2.0
 DEADLINE_MARGIN_FRACTION = 0.02
 ON_DEMAND_REVIEW_SECONDS = 30 * 60
 MIN_REVIEW_SECONDS = 60
-# Failures that are the host's, not the script's. A bug that shows on the GPU (device-side assert,
-# illegal memory access, out of memory) stays a script error.
-HOST_ERROR_SIGNATURES = (
-    "uncorrectable ecc error",
-    "no cuda-capable device is detected",
-    "cuda driver version is insufficient",
-    "found no nvidia driver",
-    "couldn't communicate with the nvidia driver",
-    "cuda-capable device(s) is/are busy or unavailable",
-    "cuda driver initialization failed",
-    "cuda unknown error",
-    "cuda error: unknown error",
-    "gpu has fallen off the bus",
-)
 
 
 @dataclass(frozen=True)
@@ -237,7 +226,7 @@ def next_placement(spec: RunSpec, status: RunStatus, now: datetime) -> Place | W
 
 def review(spec: RunSpec, status: RunStatus, now: datetime) -> Keep | Vacate:
     """For the running attempt: a limit reached, spot safe again (from on-demand), or keep it."""
-    running = running_attempt(status)
+    running = status.current_attempt
     limits = spec.limits
     if limits.deadline is not None and now >= limits.deadline:
         return Vacate(f"limit deadline={limits.deadline.isoformat()} reached")
@@ -281,7 +270,7 @@ def place_or_wait(spec: RunSpec, status: RunStatus, now: datetime, candidates: l
 
 
 def why_chosen(best: PoolHealth, candidates: int, status: RunStatus) -> str:
-    last = last_ended(status)
+    last = status.last_ended_attempt
     moving = ""
     if last is not None and last.pool != best.pool.key and last.outcome in (AttemptOutcome.RECLAIMED,
                                                                               AttemptOutcome.REFUSED):
@@ -290,22 +279,12 @@ def why_chosen(best: PoolHealth, candidates: int, status: RunStatus) -> str:
             f"({best.reclaim_rate:.2f} reclaims/h)")
 
 
-def running_attempt(status: RunStatus) -> AttemptRecord | None:
-    return next((record for record in reversed(status.attempts) if record.outcome is None), None)
-
-
-def last_ended(status: RunStatus) -> AttemptRecord | None:
-    """The attempt that ended last (a refused move is recorded after the attempt it left running)."""
-    ended = [record for record in status.attempts if record.ended_at is not None]
-    return max(ended, key=lambda record: (record.ended_at, record.attempt)) if ended else None
-
-
 # ---------------------------------------------------------------- limits and budgets
 
 
 def limit_reached(spec: RunSpec, status: RunStatus, now: datetime) -> Stop | None:
     limits = spec.limits
-    last = last_ended(status)
+    last = status.last_ended_attempt
     if last is not None and last.outcome == AttemptOutcome.COMPLETED:
         return Stop(RunState.SUCCEEDED, "the script finished", exit_code=0)
     if last is not None and last.outcome == AttemptOutcome.FAILED and status.script_failures > limits.script_retries:
@@ -338,26 +317,6 @@ def excluded_hosts(spec: RunSpec, status: RunStatus, now: datetime) -> list[str]
         if span is None or record.ended_at is None or now < record.ended_at + timedelta(seconds=span):
             excluded.append(record.host)
     return excluded
-
-
-def host_fault_in(log_tail: str) -> str | None:
-    """The output line that shows a host fault (driver, ECC, lost GPU), if the script's output has one."""
-    for line in reversed(log_tail.splitlines()):
-        lowered = line.lower()
-        if any(signature in lowered for signature in HOST_ERROR_SIGNATURES):
-            return line.strip()
-    return None
-
-
-def classify(result: AttemptResult) -> AttemptResult:
-    """A script that died of a GPU or driver fault failed because of its host: exclude the host, retry."""
-    if result.outcome != AttemptOutcome.FAILED:
-        return result
-    line = host_fault_in(result.log_tail)
-    if line is None:
-        return result
-    return result.model_copy(update={"outcome": AttemptOutcome.HOST_FAULT,
-                                     "reason": f"GPU or driver fault on the host: {line[:200]}"})
 
 
 # ---------------------------------------------------------------- pool health
@@ -466,7 +425,7 @@ def remaining_work_seconds(spec: RunSpec, status: RunStatus, now: datetime) -> f
         if speed is None:
             return None
         left = left_steps / speed
-    running = running_attempt(status)
+    running = status.current_attempt
     if running is not None and running.running_at is not None:
         left -= max(0.0, (now - running.started_at).total_seconds() - spec.changeover_seconds)
     return max(0.0, left)
@@ -508,30 +467,3 @@ def deadline_plan(spec: RunSpec, status: RunStatus, now: datetime) -> DeadlinePl
         rate=initial_slack / work,
         bridge=spec.changeover_seconds,
     )
-
-
-# ---------------------------------------------------------------- cost accounting
-
-
-def running_cost(record: AttemptRecord | None, now: datetime) -> float:
-    if record is None or record.running_at is None:
-        return 0.0
-    return (record.price_per_hour or 0.0) * max(0.0, (now - record.running_at).total_seconds()) / 3600
-
-
-def bill(status: RunStatus, record: AttemptRecord, released_at: datetime) -> None:
-    """Charge an attempt for its host from hand-over to release, and add it to the run's totals.
-
-    The on-demand figure is what the same host-hours cost on demand: the host's own price for an
-    on-demand host, else the provider's (or the pool's) on-demand price; 0 when nobody knows it.
-    """
-    held_hours = 0.0
-    if record.running_at is not None:
-        held_hours = max(0.0, (released_at - record.running_at).total_seconds()) / 3600
-    on_demand_price = record.on_demand_price_per_hour
-    if on_demand_price is None and record.pool.endswith(f"/{Market.ON_DEMAND.value}"):
-        on_demand_price = record.price_per_hour
-    record.cost_usd = (record.price_per_hour or 0.0) * held_hours
-    record.on_demand_cost_usd = (on_demand_price or 0.0) * held_hours
-    status.cost_usd += record.cost_usd
-    status.on_demand_cost_usd += record.on_demand_cost_usd

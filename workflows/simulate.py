@@ -3,7 +3,8 @@
 One trace per pool (the format of ../shared/traces: `{"metadata": {"gap_seconds": G}, "data": [n, ...]}`,
 0 = no capacity at that tick). A run holding a host in a zone is reclaimed at the first tick the zone
 drops to 0. `vaultlayer` is `workflows.policy` itself, called with the same `RunSpec`/`RunStatus` the
-workflow builds; the baselines (`workflows/baselines.py`) answer the same two questions. The model
+workflow builds, and each attempt is closed into that status by the workflow's own accounting
+(`workflows/accounting.py`); the baselines (`workflows/baselines.py`) answer the same two questions. The model
 (provisioning and restore time, notice, checkpoint cost, prices) and its defaults are documented in
 docs/policy.md. Pure Python: `vl simulate` works without numpy.
 """
@@ -20,8 +21,19 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Protocol
 
-from vaultlayer.models import AttemptOutcome, AttemptRecord, Limits, Market, Pool, RunSpec, RunStatus
-from workflows import policy
+from vaultlayer.models import (
+    AttemptOutcome,
+    AttemptRecord,
+    AttemptResult,
+    Limits,
+    Market,
+    Pool,
+    Refusal,
+    RunSpec,
+    RunState,
+    RunStatus,
+)
+from workflows import accounting, policy
 
 EPOCH = datetime(2000, 1, 1, tzinfo=UTC)  # simulated time starts here; only differences matter
 PROVIDER = "trace"
@@ -289,23 +301,33 @@ class _Attempt:
 
 
 def _provision(pool: Pool, reason: str, status: RunStatus, world: World, model: Model, start: float,
-               now: float) -> AttemptRecord:
-    """A new attempt record for `pool` at `now`: refused when the trace has no capacity there."""
+               now: float) -> tuple[RunStatus, AttemptRecord]:
+    """The status with a new attempt for `pool` at `now`, and that attempt: refused (and closed) when the
+    trace has no capacity there, else holding a host."""
     at = EPOCH + timedelta(seconds=now)
     record = AttemptRecord(attempt=len(status.attempts) + 1, pool=pool.key, started_at=at, placement_reason=reason)
-    status.attempts.append(record)
+    status = status.model_copy(update={"attempts": [*status.attempts, record]})
     if pool.market == Market.SPOT and not world.available(pool.zone, start + now):
-        record.outcome, record.refusal = AttemptOutcome.REFUSED, "no-capacity"
-        record.ended_at = at + timedelta(seconds=model.refusal_seconds)
-    else:
-        record.running_at, record.price_per_hour = at, pool.price_per_hour
-        record.on_demand_price_per_hour = pool.on_demand_price_per_hour
-    return record
+        refused = AttemptResult(outcome=AttemptOutcome.REFUSED, refusal=Refusal.NO_CAPACITY,
+                                reason=f"{Refusal.NO_CAPACITY}: the trace has no capacity in {pool.zone}")
+        answered = at + timedelta(seconds=model.refusal_seconds)
+        status = accounting.close_attempt(status, record.attempt, refused, answered)
+        return status, status.attempts[-1]
+    record.running_at, record.price_per_hour = at, pool.price_per_hour
+    record.on_demand_price_per_hour = pool.on_demand_price_per_hour
+    return status, record
 
 
 def simulate_run(strategy: Strategy, world: World, model: Model, start: float,
                  spec: RunSpec | None = None) -> RunResult:
     """One run started at `start` seconds into the traces."""
+    return simulate(strategy, world, model, start, spec)[0]
+
+
+def simulate(strategy: Strategy, world: World, model: Model, start: float,
+             spec: RunSpec | None = None) -> tuple[RunResult, RunStatus]:
+    """One run started at `start` seconds into the traces: its result, and its status as the workflow
+    would hold it (attempts, costs, fences, counters)."""
     spec = spec or model.spec(list(world.traces.values()), strategy.checkpoints)
     pools = {p.key: p for p in spec.pools}
     status = RunStatus(run_id=spec.run_id, started_at=EPOCH)
@@ -321,17 +343,19 @@ def simulate_run(strategy: Strategy, world: World, model: Model, start: float,
             decision = strategy.next_placement(spec, status, at(now))
             if isinstance(decision, policy.Stop):
                 reason = decision.reason
+                status.state, status.stop_reason, status.exit_code = decision.state, decision.reason, decision.exit_code
                 break
             if isinstance(decision, policy.Wait):
                 now += max(decision.seconds, 1.0)
                 continue
-            record = _provision(decision.placement.pool, decision.reason, status, world, model, start, now)
+            status, record = _provision(decision.placement.pool, decision.reason, status, world, model, start, now)
             if record.outcome == AttemptOutcome.REFUSED:
                 now += model.refusal_seconds
                 continue
         else:
             record, moved_to = moved_to, None
         record.start_step = int(kept)
+        status = accounting.charge_lost_steps(status, record.start_step)
         pool = pools[record.pool]
         spot = pool.market == Market.SPOT
         attempt = _Attempt(model, strategy, kept, now + model.changeover_seconds)
@@ -339,7 +363,7 @@ def simulate_run(strategy: Strategy, world: World, model: Model, start: float,
         taken = max(now, lost - model.notice_seconds) if strategy.saves_on_notice else lost
         finish = attempt.finishes_at()
         ended = min(finish, taken, horizon)
-        outcome = None
+        outcome, why = None, ""
         review_at = now
         while review_at < ended:  # the policy's reviews, until the attempt ends on its own
             verdict = strategy.review(spec, status, at(review_at))
@@ -349,11 +373,11 @@ def simulate_run(strategy: Strategy, world: World, model: Model, start: float,
                 review_at = max((verdict.until - EPOCH).total_seconds(), review_at + 1.0)
                 continue
             if verdict.to is not None:  # a move: the new host first, as the workflow does
-                moved_to = _provision(verdict.to, verdict.reason, status, world, model, start, review_at)
+                status, moved_to = _provision(verdict.to, verdict.reason, status, world, model, start, review_at)
                 if moved_to.outcome == AttemptOutcome.REFUSED:
                     moved_to, review_at = None, review_at + model.refusal_seconds
                     continue
-            outcome, ended, record.reason = AttemptOutcome.VACATED, review_at, verdict.reason
+            outcome, ended, why = AttemptOutcome.VACATED, review_at, verdict.reason
         if outcome is None:
             outcome = (AttemptOutcome.COMPLETED if ended == finish
                        else AttemptOutcome.RECLAIMED if ended == taken else None)
@@ -365,22 +389,22 @@ def simulate_run(strategy: Strategy, world: World, model: Model, start: float,
             kept = attempt.progress(ended) if saved_at_notice else attempt.stored(ended)
             released = ended + model.checkpoint_seconds if saved_at_notice else ended
             if outcome == AttemptOutcome.RECLAIMED:
-                status.reclaims += 1
-                record.reason = "reclaim notice" if strategy.saves_on_notice else "reclaimed"
+                why = "reclaim notice" if strategy.saves_on_notice else "reclaimed"
         else:  # the horizon: the run is cut short here
             kept, released = attempt.progress(ended), ended
-        record.outcome, record.ended_at = outcome, at(released)
-        record.end_step, record.durable_step = int(attempt.progress(ended)), int(kept)
-        record.steps_lost = max(0, record.end_step - int(kept))
-        status.steps_lost += record.steps_lost
-        status.durable_step = int(kept)
-        policy.bill(status, record, at(released))
+            outcome, why = AttemptOutcome.CANCELLED, "the simulation's horizon"
+        result = AttemptResult(outcome=outcome, reason=why, start_step=record.start_step,
+                               end_step=int(attempt.progress(ended)), durable_step=int(kept))
+        status = accounting.close_attempt(status, record.attempt, result, at(released))
         if not spot:
             on_demand_hours += (released - now) / 3600
         now = ended if moved_to is not None else released
+    if finished is not None:
+        status.state = RunState.SUCCEEDED
     finished_hours = finished / 3600 if finished is not None else None
-    return RunResult(finished_hours, status.cost_usd, status.reclaims, on_demand_hours,
-                     reason or ("finished" if finished is not None else "horizon reached"))
+    result = RunResult(finished_hours, status.cost_usd, status.reclaims, on_demand_hours,
+                       reason or ("finished" if finished is not None else "horizon reached"))
+    return result, status
 
 
 # ---------------------------------------------------------------- comparison

@@ -1,8 +1,8 @@
 """The TrainingRun workflow: a loop over attempts until the script finishes or a limit stops it.
 
-Thin and deterministic: decisions come from `workflows.policy`; everything that touches a host, a
-cloud or storage is an activity. The whole run state lives in one `RunStatus`, carried over by
-continue-as-new when the server suggests it.
+Thin and deterministic: decisions come from `workflows.policy`, and what an ended attempt leaves in the
+status from `workflows.accounting`; everything that touches a host, a cloud or storage is an activity.
+The whole run state lives in one `RunStatus`, carried over by continue-as-new when the server suggests it.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ with workflow.unsafe.imports_passed_through():
     )
     from vaultlayer import ui
     from vaultlayer.interval import estimate_mtbf_seconds
-    from workflows import policy
+    from workflows import accounting, policy
 
 WORKFLOW_NAME = "TrainingRun"
 CONTROL_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=30),
@@ -67,6 +67,20 @@ CONTROL_HEARTBEAT_TIMEOUT = timedelta(minutes=1)
 SEARCH_ATTRIBUTES_PATCH = "search-attributes"
 # A cancel lets a provision in flight return first, so that the reap that follows finds the host it made.
 PROVISION_CANCEL_PATCH = "provision-finishes-before-cancel"
+
+
+def control_options(start_to_close: timedelta, retry: RetryPolicy = CONTROL_RETRY) -> dict[str, Any]:
+    """The options of a kind of control activity: how long it may take and how it is retried. Every one
+    heartbeats, so a task lost on its way is retried after CONTROL_HEARTBEAT_TIMEOUT, not its whole timeout."""
+    return {"start_to_close_timeout": start_to_close, "heartbeat_timeout": CONTROL_HEARTBEAT_TIMEOUT,
+            "retry_policy": retry}
+
+
+RELEASE = control_options(timedelta(minutes=5))  # release a host; reap what a run left
+DESCRIBE = control_options(timedelta(minutes=2))  # ask the provider about a host
+PROVISION = control_options(timedelta(minutes=15))  # capacity can take a while to come up
+VERIFY = control_options(timedelta(minutes=30))  # read the manifests and files of the run's checkpoints
+PRUNE = control_options(timedelta(minutes=30), retry=PRUNE_RETRY)  # remove checkpoints; never holds the run up
 
 
 def reclaims_in(spec: RunSpec, pool: Pool) -> bool:
@@ -117,45 +131,46 @@ class TrainingRun:
             raise ApplicationError(f"TrainingRun input {where}: {first['msg']}; start runs with vl run or the "
                                    "Python client, which check their input", type="BadInput",
                                    non_retryable=True) from None
+        # Each accounting step (workflows/accounting.py) replaces self.status: read it through self, never a local.
         spec = self.spec = inp.spec
-        status = self.status = inp.carried or RunStatus(run_id=spec.run_id, started_at=workflow.now())
+        self.status = inp.carried or RunStatus(run_id=spec.run_id, started_at=workflow.now())
         self._show()
         try:
             while True:
                 if self.moved is not None:
                     await self._run_moved()
                     continue
-                decision = policy.next_placement(spec, status, workflow.now())
+                decision = policy.next_placement(spec, self.status, workflow.now())
                 if isinstance(decision, policy.Stop):
-                    status.state, status.stop_reason = decision.state, decision.reason
-                    status.exit_code = decision.exit_code
+                    self.status.state, self.status.stop_reason = decision.state, decision.reason
+                    self.status.exit_code = decision.exit_code
                     break
                 if isinstance(decision, policy.Wait):
                     workflow.logger.info("waiting %.0fs: %s", decision.seconds, decision.reason)
                     await workflow.sleep(decision.seconds)
                 else:
-                    status.excluded_hosts = list(decision.placement.excluded_hosts)
+                    self.status.excluded_hosts = list(decision.placement.excluded_hosts)
                     await self._attempt(decision.placement, decision.reason)
                 if self.moved is None and workflow.info().is_continue_as_new_suggested():
                     await workflow.wait_condition(workflow.all_handlers_finished)
-                    status.continued_as_new += 1
-                    workflow.continue_as_new(RunInput(spec=spec, carried=status))
+                    self.status.continued_as_new += 1
+                    workflow.continue_as_new(RunInput(spec=spec, carried=self.status))
         except asyncio.CancelledError:
-            status.state, status.stop_reason = RunState.CANCELLED, "cancelled by request"
+            self.status.state, self.status.stop_reason = RunState.CANCELLED, "cancelled by request"
             await self._finish()
             raise
         except FailureError as err:
             if is_cancelled_exception(err):
-                status.state, status.stop_reason = RunState.CANCELLED, "cancelled by request"
+                self.status.state, self.status.stop_reason = RunState.CANCELLED, "cancelled by request"
             else:
                 # An activity that exhausted its retries: fail the run, but leave no host behind.
-                status.state, status.stop_reason = RunState.FAILED, f"control plane error: {err}"
+                self.status.state, self.status.stop_reason = RunState.FAILED, f"control plane error: {err}"
             await self._finish()
             raise
         await self._finish()
-        if status.state == RunState.FAILED:
-            raise ApplicationError(status.stop_reason, status, type="RunFailed", non_retryable=True)
-        return status
+        if self.status.state == RunState.FAILED:
+            raise ApplicationError(self.status.stop_reason, self.status, type="RunFailed", non_retryable=True)
+        return self.status
 
     async def _finish(self) -> None:
         """Whatever the ending, no host of this run outlives it."""
@@ -164,34 +179,30 @@ class TrainingRun:
         self._show()
         providers = sorted({pool.provider for pool in self.spec.pools})
         await workflow.execute_activity_method(
-            ControlActivities.reap_run, ReapInput(run_id=self.spec.run_id, providers=providers),
-            start_to_close_timeout=timedelta(minutes=5), heartbeat_timeout=CONTROL_HEARTBEAT_TIMEOUT,
-            retry_policy=CONTROL_RETRY,
-        )
+            ControlActivities.reap_run, ReapInput(run_id=self.spec.run_id, providers=providers), **RELEASE)
+
+    async def _release(self, host: Host) -> None:
+        await workflow.execute_activity_method(ControlActivities.release, host, **RELEASE)
 
     async def _choose_checkpoint(self) -> CheckpointRef | None:
-        status = self.status
         result = await workflow.execute_activity_method(
             ControlActivities.verify_checkpoint,
-            VerifyInput(run_id=self.spec.run_id, storage_url=self.spec.storage_url, fences=status.fences),
-            start_to_close_timeout=timedelta(minutes=30), heartbeat_timeout=CONTROL_HEARTBEAT_TIMEOUT,
-            retry_policy=CONTROL_RETRY,
-        )
-        known = {bad.name for bad in status.bad_checkpoints}
-        status.bad_checkpoints += [bad for bad in result.rejected if bad.name not in known]
+            VerifyInput(run_id=self.spec.run_id, storage_url=self.spec.storage_url, fences=self.status.fences),
+            **VERIFY)
+        known = {bad.name for bad in self.status.bad_checkpoints}
+        self.status.bad_checkpoints += [bad for bad in result.rejected if bad.name not in known]
         return result.chosen
 
     async def _attempt(self, placement: Placement, reason: str) -> None:
-        spec, status = self.spec, self.status
         checkpoint = await self._choose_checkpoint()
         record = AttemptRecord(
             attempt=placement.attempt, pool=placement.pool.key,
             start_step=checkpoint.step if checkpoint else 0, started_at=workflow.now(), placement_reason=reason,
         )
         record.resumed_from = checkpoint.name if checkpoint else None
-        self._account_previous_loss(record.start_step)
-        status.attempts.append(record)
-        status.state = RunState.PROVISIONING
+        self.status = accounting.charge_lost_steps(self.status, record.start_step)
+        self.status.attempts.append(record)
+        self.status.state = RunState.PROVISIONING
         host = await self._provision(record, placement)
         if host is not None:
             await self._run(record, host, checkpoint)
@@ -202,9 +213,7 @@ class TrainingRun:
         provisioning = workflow.start_activity_method(
             ControlActivities.provision, ProvisionInput(run_id=self.spec.run_id, placement=placement,
                                                         notice_seconds=self.spec.notice_seconds),
-            start_to_close_timeout=timedelta(minutes=15), heartbeat_timeout=CONTROL_HEARTBEAT_TIMEOUT,
-            retry_policy=CONTROL_RETRY,
-        )
+            **PROVISION)
         try:
             provisioned = await (asyncio.shield(provisioning) if waits else provisioning)
         except asyncio.CancelledError:
@@ -213,8 +222,7 @@ class TrainingRun:
                     await provisioning
             raise
         if provisioned.host is None:
-            record.refusal = provisioned.refusal
-            self._close(record, AttemptResult(outcome=AttemptOutcome.REFUSED,
+            self._close(record, AttemptResult(outcome=AttemptOutcome.REFUSED, refusal=provisioned.refusal,
                                               reason=f"{provisioned.refusal}: {provisioned.message}"))
             return None
         host = provisioned.host
@@ -224,12 +232,11 @@ class TrainingRun:
 
     async def _move_to(self, pool: Pool, reason: str) -> bool:
         """Make before break: provision the next attempt's host while this one runs; False if refused."""
-        status = self.status
-        placement = Placement(pool=pool, attempt=len(status.attempts) + 1,
-                              excluded_hosts=policy.excluded_hosts(self.spec, status, workflow.now()))
+        placement = Placement(pool=pool, attempt=len(self.status.attempts) + 1,
+                              excluded_hosts=policy.excluded_hosts(self.spec, self.status, workflow.now()))
         record = AttemptRecord(attempt=placement.attempt, pool=pool.key, started_at=workflow.now(),
                                placement_reason=reason)
-        status.attempts.append(record)
+        self.status.attempts.append(record)
         host = await self._provision(record, placement)
         if host is not None:
             self.moved = (record, host)
@@ -239,38 +246,32 @@ class TrainingRun:
         """Run the attempt a move provisioned, now that the attempt it replaces has saved and ended."""
         (record, host), self.moved = self.moved, None
         if policy.limit_reached(self.spec, self.status, workflow.now()) is not None:
-            await workflow.execute_activity_method(
-                ControlActivities.release, host, start_to_close_timeout=timedelta(minutes=5),
-                heartbeat_timeout=CONTROL_HEARTBEAT_TIMEOUT,
-                retry_policy=CONTROL_RETRY,
-            )
-            policy.bill(self.status, record, workflow.now())
+            await self._release(host)
             self._close(record, AttemptResult(outcome=AttemptOutcome.CANCELLED,
                                               reason="the run ended before it moved here"))
             return
         checkpoint = await self._choose_checkpoint()
         record.start_step = checkpoint.step if checkpoint else 0
         record.resumed_from = checkpoint.name if checkpoint else None
-        self._account_previous_loss(record.start_step)
+        self.status = accounting.charge_lost_steps(self.status, record.start_step)
         await self._run(record, host, checkpoint)
 
     async def _run(self, record: AttemptRecord, host: Host, checkpoint: CheckpointRef | None) -> None:
-        status = self.status
-        status.current_host, status.state = host, RunState.RUNNING
+        """Run the attempt on its host, release the host whatever happens, and close the attempt (which
+        bills the host up to its release)."""
+        self.status.current_host, self.status.state = host, RunState.RUNNING
         self._show()
+        result = None
         try:
             result = await self._run_on_host(host, record, checkpoint)
         finally:
             for task in self.injections:
                 task.cancel()
             self.injections = []
-            status.current_host = None
-            await workflow.execute_activity_method(
-                ControlActivities.release, host, start_to_close_timeout=timedelta(minutes=5),
-                heartbeat_timeout=CONTROL_HEARTBEAT_TIMEOUT,
-                retry_policy=CONTROL_RETRY,
-            )
-            policy.bill(status, record, workflow.now())
+            self.status.current_host = None
+            await self._release(host)
+            if result is None:  # cancelled: the attempt stays open, its host is paid for all the same
+                self.status = accounting.bill(self.status, record.attempt, workflow.now())
         self._close(record, result)
         if workflow.patched(RETENTION_PATCH):
             await self._prune(record)
@@ -347,18 +348,14 @@ class TrainingRun:
     async def _prune(self, record: AttemptRecord) -> None:
         """Keep the newest complete checkpoints and what `record`'s attempt resumed from; remove the rest and
         the partial uploads of ended attempts. A failure is only logged: storage stays fuller a while."""
-        spec, status = self.spec, self.status
+        spec = self.spec
         reported = {ended.attempt: ended.durable_step if ended.durable_step is not None else -1
-                    for ended in status.attempts if ended.outcome is not None}
+                    for ended in self.status.attempts if ended.outcome is not None}
         prune = PruneInput(run_id=spec.run_id, storage_url=spec.storage_url, keep=spec.keep_checkpoints,
-                           fences=status.fences, reported=reported,
+                           fences=self.status.fences, reported=reported,
                            protect=[record.resumed_from] if record.resumed_from else [])
         try:
-            await workflow.execute_activity_method(
-                ControlActivities.prune_checkpoints, prune, start_to_close_timeout=timedelta(minutes=30),
-                heartbeat_timeout=CONTROL_HEARTBEAT_TIMEOUT,
-                retry_policy=PRUNE_RETRY,
-            )
+            await workflow.execute_activity_method(ControlActivities.prune_checkpoints, prune, **PRUNE)
         except ActivityError as err:
             if is_cancelled_exception(err):
                 raise
@@ -398,11 +395,7 @@ class TrainingRun:
         if not isinstance(cause, TimeoutError):
             return AttemptResult(outcome=AttemptOutcome.HOST_FAULT,
                                  reason=f"the host agent failed: {cause.message if cause else err}", **base)
-        described = await workflow.execute_activity_method(
-            ControlActivities.describe_host, host, start_to_close_timeout=timedelta(minutes=2),
-            heartbeat_timeout=CONTROL_HEARTBEAT_TIMEOUT,
-            retry_policy=CONTROL_RETRY,
-        )
+        described = await workflow.execute_activity_method(ControlActivities.describe_host, host, **DESCRIBE)
         if described.state == HostState.GONE:
             return AttemptResult(outcome=AttemptOutcome.RECLAIMED,
                                  reason=f"heartbeats stopped; host gone ({described.reason})",
@@ -412,26 +405,7 @@ class TrainingRun:
                                     f"({described.reason})", **base)
 
     def _close(self, record: AttemptRecord, result: AttemptResult) -> None:
-        status = self.status
-        result = policy.classify(result)
-        record.outcome, record.reason = result.outcome, result.reason
-        record.end_step, record.durable_step = result.end_step, result.durable_step
-        record.exit_code, record.ended_at = result.exit_code, workflow.now()
-        record.log_tail, record.emergency_save = result.log_tail, result.emergency_save
-        if result.durable_step is not None:
-            status.durable_step = max(status.durable_step or 0, result.durable_step)
-        # Fence: nothing this attempt publishes from now on can be newer than what we accepted.
-        # A host the provider confirms gone can publish nothing more: what it stored before dying counts.
-        if not result.host_gone:
-            status.fences[record.attempt] = result.durable_step if result.durable_step is not None else -1
-        if result.outcome == AttemptOutcome.RECLAIMED:
-            status.reclaims += 1
-        elif result.outcome == AttemptOutcome.HOST_FAULT:
-            status.host_faults += 1
-            if record.host:
-                status.excluded_hosts.append(record.host)
-        elif result.outcome == AttemptOutcome.FAILED:
-            status.script_failures += 1
+        self.status = accounting.close_attempt(self.status, record.attempt, result, workflow.now())
         self._show()
 
     def _show(self) -> None:
@@ -440,10 +414,3 @@ class TrainingRun:
         workflow.set_current_details(ui.current_details(self.status))
         if self.spec.search_attributes and workflow.patched(SEARCH_ATTRIBUTES_PATCH):
             workflow.upsert_search_attributes(ui.search_attribute_updates(self.spec, self.status))
-
-    def _account_previous_loss(self, resume_step: int) -> None:
-        """Steps the previous attempt computed beyond the step this attempt resumes from are lost."""
-        previous = next((a for a in reversed(self.status.attempts) if a.end_step is not None), None)
-        if previous is not None and previous.outcome != AttemptOutcome.COMPLETED:
-            previous.steps_lost = max(0, previous.end_step - resume_step)
-            self.status.steps_lost = sum(a.steps_lost for a in self.status.attempts)
