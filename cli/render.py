@@ -22,6 +22,7 @@ from rich.table import Table
 
 from cli.context import EXIT_CANCELLED, Connection
 from vaultlayer.models import AttemptOutcome, AttemptRecord, RunState, RunStatus
+from workflows.accounting import running_cost
 
 # ---------------------------------------------------------------- lines
 
@@ -124,8 +125,8 @@ class LiveView:
                     print(f"{ended_line(previous)}, resuming on host {record.host}", flush=True)
                 resume = f"resuming from step {record.start_step}" if record.start_step else "starting at step 0"
                 print(f"attempt {record.attempt} on host {record.host} ({record.pool}), {resume}", flush=True)
-        current = status.attempts[-1] if status.attempts else None
-        if current and current.outcome is None and status.step is not None:
+        current = status.current_attempt
+        if current and status.step is not None:
             now = time.monotonic()
             shown_at, shown = self.last_progress
             key = (current.attempt, status.step, status.durable_step)
@@ -149,7 +150,7 @@ class LiveView:
                   + "; ".join(f"{c.name}: {c.reason}" for c in status.bad_checkpoints), flush=True)
         if status.state != RunState.SUCCEEDED and status.stop_reason:
             print(f"reason: {status.stop_reason}", flush=True)
-            last = status.attempts[-1] if status.attempts else None
+            last = status.last_ended_attempt
             if last is not None and last.log_tail:
                 print("the end of the script's output:", flush=True)
                 print(last.log_tail.rstrip(), flush=True)
@@ -198,11 +199,7 @@ class StepRate:
 
 def cost_so_far(status: RunStatus, now: datetime) -> float:
     """Closed attempts' cost plus the running host's price times its time so far."""
-    current = status.attempts[-1] if status.attempts else None
-    running = 0.0
-    if current is not None and current.outcome is None and current.price_per_hour and current.running_at:
-        running = current.price_per_hour * max(0.0, (now - current.running_at).total_seconds()) / 3600
-    return status.cost_usd + running
+    return status.cost_usd + running_cost(status.current_attempt, now)
 
 
 def _duration(seconds: float) -> str:
@@ -213,7 +210,7 @@ def _duration(seconds: float) -> str:
 
 def panel(status: RunStatus, rate: float | None, total_steps: int | None, now: datetime) -> Table:
     """The panel for one status: pure, so it is tested without a terminal or a server."""
-    current = status.attempts[-1] if status.attempts else None
+    current = status.current_attempt or status.last_ended_attempt
     table = Table.grid(padding=(0, 2))
     table.add_column(style="bold")
     table.add_column()
@@ -256,7 +253,7 @@ class RichView:
         if not self.live.is_started:
             self.live.start()
         self.events.update(status)
-        current = status.attempts[-1] if status.attempts else None
+        current = status.current_attempt
         self.rate.add(time.monotonic(), current.attempt if current else 0, status.step)
         self.live.update(panel(status, self.rate.per_second(), self.total_steps, datetime.now(UTC)))
 
