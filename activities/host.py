@@ -174,7 +174,7 @@ class AttemptContext:
     staging: Path  # where saves are staged for the uploader
     control: Path  # notices to the SDK, progress from it
     log_path: Path  # the script's output
-    log: structlog.stdlib.BoundLogger
+    log: structlog.typing.FilteringBoundLogger  # bound to the run, the attempt and the host
 
 
 @dataclass
