@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import shutil
 import signal
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import structlog
 from temporalio import activity
@@ -29,7 +30,7 @@ from activities.attempt_logs import LogShipper, mask
 from activities.env_secrets import SecretUnavailable, resolve_secrets
 from activities.notices import NoticeSource
 from activities.snapshots import SETTLE_SECONDS, DirectorySnapshots, restore_directory
-from vaultlayer import checkpoint
+from vaultlayer import checkpoint, protocol
 from vaultlayer.models import AttemptInput, AttemptOutcome, AttemptProgress, AttemptResult, Notice
 
 log = structlog.get_logger(__name__)
@@ -42,22 +43,23 @@ UPLOAD_BACKOFF_SECONDS = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
 
 
 class StagedSave:
-    def __init__(self, directory: Path, meta: dict) -> None:
+    """A save the SDK (or a directory snapshot) committed in the staging directory."""
+
+    def __init__(self, directory: Path, record: protocol.SaveRecord) -> None:
         self.directory = directory
-        self.step = int(meta["step"])
-        self.emergency = bool(meta.get("emergency"))
-        self.notice_id = meta.get("notice_id")
+        self.step = record.step
+        self.emergency = record.emergency
+        self.notice_id = record.notice_id
 
 
 def staged_saves(staging: Path) -> list[StagedSave]:
-    """Complete saves the SDK committed (renamed out of `.tmp-*`), oldest first."""
+    """Complete saves the SDK committed (renamed out of its staging prefix), oldest first."""
     saves = []
     for entry in staging.iterdir():
-        if entry.name.startswith(".tmp-") or not entry.is_dir():
+        if protocol.is_being_written(entry.name) or not entry.is_dir():
             continue
-        meta_file = entry / "vl-save.json"
-        if meta_file.exists():
-            saves.append(StagedSave(entry, json.loads(meta_file.read_text())))
+        if (entry / protocol.SAVE_RECORD).exists():
+            saves.append(StagedSave(entry, protocol.read_save_record(entry)))
     return sorted(saves, key=lambda s: s.step)
 
 
@@ -139,20 +141,61 @@ def tail(path: Path, max_bytes: int = 2000) -> str:
 
 
 def read_progress(control: Path) -> int | None:
-    try:
-        return int(json.loads((control / "progress.json").read_text())["step"])
-    except (FileNotFoundError, json.JSONDecodeError, KeyError, ValueError):
-        return None
+    progress = protocol.read_progress(control)
+    return progress.step if progress is not None else None
 
 
 def read_interval(control: Path) -> str:
     """The SDK's checkpoint interval and why, as `vl status` shows it."""
-    try:
-        progress = json.loads((control / "progress.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+    progress = protocol.read_progress(control)
+    if progress is None:
         return ""
-    seconds, why = progress.get("interval_seconds"), progress.get("interval_reason") or ""
+    seconds, why = progress.interval_seconds, progress.interval_reason
     return f"every {seconds:.0f} s: {why}" if seconds else why
+
+
+def emergency_save_outcome(stored: bool, notice: Notice, now: float) -> str | None:
+    """After a notice: "saved" once the emergency save is stored, "missed" once the deadline is too close to
+    wait any longer (DEADLINE_MARGIN_SECONDS before it), None while the attempt should keep waiting."""
+    if stored:
+        return "saved"
+    if now > notice.deadline.timestamp() - DEADLINE_MARGIN_SECONDS:
+        return "missed"
+    return None
+
+
+@dataclass
+class AttemptContext:
+    """One attempt on this host: its input, the progress the heartbeats report, and its local places."""
+
+    inp: AttemptInput
+    progress: AttemptProgress
+    restore: Path  # the SDK's restore directory
+    staging: Path  # where saves are staged for the uploader
+    control: Path  # notices to the SDK, progress from it
+    log_path: Path  # the script's output
+    log: structlog.typing.FilteringBoundLogger  # bound to the run, the attempt and the host
+
+
+@dataclass
+class RunningScript:
+    """The started script and what runs beside it until the attempt ends."""
+
+    process: asyncio.subprocess.Process
+    log_file: BinaryIO
+    shipper: LogShipper
+    snapshots: DirectorySnapshots | None  # zero-code mode
+    uploader: Uploader
+    stop_uploads: asyncio.Event
+    uploads: asyncio.Task
+    notice_id: str  # the id a notice is forwarded to the script under
+    notice: Notice | None = None  # the notice seen while the script ran
+
+    def emergency_save_stored(self) -> bool:
+        if self.snapshots is None:
+            return self.notice_id in self.uploader.emergency_stored
+        # Zero-code: the directory as of the notice, and every snapshot before it, is in storage.
+        return self.snapshots.covered_notice == self.notice_id and self.uploader.idle()
 
 
 class HostAgentActivities:
@@ -182,29 +225,23 @@ class HostAgentActivities:
             log.error("refused an attempt that is not this host's", reason=reason, host=self.host_id)
             raise ApplicationError(f"host agent {self.host_id} of run {self.run_id} refused the attempt: {reason}",
                                    type="ForeignAttempt", non_retryable=True)
-        bound = log.bind(run_id=inp.run_id, attempt=inp.attempt, host=self.host_id)
         attempt_dir = self.host_dir / f"a{inp.attempt}"
         shutil.rmtree(attempt_dir, ignore_errors=True)
-        restore, staging, control = (attempt_dir / name for name in ("restore", "staging", "control"))
-        for directory in (restore, staging, control):
-            directory.mkdir(parents=True)
-
         start_step = inp.checkpoint.step if inp.checkpoint else 0
-        progress = AttemptProgress(phase="restoring", start_step=start_step, step=start_step,
-                                   durable_step=inp.checkpoint.step if inp.checkpoint else None)
-        heartbeats = asyncio.create_task(self._heartbeat(progress, inp.heartbeat_interval_seconds))
+        ctx = AttemptContext(
+            inp=inp,
+            progress=AttemptProgress(phase="restoring", start_step=start_step, step=start_step,
+                                     durable_step=inp.checkpoint.step if inp.checkpoint else None),
+            restore=attempt_dir / "restore", staging=attempt_dir / "staging", control=attempt_dir / "control",
+            log_path=self.host_dir / f"a{inp.attempt}.log",
+            log=log.bind(run_id=inp.run_id, attempt=inp.attempt, host=self.host_id),
+        )
+        for directory in (ctx.restore, ctx.staging, ctx.control):
+            directory.mkdir(parents=True)
+        heartbeats = asyncio.create_task(self._heartbeat(ctx.progress, inp.heartbeat_interval_seconds))
         try:
-            if inp.checkpoint:
-                try:
-                    if inp.checkpoint_dir:
-                        await asyncio.to_thread(restore_directory, inp.checkpoint, Path(inp.checkpoint_dir))
-                    else:
-                        await asyncio.to_thread(checkpoint.restore_checkpoint, inp.checkpoint, restore)
-                except checkpoint.CheckpointError as err:
-                    raise ApplicationError(f"restore of {inp.checkpoint.name} failed: {err}",
-                                           type="RestoreFailed", non_retryable=True) from err
-                bound.info("checkpoint restored", step=inp.checkpoint.step)
-            return await self._supervise(inp, progress, restore, staging, control, bound)
+            await self._restore(ctx)
+            return await self._supervise(ctx)
         finally:
             heartbeats.cancel()
 
@@ -213,47 +250,81 @@ class HostAgentActivities:
             activity.heartbeat(progress.model_copy())
             await asyncio.sleep(interval)
 
-    def _script_env(self, inp: AttemptInput, restore: Path, staging: Path, control: Path) -> dict:
+    @staticmethod
+    async def _restore(ctx: AttemptContext) -> None:
+        """Put the attempt's checkpoint where the script finds it: the SDK's restore directory, or in zero-code
+        mode the script's own checkpoint directory."""
+        ref = ctx.inp.checkpoint
+        if ref is None:
+            return
+        try:
+            if ctx.inp.checkpoint_dir:
+                await asyncio.to_thread(restore_directory, ref, Path(ctx.inp.checkpoint_dir))
+            else:
+                await asyncio.to_thread(checkpoint.restore_checkpoint, ref, ctx.restore)
+        except checkpoint.CheckpointError as err:
+            raise ApplicationError(f"restore of {ref.name} failed: {err}", type="RestoreFailed",
+                                   non_retryable=True) from err
+        ctx.log.info("checkpoint restored", step=ref.step)
+
+    @staticmethod
+    def _script_env(ctx: AttemptContext) -> dict[str, str]:
+        inp = ctx.inp
         # The agent's Temporal connection (an API key, a client key) is not the script's: it never talks to Temporal.
         env = {name: value for name, value in os.environ.items() if not name.startswith("TEMPORAL_")} | inp.env
-        for name in [k for k in env if k.startswith("VL_")]:
-            del env[name]
-        env.update(VL_RUN_ID=inp.run_id, VL_ATTEMPT=str(inp.attempt))
         if inp.checkpoint_dir:  # zero-code mode: the script keeps its own checkpoints; the SDK stays inactive
-            env["VL_CHECKPOINT_DIR"] = inp.checkpoint_dir
-            return env
-        env.update(VL_STAGING_DIR=str(staging), VL_CONTROL_DIR=str(control))
-        if inp.checkpoint:
-            env.update(VL_RESTORE_DIR=str(restore), VL_RESTORE_STEP=str(inp.checkpoint.step))
-        env.update(VL_CHECKPOINT_EVERY=inp.checkpoint_every or "auto", VL_CHECKPOINT_MIN=inp.checkpoint_min,
-                   VL_CHECKPOINT_MAX=inp.checkpoint_max)
-        if inp.mtbf_seconds:
-            env["VL_MTBF_SECONDS"] = str(inp.mtbf_seconds)
-        return env
+            contract = protocol.ScriptEnv(run_id=inp.run_id, attempt=inp.attempt, checkpoint_dir=inp.checkpoint_dir)
+        else:
+            contract = protocol.ScriptEnv(
+                run_id=inp.run_id, attempt=inp.attempt, staging_dir=ctx.staging, control_dir=ctx.control,
+                restore_dir=ctx.restore if inp.checkpoint else None,
+                restore_step=inp.checkpoint.step if inp.checkpoint else None,
+                checkpoint_every=inp.checkpoint_every or "auto", checkpoint_min=inp.checkpoint_min,
+                checkpoint_max=inp.checkpoint_max, mtbf_seconds=inp.mtbf_seconds,
+            )
+        return protocol.without_contract_variables(env) | contract.to_environ()
 
-    async def _supervise(self, inp, progress, restore, staging, control, bound) -> AttemptResult:
-        snapshots = None
-        if inp.checkpoint_dir:
-            snapshots = DirectorySnapshots(Path(inp.checkpoint_dir), staging, progress.start_step,
-                                           restored=inp.checkpoint is not None)
+    async def _supervise(self, ctx: AttemptContext) -> AttemptResult:
+        """Start the script and watch it until it exits or a notice ends the attempt."""
         try:  # read here, on the host: only the references crossed Temporal
-            secrets = await asyncio.to_thread(resolve_secrets, inp.env_secrets)
+            secrets = await asyncio.to_thread(resolve_secrets, ctx.inp.env_secrets)
         except SecretUnavailable as err:
-            bound.error("secret env unavailable", error=str(err))
-            return AttemptResult(outcome=AttemptOutcome.FAILED, start_step=progress.start_step,
-                                 durable_step=progress.durable_step, reason=str(err))
+            ctx.log.error("secret env unavailable", error=str(err))
+            return AttemptResult(outcome=AttemptOutcome.FAILED, start_step=ctx.progress.start_step,
+                                 durable_step=ctx.progress.durable_step, reason=str(err))
         notice_id = uuid.uuid4().hex
         if (early := await self.notices.poll()) is not None:
             # It came while the host was restoring: in place before the script starts, its first save check
             # sees it, however fast the script's steps are.
-            self._forward_notice(control, early, notice_id)
-        log_file = open(self.host_dir / f"a{inp.attempt}.log", "ab")  # noqa: SIM115 - closed below
-        shipper = LogShipper(inp.storage_url, inp.run_id, inp.attempt, Path(log_file.name), start=log_file.tell())
+            self._forward_notice(ctx.control, early, notice_id)
+        run = await self._start(ctx, secrets, notice_id)
+        try:
+            reclaimed = await self._watch(ctx, run)
+            return reclaimed if reclaimed is not None else await self._exited(ctx, run)
+        finally:
+            run.uploads.cancel()
+            if run.process.returncode is None and run.notice is None:
+                # Cancelled: the script must not outlive its attempt.
+                with contextlib.suppress(ProcessLookupError):
+                    run.process.send_signal(signal.SIGKILL)
+            run.log_file.close()
+            await run.shipper.finish()
+
+    async def _start(self, ctx: AttemptContext, secrets: dict[str, str], notice_id: str) -> RunningScript:
+        """Start the script with its output in the attempt's log (shipped to storage too), and the uploader."""
+        inp = ctx.inp
+        snapshots = None
+        if inp.checkpoint_dir:
+            snapshots = DirectorySnapshots(Path(inp.checkpoint_dir), ctx.staging, ctx.progress.start_step,
+                                           restored=inp.checkpoint is not None)
+        log_file = open(ctx.log_path, "ab")  # noqa: SIM115 - closed by _supervise
+        shipper = LogShipper(inp.storage_url, inp.run_id, inp.attempt, ctx.log_path, start=log_file.tell())
+        script_env = self._script_env(ctx) | secrets
         try:
             process = await asyncio.create_subprocess_exec(
-                *setup_commands.wrap(inp.setup, inp.command, control / "setup-failed"),
+                *setup_commands.wrap(inp.setup, inp.command, ctx.control / protocol.SETUP_FAILED_FILE),
                 cwd=inp.workdir,
-                env=(script_env := self._script_env(inp, restore, staging, control) | secrets),
+                env=script_env,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=log_file,
                 stderr=asyncio.subprocess.STDOUT,
@@ -262,84 +333,90 @@ class HostAgentActivities:
             log_file.close()
             raise ApplicationError(f"cannot start {inp.command[0]!r}: {err}", type="CommandFailed",
                                    non_retryable=True) from err
-        bound.info("script started", pid=process.pid, command=inp.command[0])
+        ctx.log.info("script started", pid=process.pid, command=inp.command[0])
         shipper.start(script_env, secrets.values())  # the output goes to storage too, so it outlives the host
-        progress.phase = "running"
-        uploader = Uploader(inp, staging, progress.durable_step)
+        ctx.progress.phase = "running"
+        uploader = Uploader(inp, ctx.staging, ctx.progress.durable_step)
         stop_uploads = asyncio.Event()
-        uploads = asyncio.create_task(uploader.run(stop_uploads))
-        notice: Notice | None = None
-        try:
-            while True:
-                step = read_progress(control)
-                if step is not None:
-                    progress.step = step
-                    progress.checkpoint_interval = read_interval(control)
-                if snapshots is not None and snapshots.covered_notice is None:
-                    # After a notice: as soon as the directory holds still, and tagged with the notice.
-                    settle = POLL_SECONDS if notice is not None else SETTLE_SECONDS
-                    await asyncio.to_thread(snapshots.snapshot_if_settled, settle, notice_id if notice else None)
-                    progress.step = snapshots.step
-                progress.durable_step = uploader.durable_step
-                if process.returncode is not None:
-                    break
-                if notice is None and (notice := await self.notices.poll()):
-                    self._forward_notice(control, notice, notice_id)
-                    progress.notice, progress.phase = notice, "emergency-save"
-                    bound.warning("reclaim notice", deadline=notice.deadline.isoformat())
-                if notice is not None:
-                    if snapshots is None:
-                        stored = notice_id in uploader.emergency_stored
-                    else:  # the directory as of the notice, and every snapshot before it, is in storage
-                        stored = snapshots.covered_notice == notice_id and uploader.idle()
-                    too_late = time.time() > notice.deadline.timestamp() - DEADLINE_MARGIN_SECONDS
-                    if stored or too_late:
-                        progress.durable_step = uploader.durable_step
-                        step = read_progress(control)
-                        return AttemptResult(
-                            outcome=AttemptOutcome.RECLAIMED,
-                            start_step=progress.start_step,
-                            end_step=step if step is not None else progress.step,
-                            durable_step=uploader.durable_step,
-                            notice=notice,
-                            emergency_save="saved" if stored else "missed",
-                            reason="reclaim notice" + ("" if stored else "; emergency save missed the deadline"),
-                        )
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(process.wait(), POLL_SECONDS)
-            progress.phase = "uploading"
-            if snapshots is not None and snapshots.covered_notice is None:
-                await asyncio.to_thread(snapshots.snapshot_if_settled, 0.0)  # the script is done writing
-                progress.step = snapshots.step
-            stop_uploads.set()
-            await uploads
-            exit_code = process.returncode
-            bound.info("script exited", exit_code=exit_code)
-            step = read_progress(control)
-            return AttemptResult(
-                outcome=AttemptOutcome.COMPLETED if exit_code == 0 else AttemptOutcome.FAILED,
-                start_step=progress.start_step,
-                end_step=step if step is not None else progress.step,
-                durable_step=uploader.durable_step,
-                exit_code=exit_code,
-                reason="" if exit_code == 0 else (setup_commands.failure(control / "setup-failed")
-                                                  or f"the script exited with code {exit_code}"),
-                # The tail goes into history: masked like the stored log, so a secret printed is not kept.
-                log_tail="" if exit_code == 0 else mask(tail(self.host_dir / f"a{inp.attempt}.log").encode(),
-                                                        shipper.secrets).decode(errors="replace"),
-            )
-        finally:
-            uploads.cancel()
-            if process.returncode is None and notice is None:
-                # Cancelled: the script must not outlive its attempt.
-                with contextlib.suppress(ProcessLookupError):
-                    process.send_signal(signal.SIGKILL)
-            log_file.close()
-            await shipper.finish()
+        return RunningScript(process=process, log_file=log_file, shipper=shipper, snapshots=snapshots,
+                             uploader=uploader, stop_uploads=stop_uploads,
+                             uploads=asyncio.create_task(uploader.run(stop_uploads)), notice_id=notice_id)
+
+    async def _watch(self, ctx: AttemptContext, run: RunningScript) -> AttemptResult | None:
+        """Poll until the script exits (None) or a notice's emergency save is stored or too late (reclaimed)."""
+        while True:
+            await self._track_progress(ctx, run)
+            if run.process.returncode is not None:
+                return None
+            if run.notice is None and (notice := await self.notices.poll()):
+                run.notice = notice
+                self._forward_notice(ctx.control, notice, run.notice_id)
+                ctx.progress.notice, ctx.progress.phase = notice, "emergency-save"
+                ctx.log.warning("reclaim notice", deadline=notice.deadline.isoformat())
+            if run.notice is not None:
+                emergency_save = emergency_save_outcome(run.emergency_save_stored(), run.notice, time.time())
+                if emergency_save is not None:
+                    return self._reclaimed(ctx, run, run.notice, emergency_save)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(run.process.wait(), POLL_SECONDS)
+
+    @staticmethod
+    async def _track_progress(ctx: AttemptContext, run: RunningScript) -> None:
+        """The script's step, its checkpoint interval and the durable step into the heartbeat; in zero-code mode,
+        a snapshot of the directory once it settled."""
+        progress = ctx.progress
+        step = read_progress(ctx.control)
+        if step is not None:
+            progress.step = step
+            progress.checkpoint_interval = read_interval(ctx.control)
+        if run.snapshots is not None and run.snapshots.covered_notice is None:
+            # After a notice: as soon as the directory holds still, and tagged with the notice.
+            settle = POLL_SECONDS if run.notice is not None else SETTLE_SECONDS
+            notice_id = run.notice_id if run.notice else None
+            await asyncio.to_thread(run.snapshots.snapshot_if_settled, settle, notice_id)
+            progress.step = run.snapshots.step
+        progress.durable_step = run.uploader.durable_step
+
+    @staticmethod
+    def _reclaimed(ctx: AttemptContext, run: RunningScript, notice: Notice, emergency_save: str) -> AttemptResult:
+        ctx.progress.durable_step = run.uploader.durable_step
+        step = read_progress(ctx.control)
+        return AttemptResult(
+            outcome=AttemptOutcome.RECLAIMED,
+            start_step=ctx.progress.start_step,
+            end_step=step if step is not None else ctx.progress.step,
+            durable_step=run.uploader.durable_step,
+            notice=notice,
+            emergency_save=emergency_save,
+            reason="reclaim notice" + ("" if emergency_save == "saved" else "; emergency save missed the deadline"),
+        )
+
+    @staticmethod
+    async def _exited(ctx: AttemptContext, run: RunningScript) -> AttemptResult:
+        """The script exited: store what it left, then report how it ended."""
+        ctx.progress.phase = "uploading"
+        if run.snapshots is not None and run.snapshots.covered_notice is None:
+            await asyncio.to_thread(run.snapshots.snapshot_if_settled, 0.0)  # the script is done writing
+            ctx.progress.step = run.snapshots.step
+        run.stop_uploads.set()
+        await run.uploads
+        exit_code = run.process.returncode
+        ctx.log.info("script exited", exit_code=exit_code)
+        step = read_progress(ctx.control)
+        return AttemptResult(
+            outcome=AttemptOutcome.COMPLETED if exit_code == 0 else AttemptOutcome.FAILED,
+            start_step=ctx.progress.start_step,
+            end_step=step if step is not None else ctx.progress.step,
+            durable_step=run.uploader.durable_step,
+            exit_code=exit_code,
+            reason="" if exit_code == 0 else (setup_commands.failure(ctx.control / protocol.SETUP_FAILED_FILE)
+                                              or f"the script exited with code {exit_code}"),
+            # The tail goes into history: masked like the stored log, so a secret printed is not kept.
+            log_tail="" if exit_code == 0 else mask(tail(ctx.log_path).encode(),
+                                                    run.shipper.secrets).decode(errors="replace"),
+        )
 
     @staticmethod
     def _forward_notice(control: Path, notice: Notice, notice_id: str) -> None:
-        body = {"id": notice_id, "deadline": notice.deadline.timestamp(), "kind": notice.kind}
-        tmp = control / "notice.json.tmp"
-        tmp.write_text(json.dumps(body))
-        tmp.replace(control / "notice.json")
+        protocol.write_notice(control, protocol.NoticeDocument(id=notice_id, deadline=notice.deadline.timestamp(),
+                                                               kind=notice.kind))

@@ -9,7 +9,6 @@ this mode is the snapshot's sequence number in the run: the script's own step is
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -18,9 +17,8 @@ from pathlib import Path
 
 import structlog
 
-from vaultlayer import checkpoint
+from vaultlayer import checkpoint, protocol
 from vaultlayer.models import CheckpointRef
-from vaultlayer.sdk import SAVE_RECORD
 
 log = structlog.get_logger(__name__)
 
@@ -99,7 +97,7 @@ class DirectorySnapshots:
     def _stage(self, expected: Signature, notice_id: str | None) -> bool:
         step = self.step + 1
         nonce = uuid.uuid4().hex[:12]
-        partial = self.staging / f".tmp-{step}-{nonce}"
+        partial = self.staging / protocol.staging_name(step, nonce)
         for relative, _, _ in expected:
             target = partial / relative
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -111,10 +109,11 @@ class DirectorySnapshots:
             shutil.rmtree(partial, ignore_errors=True)
             self.seen = None
             return False
-        record = {"step": step, "emergency": notice_id is not None, "notice_id": notice_id, "created_at": time.time()}
+        record = protocol.SaveRecord(step=step, emergency=notice_id is not None, notice_id=notice_id,
+                                     created_at=time.time())
         partial.mkdir(parents=True, exist_ok=True)
-        (partial / SAVE_RECORD).write_text(json.dumps(record))
-        partial.rename(self.staging / f"{step:012d}-{nonce}")
+        protocol.write_save_record(partial, record)
+        partial.rename(self.staging / protocol.committed_name(step, nonce))
         self.step, self.stored = step, expected
         log.info("directory snapshot staged", step=step, files=len(expected), notice=notice_id is not None)
         return True

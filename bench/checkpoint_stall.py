@@ -91,7 +91,7 @@ def measure(size_mb: int, storage_url: str, scratch: Path, repeats: int, device:
     import torch
 
     import vaultlayer
-    from vaultlayer import checkpoint, sdk
+    from vaultlayer import checkpoint, protocol, sdk
     from vaultlayer.pytorch import Checkpointer
 
     model = training_state(size_mb, device)
@@ -107,7 +107,8 @@ def measure(size_mb: int, storage_url: str, scratch: Path, repeats: int, device:
 
     # The SDK: training waits only for the copy into host memory.
     staging, control = scratch / "staging", scratch / "control"
-    os.environ.update(VL_STAGING_DIR=str(staging), VL_CONTROL_DIR=str(control), VL_CHECKPOINT_EVERY="1")
+    os.environ.update({protocol.ENV_STAGING_DIR: str(staging), protocol.ENV_CONTROL_DIR: str(control),
+                       protocol.ENV_CHECKPOINT_EVERY: "1"})
     sdk._session.cache_clear()
     ckpt = Checkpointer(model)
     blocked = []
@@ -118,8 +119,8 @@ def measure(size_mb: int, storage_url: str, scratch: Path, repeats: int, device:
         blocked.append(time.perf_counter() - began)
         vaultlayer.wait_for_saves()
     sdk_blocked = statistics.median(blocked)
-    saved = sorted(p for p in staging.iterdir() if not p.name.startswith(".tmp-"))[-1]
-    files = [p for p in saved.iterdir() if p.name != sdk.SAVE_RECORD]
+    saved = sorted(p for p in staging.iterdir() if not protocol.is_being_written(p.name))[-1]
+    files = [p for p in saved.iterdir() if p.name != protocol.SAVE_RECORD]
     nbytes = sum(p.stat().st_size for p in files)
 
     def ours_upload() -> None:

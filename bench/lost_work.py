@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from vaultlayer import protocol
+
 REPO = Path(__file__).resolve().parent.parent
 TRAIN_TINY = REPO / "examples" / "train_tiny.py"
 
@@ -40,11 +42,8 @@ def status(env: dict[str, str], run_id: str) -> dict:
 
 
 def last_step_on_host(home: Path, run_id: str, host: str, attempt: int) -> int | None:
-    try:
-        return json.loads((home / "hosts" / run_id / host / f"a{attempt}" / "control" / "progress.json")
-                          .read_text())["step"]
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
+    progress = protocol.read_progress(home / "hosts" / run_id / host / f"a{attempt}" / "control")
+    return progress.step if progress is not None else None
 
 
 def run_with_reclaims(env: dict[str, str], home: Path, with_notice: bool, reclaims: int,

@@ -7,20 +7,25 @@ import blake3
 import fsspec
 import pytest
 
-from vaultlayer import checkpoint
+from vaultlayer.checkpoint import listing, transfer
+from vaultlayer.checkpoint import storage as storage_access
 from vaultlayer.checkpoint import (
     CheckpointError,
     Manifest,
+    Standing,
     checkpoint_name,
     choose_checkpoint,
+    classify,
     list_checkpoints,
     parse_checkpoint_name,
     quarantine_records,
     restore_checkpoint,
+    retention_plan,
     upload_checkpoint,
     validate_storage_url,
     verify_checkpoint,
 )
+from vaultlayer.models import CheckpointCheck
 
 RUN = "run-1"
 
@@ -80,14 +85,14 @@ def test_upload_writes_files_and_a_manifest_that_describes_them(tmp_path, storag
 
 def test_manifest_is_written_last(tmp_path, storage, monkeypatch):
     """If the upload dies before the manifest, the checkpoint must read as incomplete."""
-    monkeypatch.setattr(checkpoint, "_RETRY_DELAYS_SECONDS", ())
+    monkeypatch.setattr(storage_access, "RETRY_DELAYS_SECONDS", ())
 
     def fail(*args, **kwargs):
         assert not list(ckpt_dir(storage, 10).glob("MANIFEST*")), "manifest written before the manifest step"
         assert (ckpt_dir(storage, 10) / "nested" / "rng.bin").exists(), "files must all be in place first"
         raise PermissionError("storage went away")
 
-    monkeypatch.setattr(checkpoint, "_write_atomically", fail)
+    monkeypatch.setattr(storage_access, "write_atomically", fail)
     with pytest.raises(PermissionError):
         upload(tmp_path, storage, 10)
     check, ref = verify_checkpoint(storage, RUN, "000000000010-a1")
@@ -95,8 +100,8 @@ def test_manifest_is_written_last(tmp_path, storage, monkeypatch):
 
 
 def test_upload_retries_transient_storage_errors(tmp_path, storage, monkeypatch):
-    monkeypatch.setattr(checkpoint, "_RETRY_DELAYS_SECONDS", (0, 0, 0))
-    real_send = checkpoint._send_file
+    monkeypatch.setattr(storage_access, "RETRY_DELAYS_SECONDS", (0, 0, 0))
+    real_send = transfer._send_file
     failures = {"model.pt": 2}
 
     def flaky_send(fs, local, remote, relative, known=None):
@@ -105,21 +110,21 @@ def test_upload_retries_transient_storage_errors(tmp_path, storage, monkeypatch)
             raise ConnectionResetError("connection reset by peer")
         return real_send(fs, local, remote, relative, known)
 
-    monkeypatch.setattr(checkpoint, "_send_file", flaky_send)
+    monkeypatch.setattr(transfer, "_send_file", flaky_send)
     ref = upload(tmp_path, storage, 10)
     assert failures["model.pt"] == 0
     assert verify_checkpoint(storage, RUN, ref.name)[0].ok
 
 
 def test_upload_gives_up_after_the_retries(tmp_path, storage, monkeypatch):
-    monkeypatch.setattr(checkpoint, "_RETRY_DELAYS_SECONDS", (0, 0))
+    monkeypatch.setattr(storage_access, "RETRY_DELAYS_SECONDS", (0, 0))
     calls = []
 
     def always_down(*args):
         calls.append(args)
         raise TimeoutError("storage unreachable")
 
-    monkeypatch.setattr(checkpoint, "_send_file", always_down)
+    monkeypatch.setattr(transfer, "_send_file", always_down)
     with pytest.raises(TimeoutError):
         upload(tmp_path, storage, 10)
     # Each file that was tried was tried once plus two retries; a file not yet started when the first one
@@ -216,8 +221,8 @@ def test_quarantined_checkpoint_is_not_verified_again(tmp_path, storage, monkeyp
     flip_byte(ckpt_dir(storage, 20) / "model.pt")
     choose_checkpoint(storage, RUN, {})
     verified = []
-    real_verify = checkpoint.verify_checkpoint
-    monkeypatch.setattr(checkpoint, "verify_checkpoint", lambda *a: verified.append(a[2]) or real_verify(*a))
+    real_verify = listing.verify_checkpoint
+    monkeypatch.setattr(listing, "verify_checkpoint", lambda *a: verified.append(a[2]) or real_verify(*a))
     assert choose_checkpoint(storage, RUN, {}).chosen == good
     assert verified == ["000000000010-a1"]
 
@@ -406,3 +411,51 @@ def test_upload_takes_the_writers_digest_only_for_a_file_unchanged_since(tmp_pat
     digests = {entry.path: entry.blake3 for entry in manifest.files}
     assert digests["model.pt"] == recorded
     assert digests["nested/rng.bin"] == blake3.blake3((local / "nested" / "rng.bin").read_bytes()).hexdigest()
+
+
+# The one classification of a checkpoint directory, and retention as a pure plan: no storage involved.
+MANIFEST_ONLY = {"MANIFEST.json": 100, "model.pt": 1000}
+FILES_ONLY = {"model.pt": 1000}
+
+
+def bad_record(name: str, reason: str = "model.pt: missing") -> CheckpointCheck:
+    step, attempt = parse_checkpoint_name(name)
+    return CheckpointCheck(name=name, step=step, attempt=attempt, ok=False, reason=reason)
+
+
+def test_classify_puts_fences_before_quarantine_before_a_missing_manifest():
+    stored = {checkpoint_name(50, 1): FILES_ONLY, checkpoint_name(40, 1): MANIFEST_ONLY,
+              checkpoint_name(30, 2): FILES_ONLY, checkpoint_name(30, 1): MANIFEST_ONLY,
+              checkpoint_name(20, 1): MANIFEST_ONLY}
+    quarantined = {name: bad_record(name) for name in (checkpoint_name(50, 1), checkpoint_name(30, 1))}
+    classified = classify(stored, fences={1: 45}, quarantined=quarantined)
+    assert [(entry.name, entry.standing, entry.reason) for entry in classified] == [
+        (checkpoint_name(50, 1), Standing.FENCED, "fenced: attempt 1 ended at step 45"),
+        (checkpoint_name(40, 1), Standing.COMPLETE, ""),
+        (checkpoint_name(30, 2), Standing.PARTIAL, "no MANIFEST.json: the upload never finished"),
+        (checkpoint_name(30, 1), Standing.QUARANTINED, "model.pt: missing"),
+        (checkpoint_name(20, 1), Standing.COMPLETE, ""),
+    ]
+    assert [entry.has_manifest for entry in classified] == [False, True, False, True, True]
+    assert classified[0].size == 1000 and classified[1].size == 1100
+    assert classified[3].rejection() is quarantined[checkpoint_name(30, 1)]
+    assert classified[0].rejection().reason == "fenced: attempt 1 ended at step 45"
+
+
+def test_retention_plan_keeps_the_newest_complete_the_protected_and_the_evidence():
+    stored = {checkpoint_name(step, 1): MANIFEST_ONLY for step in (10, 20, 30, 40, 50, 60)}
+    stored[checkpoint_name(70, 1)] = FILES_ONLY  # a partial above what attempt 1 reported: its host died
+    stored[checkpoint_name(5, 1)] = FILES_ONLY  # a partial at or below: it was complete once; kept as evidence
+    quarantined = {checkpoint_name(50, 1): bad_record(checkpoint_name(50, 1))}
+    classified = classify(stored, fences={1: 60}, quarantined=quarantined)
+    plan = retention_plan(classified, keep=2, reported={1: 60}, protect=[checkpoint_name(20, 1)])
+    assert plan == [checkpoint_name(70, 1), checkpoint_name(30, 1), checkpoint_name(10, 1)]
+
+
+def test_retention_plan_removes_a_partial_upload_only_once_its_attempt_ended():
+    stored = {checkpoint_name(20, 1): MANIFEST_ONLY, checkpoint_name(30, 1): FILES_ONLY}
+    classified = classify(stored, fences={1: 20}, quarantined={})  # fenced as well: removed all the same
+    assert retention_plan(classified, keep=1, reported={}) == [], "attempt 1 may still be uploading it"
+    assert retention_plan(classified, keep=1, reported={1: 20}) == [checkpoint_name(30, 1)]
+    with pytest.raises(ValueError, match="keep must be at least 1"):
+        retention_plan(classified, keep=0, reported={})

@@ -27,9 +27,10 @@ from vaultlayer.checkpoint import (
     prune_checkpoints,
     quarantine_records,
     restore_checkpoint,
+    transfer,
     upload_checkpoint,
 )
-from vaultlayer.sdk import SAVE_RECORD
+from vaultlayer.protocol import SAVE_RECORD
 
 RUN = "run-1"
 OBJECT_STORES = pytest.mark.parametrize("storage_url", ["s3", "gs"], indirect=True)
@@ -71,7 +72,7 @@ def test_roundtrip_on_object_storage(tmp_path, storage_url):
 def test_a_big_file_goes_up_in_parts_and_verifies(tmp_path, storage_url):
     local = tmp_path / "big"
     local.mkdir()
-    (local / "weights.bin").write_bytes(os.urandom(2 * checkpoint._PART_BYTES + 1))
+    (local / "weights.bin").write_bytes(os.urandom(2 * transfer.PART_BYTES + 1))
     ref = upload_checkpoint(local, storage_url, RUN, 1, 5)
     fs, _ = storage_fs(storage_url)
     etag = fs.info(f"{remote_dir(storage_url, 5)}/weights.bin")["ETag"].strip('"')

@@ -73,7 +73,7 @@ def test_run_specs_validate_or_name_the_bad_field(case):
             assert {error["loc"][0] for error in errors} == {replaced}, errors
         return
     assert run_id_problem(spec.run_id) is None
-    run_dir = checkpoint._run_url("file:///storage/root", spec.run_id)
+    run_dir = checkpoint.storage.run_url("file:///storage/root", spec.run_id)
     relative = PurePosixPath(run_dir.removeprefix("file://")).relative_to("/storage/root")
     assert relative.parts == (spec.run_id,) and spec.run_id not in ("..", ".")
 

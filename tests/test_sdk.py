@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import vaultlayer
-from vaultlayer import sdk
+from vaultlayer import protocol, sdk
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -214,3 +214,37 @@ def test_a_committed_save_records_each_files_size_mtime_and_blake3(agent):
         stat = (saved / relative).stat()
         assert (entry["size"], entry["mtime_ns"]) == (stat.st_size, stat.st_mtime_ns)
         assert entry["blake3"] == blake3.blake3((saved / relative).read_bytes()).hexdigest()
+
+
+def test_the_sdk_reads_the_environment_the_agent_writes(tmp_path, monkeypatch):
+    """Both sides of the contract go through vaultlayer/protocol.py: what ScriptEnv sets is what the SDK reads."""
+    restore = tmp_path / "restore"
+    contract = protocol.ScriptEnv(run_id="run-1", attempt=2, staging_dir=tmp_path / "staging",
+                                  control_dir=tmp_path / "control", restore_dir=restore, restore_step=40,
+                                  checkpoint_every="30s", mtbf_seconds=3600.0)
+    for name, value in contract.to_environ().items():
+        monkeypatch.setenv(name, value)
+    assert vaultlayer.resume() == sdk.Restored(step=40, path=restore)
+    session = sdk._session()
+    assert session.interval_seconds() == (30.0, "--checkpoint-every") and session.mtbf_seconds == 3600.0
+
+
+def test_zero_code_mode_sets_only_the_run_the_attempt_and_the_directory():
+    contract = protocol.ScriptEnv(run_id="run-1", attempt=1, checkpoint_dir="/ckpt", staging_dir=Path("/s"))
+    assert contract.to_environ() == {"VL_RUN_ID": "run-1", "VL_ATTEMPT": "1", "VL_CHECKPOINT_DIR": "/ckpt"}
+    assert protocol.without_contract_variables({"VL_STAGING_DIR": "/old", "PATH": "/bin"}) == {"PATH": "/bin"}
+
+
+def test_agent_documents_read_back_as_written(tmp_path):
+    protocol.write_notice(tmp_path, protocol.NoticeDocument(id="n-1", deadline=12.5, kind="spot-termination"))
+    assert json.loads((tmp_path / "notice.json").read_text()) == {"id": "n-1", "deadline": 12.5,
+                                                                 "kind": "spot-termination"}
+    assert protocol.read_notice(tmp_path) == protocol.NoticeDocument(id="n-1", deadline=12.5, kind="spot-termination")
+    assert protocol.read_progress(tmp_path) is None
+    protocol.write_progress(tmp_path, protocol.Progress(step=7, time=1.0, interval_seconds=60.0,
+                                                        interval_reason="auto"), ".progress.tmp")
+    assert protocol.read_progress(tmp_path) == protocol.Progress(step=7, time=1.0, interval_seconds=60.0,
+                                                                 interval_reason="auto")
+    record = protocol.SaveRecord(step=3, emergency=True, notice_id="n-1", created_at=2.0)
+    protocol.write_save_record(tmp_path, record)
+    assert protocol.read_save_record(tmp_path) == record

@@ -7,7 +7,7 @@ upload rewrites the same object. No backend needs append support (S3 and GCS hav
 written atomically (one PUT on object stores, write-then-rename on a file system), so a reader never sees
 half a chunk; the attempt's log is its chunks in name order.
 
-Synchronous on purpose, like vaultlayer/checkpoint.py: callers run it in threads.
+Synchronous on purpose, like vaultlayer/checkpoint/: callers run it in threads.
 """
 
 from __future__ import annotations
@@ -17,21 +17,21 @@ from pathlib import PurePosixPath
 
 from fsspec.core import url_to_fs
 
-from vaultlayer.checkpoint import _retry, _run_url, _write_atomically
+from vaultlayer.checkpoint.storage import retry, run_url, write_atomically
 
 _ATTEMPT_DIR = re.compile(r"attempt-(?P<attempt>[1-9]\d*)")
 _CHUNK = re.compile(r"(?P<offset>\d{12,})\.log")
 
 
 def logs_url(storage_url: str, run_id: str) -> str:
-    return f"{_run_url(storage_url, run_id)}/logs"
+    return f"{run_url(storage_url, run_id)}/logs"
 
 
 def write_chunk(storage_url: str, run_id: str, attempt: int, offset: int, data: bytes) -> None:
     """Store `data`, the bytes the attempt's script wrote from `offset` of its log on."""
     fs, root = url_to_fs(logs_url(storage_url, run_id))
     path = f"{root}/attempt-{attempt}/{offset:012d}.log"
-    _retry(lambda: _write_atomically(fs, path, data), "upload a log chunk")
+    retry(lambda: write_atomically(fs, path, data), "upload a log chunk")
 
 
 def stored_attempts(storage_url: str, run_id: str) -> list[int]:
@@ -39,7 +39,7 @@ def stored_attempts(storage_url: str, run_id: str) -> list[int]:
     fs, root = url_to_fs(logs_url(storage_url, run_id))
     fs.invalidate_cache(root)
     try:
-        entries = _retry(lambda: fs.ls(root, detail=False), "list log attempts")
+        entries = retry(lambda: fs.ls(root, detail=False), "list log attempts")
     except FileNotFoundError:
         return []
     found = (_ATTEMPT_DIR.fullmatch(PurePosixPath(entry.rstrip("/")).name) for entry in entries)
@@ -52,7 +52,7 @@ def _chunks(storage_url: str, run_id: str, attempt: int) -> list[tuple[int, str]
     directory = f"{root}/attempt-{attempt}"
     fs.invalidate_cache(directory)
     try:
-        entries = _retry(lambda: fs.ls(directory, detail=False), "list log chunks")
+        entries = retry(lambda: fs.ls(directory, detail=False), "list log chunks")
     except FileNotFoundError:
         return []
     found = ((_CHUNK.fullmatch(PurePosixPath(entry).name), entry) for entry in entries)
@@ -84,7 +84,7 @@ class LogCursor:
             if not new:
                 continue
             # One call for all of them: object stores fetch them concurrently.
-            data = _retry(lambda new=new: fs.cat([path for _, path in new]), "read log chunks")
+            data = retry(lambda new=new: fs.cat([path for _, path in new]), "read log chunks")
             if self.attempt is None and attempt != self.shown_attempt:
                 parts.append(f"==> attempt {attempt} <==\n")
                 self.shown_attempt = attempt

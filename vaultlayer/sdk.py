@@ -1,7 +1,7 @@
 """The SDK a training script calls: resume, should_save, save (docs/agent-sdk-contract.md).
 
-It talks to the host agent only through environment variables and local files, so a save never
-waits on the network. Without `VL_STAGING_DIR` it is inactive and the script runs plainly.
+It talks to the host agent only through environment variables and local files (vaultlayer/protocol.py),
+so a save never waits on the network. Without a staging directory it is inactive and the script runs plainly.
 Standard library only: `import vaultlayer` must stay light in a training environment.
 """
 
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import os
 import shutil
 import tempfile
@@ -22,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from vaultlayer import interval as intervals
+from vaultlayer import protocol
 from vaultlayer.durations import parse_duration, parse_interval
 
-SAVE_RECORD = "vl-save.json"
 # After an emergency save the host may still be taken a little after its announced deadline.
 EMERGENCY_GRACE_SECONDS = 5.0
 _PROGRESS_EVERY_SECONDS = 0.2
@@ -39,12 +38,6 @@ class Restored:
     path: Path
 
 
-@dataclass(frozen=True)
-class _Notice:
-    id: str
-    deadline: float
-
-
 @dataclass
 class _Slot:
     """A save being written: its temporary directory becomes a checkpoint on commit."""
@@ -52,7 +45,7 @@ class _Slot:
     step: int
     path: Path
     final: Path
-    notice: _Notice | None
+    notice: protocol.NoticeDocument | None
     abandon: threading.Event = field(default_factory=threading.Event)
     done: threading.Event = field(default_factory=threading.Event)
 
@@ -61,19 +54,19 @@ class _Session:
     """The SDK's state for this process, built once from the environment the agent set."""
 
     def __init__(self, environ: Mapping[str, str]) -> None:
-        self.staging_dir = Path(environ["VL_STAGING_DIR"])
-        control = environ.get("VL_CONTROL_DIR")
+        self.staging_dir = Path(environ[protocol.ENV_STAGING_DIR])
+        control = environ.get(protocol.ENV_CONTROL_DIR)
         self.control_dir = Path(control) if control else None
         self.restored = _restored_from(environ)
-        every = environ.get("VL_CHECKPOINT_EVERY")
+        every = environ.get(protocol.ENV_CHECKPOINT_EVERY)
         try:
             self.interval = ("auto", 0.0) if every == "auto" else parse_interval(every) if every else None
         except ValueError as err:
-            raise ValueError(f"VL_CHECKPOINT_EVERY: {err}") from None
+            raise ValueError(f"{protocol.ENV_CHECKPOINT_EVERY}: {err}") from None
         try:
-            self.mtbf_seconds = float(environ.get("VL_MTBF_SECONDS", intervals.PRIOR_HOURS * 3600))
-            self.min_seconds = parse_duration(environ.get("VL_CHECKPOINT_MIN", "60s"))
-            self.max_seconds = parse_duration(environ.get("VL_CHECKPOINT_MAX", "30m"))
+            self.mtbf_seconds = float(environ.get(protocol.ENV_MTBF_SECONDS, intervals.PRIOR_HOURS * 3600))
+            self.min_seconds = parse_duration(environ.get(protocol.ENV_CHECKPOINT_MIN, "60s"))
+            self.max_seconds = parse_duration(environ.get(protocol.ENV_CHECKPOINT_MAX, "30m"))
         except ValueError as err:
             raise ValueError(f"VL_CHECKPOINT_*: {err}") from None
         self.save_cost: float | None = None  # seconds training was blocked by the last periodic save
@@ -84,7 +77,7 @@ class _Session:
         self.last_progress_time = float("-inf")
         self.saved_notice_ids: set[str] = set()
         self.notice_stat: tuple[int, int, int] | None = None
-        self.notice: _Notice | None = None
+        self.notice: protocol.NoticeDocument | None = None
         self.staging_dir.mkdir(parents=True, exist_ok=True)
         if self.control_dir:
             self.control_dir.mkdir(parents=True, exist_ok=True)
@@ -115,20 +108,16 @@ class _Session:
     def begin(self, step: int) -> _Slot:
         self.write_progress(step)
         nonce = uuid.uuid4().hex[:12]
-        slot = _Slot(step=step, path=self.staging_dir / f".tmp-{step}-{nonce}",
-                     final=self.staging_dir / f"{step:012d}-{nonce}", notice=self.pending_notice())
+        slot = _Slot(step=step, path=self.staging_dir / protocol.staging_name(step, nonce),
+                     final=self.staging_dir / protocol.committed_name(step, nonce), notice=self.pending_notice())
         slot.path.mkdir()
         return slot
 
     def commit(self, slot: _Slot) -> None:
-        record = {
-            "step": slot.step,
-            "emergency": slot.notice is not None,
-            "notice_id": slot.notice.id if slot.notice else None,
-            "created_at": time.time(),
-            "files": _digests(slot.path),
-        }
-        (slot.path / SAVE_RECORD).write_text(json.dumps(record))
+        record = protocol.SaveRecord(step=slot.step, emergency=slot.notice is not None,
+                                     notice_id=slot.notice.id if slot.notice else None, created_at=time.time(),
+                                     files=_digests(slot.path))
+        protocol.write_save_record(slot.path, record)
         slot.path.rename(slot.final)
         slot.done.set()
 
@@ -193,18 +182,18 @@ class _Session:
         if self.in_flight is not None:
             self.in_flight.done.wait()
 
-    def pending_notice(self) -> _Notice | None:
+    def pending_notice(self) -> protocol.NoticeDocument | None:
         """The agent's notice, unless it was already saved for. One stat per call; reads only a changed file."""
         if self.control_dir is None:
             return None
         try:
-            stat = (self.control_dir / "notice.json").stat()
+            stat = protocol.notice_path(self.control_dir).stat()
         except FileNotFoundError:
             self.notice_stat, self.notice = None, None
             return None
         key = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
         if key != self.notice_stat:
-            self.notice = _read_notice(self.control_dir / "notice.json")
+            self.notice = protocol.read_notice(self.control_dir)
             # A half-written notice is read again on the next call rather than remembered as none.
             self.notice_stat = key if self.notice is not None else None
         if self.notice is None or self.notice.id in self.saved_notice_ids:
@@ -216,12 +205,10 @@ class _Session:
         if self.control_dir is None:
             return
         every, why = self.interval_seconds()
-        partial = self.control_dir / f".progress-{os.getpid()}-{threading.get_ident()}.tmp"
-        partial.write_text(json.dumps({
-            "step": step, "time": time.time(), "save_blocked_seconds": self.save_cost,
-            "interval_seconds": every or None, "interval_reason": why, "saves_coalesced": self.coalesced,
-        }))
-        os.replace(partial, self.control_dir / "progress.json")
+        progress = protocol.Progress(step=step, time=time.time(), save_blocked_seconds=self.save_cost,
+                                     interval_seconds=every or None, interval_reason=why,
+                                     saves_coalesced=self.coalesced)
+        protocol.write_progress(self.control_dir, progress, f".progress-{os.getpid()}-{threading.get_ident()}.tmp")
 
 
 def _digests(directory: Path) -> dict[str, dict[str, Any]]:
@@ -234,7 +221,7 @@ def _digests(directory: Path) -> dict[str, dict[str, Any]]:
         return {}
     files = {}
     for path in sorted(directory.rglob("*")):
-        if path.is_file() and not path.is_symlink() and path.name != SAVE_RECORD:
+        if path.is_file() and not path.is_symlink() and path.name != protocol.SAVE_RECORD:
             stat = path.stat()
             digest = blake3.blake3(max_threads=blake3.blake3.AUTO).update_mmap(path).hexdigest()
             files[path.relative_to(directory).as_posix()] = {
@@ -243,21 +230,14 @@ def _digests(directory: Path) -> dict[str, dict[str, Any]]:
 
 
 def _restored_from(environ: Mapping[str, str]) -> Restored | None:
-    restore_dir = environ.get("VL_RESTORE_DIR")
+    restore_dir = environ.get(protocol.ENV_RESTORE_DIR)
     if not restore_dir:
         return None
-    step = environ.get("VL_RESTORE_STEP", "")
+    step = environ.get(protocol.ENV_RESTORE_STEP, "")
     if not step.isdigit():
-        raise ValueError(f"VL_RESTORE_DIR is set but VL_RESTORE_STEP is {step!r}, not a step number")
+        raise ValueError(f"{protocol.ENV_RESTORE_DIR} is set but {protocol.ENV_RESTORE_STEP} is {step!r},"
+                         f" not a step number")
     return Restored(step=int(step), path=Path(restore_dir))
-
-
-def _read_notice(path: Path) -> _Notice | None:
-    try:
-        data = json.loads(path.read_text())
-        return _Notice(id=str(data["id"]), deadline=float(data["deadline"]))
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
 
 
 def _wait_until(epoch_seconds: float) -> None:
@@ -268,7 +248,7 @@ def _wait_until(epoch_seconds: float) -> None:
 
 @functools.cache
 def _session() -> _Session | None:
-    if not os.environ.get("VL_STAGING_DIR"):
+    if not os.environ.get(protocol.ENV_STAGING_DIR):
         return None
     return _Session(os.environ)
 

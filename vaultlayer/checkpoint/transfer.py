@@ -1,0 +1,201 @@
+"""Moving checkpoints: upload a staged save (files in parallel, the manifest last) and restore a verified one.
+
+Every byte is checked on the way, without slowing the copy: a digest is taken alongside the transfer
+(docs/checkpoint-speed.md). Synchronous on purpose: the agent and the activities call it from threads.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from pathlib import Path, PurePosixPath
+
+import fsspec
+from fsspec.core import url_to_fs
+from pydantic import Field, ValidationError
+
+from vaultlayer import protocol
+from vaultlayer.checkpoint import storage
+from vaultlayer.checkpoint.format import (
+    MANIFEST_NAME,
+    CheckpointError,
+    Manifest,
+    ManifestFile,
+    checkpoint_name,
+    first_error,
+    local_blake3,
+    local_digest,
+    sha256,
+    unsafe_path_reason,
+)
+from vaultlayer.models import CheckpointRef, VLModel
+
+# Files of at least two parts go up as a multipart upload, parts in parallel (s3fs; gcsfs sends them in turn).
+PART_BYTES = 8 << 20
+
+
+def upload_checkpoint(
+    local_dir: Path,
+    storage_url: str,
+    run_id: str,
+    attempt: int,
+    step: int,
+    skip: Iterable[str] = (protocol.SAVE_RECORD,),
+) -> CheckpointRef:
+    """Upload every file of `local_dir` (but the top-level names in `skip`), then the manifest, last.
+
+    A file's digest is the one the SDK's writer recorded in its save record when the file is unchanged since
+    (same size and mtime), else computed alongside the upload; either way the file must not change while it
+    is sent, so the manifest describes exactly what storage got.
+    """
+    local_dir = Path(local_dir)
+    recorded = _recorded_digests(local_dir)
+    skipped = set(skip)
+    relative_paths = [path for path in _local_files(local_dir) if path not in skipped]
+    for relative in relative_paths:
+        reason = unsafe_path_reason(relative)
+        if reason is not None:
+            raise CheckpointError(f"cannot upload {local_dir / relative}: {reason}")
+    name = checkpoint_name(step, attempt)
+    url = storage.checkpoint_url(storage_url, run_id, name)
+    fs, remote_dir = url_to_fs(url)
+
+    def send(relative: str) -> ManifestFile:
+        remote = f"{remote_dir}/{relative}"
+        known = recorded.get(relative)
+        return storage.retry(lambda: _send_file(fs, local_dir / relative, remote, relative, known),
+                             f"upload {relative}")
+
+    files = storage.in_threads(send, relative_paths)
+    files.sort(key=lambda entry: entry.path)
+    manifest = Manifest(run_id=run_id, attempt=attempt, step=step, created_at=datetime.now(UTC), files=files)
+    manifest_bytes = manifest.model_dump_json(indent=2).encode()
+    storage.retry(lambda: storage.write_atomically(fs, f"{remote_dir}/{MANIFEST_NAME}", manifest_bytes),
+                  "write the manifest")
+    return CheckpointRef(name=name, step=step, attempt=attempt, url=url, manifest_sha256=sha256(manifest_bytes))
+
+
+def restore_checkpoint(ref: CheckpointRef, dest_dir: Path) -> None:
+    """Download a verified checkpoint into `dest_dir`, checking every byte against the manifest.
+
+    The manifest must be the very one that was verified (same sha256), and every path in it must stay
+    inside `dest_dir`; both are checked before anything is written.
+    """
+    fs, remote_dir = url_to_fs(ref.url)
+    try:
+        manifest_bytes = storage.retry(lambda: fs.cat_file(f"{remote_dir}/{MANIFEST_NAME}"), "read the manifest")
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {ref.url} has no {MANIFEST_NAME}") from None
+    if sha256(manifest_bytes) != ref.manifest_sha256:
+        raise CheckpointError(f"{ref.url}/{MANIFEST_NAME} changed since it was verified: sha256 differs")
+    try:
+        manifest = Manifest.model_validate_json(manifest_bytes)
+    except ValidationError as err:
+        raise CheckpointError(f"unparsable {ref.url}/{MANIFEST_NAME}: {first_error(err)}") from None
+    if (manifest.step, manifest.attempt) != (ref.step, ref.attempt):
+        raise CheckpointError(
+            f"{ref.url}/{MANIFEST_NAME} is for step {manifest.step} attempt {manifest.attempt},"
+            f" expected step {ref.step} attempt {ref.attempt}"
+        )
+    dest_root = Path(dest_dir).resolve()
+    targets = {}
+    for entry in manifest.files:
+        reason = unsafe_path_reason(entry.path)
+        target = dest_root.joinpath(*PurePosixPath(entry.path).parts) if reason is None else None
+        if target is not None and not target.resolve().is_relative_to(dest_root):
+            reason = f"resolves to {target.resolve()}, outside {dest_root}"
+        if reason is not None:
+            raise CheckpointError(f"refusing to restore {ref.url}: manifest path {entry.path!r} {reason}")
+        targets[entry.path] = target
+
+    def fetch(entry: ManifestFile) -> None:
+        remote = f"{remote_dir}/{entry.path}"
+        storage.retry(lambda: _fetch_file(fs, remote, targets[entry.path], entry), f"download {entry.path}")
+
+    storage.in_threads(fetch, manifest.files)
+
+
+def _local_files(local_dir: Path) -> list[str]:
+    """Relative posix paths of every file under `local_dir`, sorted."""
+    if not local_dir.is_dir():
+        raise CheckpointError(f"checkpoint directory {local_dir} does not exist")
+    found = []
+    for parent, _, names in os.walk(local_dir):
+        for name in names:
+            found.append((Path(parent) / name).relative_to(local_dir).as_posix())
+    return sorted(found)
+
+
+def _send_file(fs: fsspec.AbstractFileSystem, local: Path, remote: str, relative: str,
+               known: _RecordedDigest | None = None) -> ManifestFile:
+    """Upload one file (multipart when big). Its digest is `known` when the file still has the size and
+    mtime it was hashed at, else another thread hashes it during the upload, so the upload runs at the
+    storage's speed rather than the sum of both; stat before and after checks the file did not change.
+
+    Staged saves belong to the agent once committed, so a change means something else writes there.
+    """
+    before = local.stat()
+    fs.makedirs(remote.rsplit("/", 1)[0], exist_ok=True)
+    if known is not None and (known.size, known.mtime_ns) == (before.st_size, before.st_mtime_ns):
+        fs.put_file(str(local), remote, chunksize=PART_BYTES)
+        checksum = known.blake3
+    else:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="vl-hash") as hasher:
+            digest = hasher.submit(local_blake3, local)
+            fs.put_file(str(local), remote, chunksize=PART_BYTES)
+            checksum = digest.result()
+    after = local.stat()
+    if (after.st_size, after.st_mtime_ns, after.st_ino) != (before.st_size, before.st_mtime_ns, before.st_ino):
+        raise CheckpointError(f"{local} changed while it was uploaded")
+    return ManifestFile(path=relative, size=before.st_size, blake3=checksum)
+
+
+class _RecordedDigest(VLModel):
+    size: int
+    mtime_ns: int
+    blake3: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+def _recorded_digests(local_dir: Path) -> dict[str, _RecordedDigest]:
+    """The digests the SDK's writer recorded in its save record; none when it has no valid "files" entry."""
+    try:
+        files = protocol.read_save_record(local_dir).files
+        return {path: _RecordedDigest.model_validate(entry) for path, entry in files.items()}
+    except (OSError, ValueError, KeyError, AttributeError, TypeError):  # pydantic's ValidationError is a ValueError
+        return {}
+
+
+def _fetch_file(fs: fsspec.AbstractFileSystem, remote: str, target: Path, entry: ManifestFile) -> None:
+    """Download to a temporary name beside `target` and rename only once size and digest match."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{target.name}.vl-partial-{uuid.uuid4().hex[:8]}")
+    try:
+        if storage.is_local(fs):
+            size, digest = _copy_hashing(fs, remote, partial, entry.algorithm)
+        else:  # one streamed GET, then hash the local copy: far faster than the network, so nearly free
+            fs.get_file(remote, str(partial))
+            size, digest = partial.stat().st_size, local_digest(partial, entry.algorithm)
+        if size != entry.size or digest != entry.digest:
+            raise CheckpointError(
+                f"{remote}: got {size} bytes with {entry.algorithm} {digest},"
+                f" manifest says {entry.size} bytes with {entry.algorithm} {entry.digest}"
+            )
+        os.replace(partial, target)
+    except FileNotFoundError:
+        raise CheckpointError(f"{remote} is in the manifest but missing from storage") from None
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def _copy_hashing(fs: fsspec.AbstractFileSystem, remote: str, partial: Path, algorithm: str) -> tuple[int, str]:
+    """Copy a file of a local (or mounted) file system with the kernel's copy while a second thread hashes the
+    stored bytes in place: the copy and the check overlap instead of adding up, and neither passes the bytes
+    through Python. Stored checkpoint files are never rewritten, so the bytes hashed are the bytes copied."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="vl-hash") as hasher:
+        digest = hasher.submit(local_digest, Path(fs._strip_protocol(remote)), algorithm)
+        fs.get_file(remote, str(partial))
+        checksum = digest.result()
+    return partial.stat().st_size, checksum

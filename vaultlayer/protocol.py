@@ -1,0 +1,173 @@
+"""The agent-SDK contract: every file and `VL_*` variable the host agent and the training script exchange.
+
+The one definition (docs/agent-sdk-contract.md describes it): the agent (activities/host.py,
+activities/snapshots.py), the SDK (vaultlayer/sdk.py) and the checkpoint uploader (vaultlayer/checkpoint/)
+name these files and variables only through this module, so a rename on one side cannot silently break
+resume on the other. Standard library only: the SDK imports it in the training environment.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+# --- Environment the agent sets for the script -------------------------------------------------------------
+ENV_PREFIX = "VL_"  # the agent drops every inherited variable with this prefix, then sets its own
+ENV_RUN_ID = "VL_RUN_ID"
+ENV_ATTEMPT = "VL_ATTEMPT"
+ENV_CHECKPOINT_DIR = "VL_CHECKPOINT_DIR"  # zero-code mode: the script's own checkpoint directory
+ENV_STAGING_DIR = "VL_STAGING_DIR"  # where the SDK stages saves; without it the SDK is inactive
+ENV_CONTROL_DIR = "VL_CONTROL_DIR"  # notices from the agent, progress from the SDK
+ENV_RESTORE_DIR = "VL_RESTORE_DIR"  # the restored checkpoint's files, when there is one
+ENV_RESTORE_STEP = "VL_RESTORE_STEP"
+ENV_CHECKPOINT_EVERY = "VL_CHECKPOINT_EVERY"  # "auto", "<n>" steps or a duration
+ENV_CHECKPOINT_MIN = "VL_CHECKPOINT_MIN"  # bounds of the automatic interval
+ENV_CHECKPOINT_MAX = "VL_CHECKPOINT_MAX"
+ENV_MTBF_SECONDS = "VL_MTBF_SECONDS"  # the pool's expected time between reclaims, for the automatic interval
+
+# --- Files ---------------------------------------------------------------------------------------------------
+SAVE_RECORD = "vl-save.json"  # in a staged save, written last before the commit rename; never uploaded
+STAGING_PREFIX = ".tmp-"  # a staged save being written; renamed without it when complete
+PROGRESS_FILE = "progress.json"  # in the control directory, written by the SDK
+NOTICE_FILE = "notice.json"  # in the control directory, written by the agent
+SETUP_FAILED_FILE = "setup-failed"  # in the control directory: why the run's setup commands failed
+
+
+@dataclass(frozen=True)
+class ScriptEnv:
+    """The `VL_*` variables of one attempt, as the agent sets them for the script."""
+
+    run_id: str
+    attempt: int
+    checkpoint_dir: str | None = None  # zero-code mode: only the run, the attempt and this are set
+    staging_dir: Path | None = None
+    control_dir: Path | None = None
+    restore_dir: Path | None = None  # with restore_step, when there is a checkpoint to resume from
+    restore_step: int | None = None
+    checkpoint_every: str = "auto"
+    checkpoint_min: str = "60s"
+    checkpoint_max: str = "30m"
+    mtbf_seconds: float | None = None
+
+    def to_environ(self) -> dict[str, str]:
+        env = {ENV_RUN_ID: self.run_id, ENV_ATTEMPT: str(self.attempt)}
+        if self.checkpoint_dir:
+            return env | {ENV_CHECKPOINT_DIR: self.checkpoint_dir}
+        env |= {ENV_STAGING_DIR: str(self.staging_dir), ENV_CONTROL_DIR: str(self.control_dir)}
+        if self.restore_dir is not None:
+            env |= {ENV_RESTORE_DIR: str(self.restore_dir), ENV_RESTORE_STEP: str(self.restore_step)}
+        env |= {ENV_CHECKPOINT_EVERY: self.checkpoint_every, ENV_CHECKPOINT_MIN: self.checkpoint_min,
+                ENV_CHECKPOINT_MAX: self.checkpoint_max}
+        if self.mtbf_seconds:
+            env[ENV_MTBF_SECONDS] = str(self.mtbf_seconds)
+        return env
+
+
+def without_contract_variables(environ: Mapping[str, str]) -> dict[str, str]:
+    """`environ` less every `VL_*` variable: an inherited one must not pose as this attempt's."""
+    return {name: value for name, value in environ.items() if not name.startswith(ENV_PREFIX)}
+
+
+# --- Staged saves --------------------------------------------------------------------------------------------
+def staging_name(step: int, nonce: str) -> str:
+    """The directory a save at `step` is written into."""
+    return f"{STAGING_PREFIX}{step}-{nonce}"
+
+
+def committed_name(step: int, nonce: str) -> str:
+    """The directory a complete save at `step` is renamed to (an atomic commit)."""
+    return f"{step:012d}-{nonce}"
+
+
+def is_being_written(name: str) -> bool:
+    return name.startswith(STAGING_PREFIX)
+
+
+@dataclass(frozen=True)
+class SaveRecord:
+    """`vl-save.json`: what a staged save is. `files` (path -> size, mtime_ns, blake3) are the digests the
+    writer took, which the uploader uses for a file that has not changed since."""
+
+    step: int
+    emergency: bool = False
+    notice_id: str | None = None
+    created_at: float | None = None
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def write_save_record(directory: Path, record: SaveRecord) -> None:
+    (directory / SAVE_RECORD).write_text(json.dumps(asdict(record)))
+
+
+def read_save_record(directory: Path) -> SaveRecord:
+    """The save's record; raises OSError, ValueError, KeyError or TypeError when it is missing or malformed."""
+    data = json.loads((directory / SAVE_RECORD).read_text())
+    return SaveRecord(step=int(data["step"]), emergency=bool(data.get("emergency")), notice_id=data.get("notice_id"),
+                      created_at=data.get("created_at"), files=data.get("files") or {})
+
+
+# --- Progress (SDK -> agent) ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Progress:
+    """`progress.json`: the script's step, and the SDK's checkpoint interval and why."""
+
+    step: int
+    time: float
+    save_blocked_seconds: float | None = None
+    interval_seconds: float | None = None
+    interval_reason: str = ""
+    saves_coalesced: int = 0
+
+
+def write_progress(control_dir: Path, progress: Progress, partial_name: str) -> None:
+    """Write then rename, so the agent never reads half a file. `partial_name` must be unique to the writer."""
+    partial = control_dir / partial_name
+    partial.write_text(json.dumps(asdict(progress)))
+    os.replace(partial, control_dir / PROGRESS_FILE)
+
+
+def read_progress(control_dir: Path) -> Progress | None:
+    """The script's last progress; None before the first, or when the file is unreadable."""
+    try:
+        data = json.loads((control_dir / PROGRESS_FILE).read_text())
+        return Progress(step=int(data["step"]), time=float(data.get("time") or 0.0),
+                        save_blocked_seconds=data.get("save_blocked_seconds"),
+                        interval_seconds=data.get("interval_seconds"),
+                        interval_reason=data.get("interval_reason") or "",
+                        saves_coalesced=int(data.get("saves_coalesced") or 0))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+# --- Notices (agent -> SDK) ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class NoticeDocument:
+    """`notice.json`: a reclaim notice, by id; the SDK saves once per id."""
+
+    id: str
+    deadline: float  # epoch seconds
+    kind: str = ""
+
+
+def notice_path(control_dir: Path) -> Path:
+    return control_dir / NOTICE_FILE
+
+
+def write_notice(control_dir: Path, notice: NoticeDocument) -> None:
+    """Write then rename, so the SDK never reads half a notice."""
+    partial = control_dir / f"{NOTICE_FILE}.tmp"
+    partial.write_text(json.dumps(asdict(notice)))
+    partial.replace(notice_path(control_dir))
+
+
+def read_notice(control_dir: Path) -> NoticeDocument | None:
+    """The pending notice; None when there is none or it is not completely written."""
+    try:
+        data = json.loads(notice_path(control_dir).read_text())
+        return NoticeDocument(id=str(data["id"]), deadline=float(data["deadline"]), kind=str(data.get("kind") or ""))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
