@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vaultlayer import ui
-from vaultlayer.home import vl_home
+from vaultlayer.home import HOME_VARIABLE, vl_home
 
 SERVER_START_SECONDS = 30.0
 # SQLite in WAL mode, synced at its checkpoints rather than at every commit: a sync per transaction held
@@ -161,7 +161,7 @@ def ensure_embedded() -> Embedded:
         _stop("worker", wait_seconds=10)
         worker = None
     if worker is None:
-        env = {**os.environ, "TEMPORAL_ADDRESS": address, "VL_HOME": str(home)}
+        env = {**os.environ, "TEMPORAL_ADDRESS": address, HOME_VARIABLE: str(home)}
         env.pop("TEMPORAL_NAMESPACE", None)
         _spawn("worker", [sys.executable, "-m", "worker.control"], marker="worker.control",
                env=env, code=fingerprint, keys=keys)
