@@ -30,7 +30,7 @@ from activities.attempt_logs import LogShipper, mask
 from activities.env_secrets import SecretUnavailable, resolve_secrets
 from activities.notices import NoticeSource
 from activities.snapshots import SETTLE_SECONDS, DirectorySnapshots, restore_directory
-from vaultlayer import checkpoint, protocol
+from vaultlayer import checkpoint, failpoints, protocol
 from vaultlayer.models import AttemptInput, AttemptOutcome, AttemptProgress, AttemptResult, Notice
 
 log = structlog.get_logger(__name__)
@@ -240,6 +240,7 @@ class HostAgentActivities:
             directory.mkdir(parents=True)
         heartbeats = asyncio.create_task(self._heartbeat(ctx.progress, inp.heartbeat_interval_seconds))
         try:
+            await failpoints.reach(failpoints.before_restore(inp.attempt))
             await self._restore(ctx)
             return await self._supervise(ctx)
         finally:

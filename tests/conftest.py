@@ -3,15 +3,13 @@ worker per test on its own task queue, and helpers to run the tiny example plain
 
 from __future__ import annotations
 
-import asyncio
 import os
 import shutil
 import subprocess
 import sys
 import sysconfig
-import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -133,13 +131,3 @@ def assert_same_weights(actual: Path, expected: Path) -> None:
     for name in want:
         assert torch.equal(got[name], want[name]), f"tensor {name} differs from the uninterrupted run"
 
-
-async def wait_until(check: Callable[[], Awaitable[object]], timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.3)

@@ -18,7 +18,8 @@ import pytest
 from temporalio.client import Client as TemporalClient
 
 from activities.attempt_logs import LogShipper
-from tests.conftest import REPO, TRAIN_TINY, assert_same_weights, group_alive, make_spec, wait_until
+from tests.conftest import REPO, TRAIN_TINY, assert_same_weights, group_alive, make_spec
+from tests.helpers import wait_until
 from vaultlayer import checkpoint, seed, ui
 from vaultlayer import client as vl_client
 from vaultlayer.logs_store import LogCursor, read_logs, write_chunk

@@ -8,7 +8,8 @@ from __future__ import annotations
 import asyncio
 
 from tests.aws.conftest import aws, ec2_proxy, moto_port  # noqa: F401 - fixtures
-from tests.conftest import assert_same_weights, make_spec, wait_until
+from tests.conftest import assert_same_weights, make_spec
+from tests.helpers import wait_until
 from vaultlayer import client as vl_client
 from vaultlayer.models import AttemptOutcome, Pool, RunState, RunStatus
 

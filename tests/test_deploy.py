@@ -28,7 +28,8 @@ from temporalio.api.enums.v1 import IndexedValueType
 from temporalio.api.operatorservice.v1 import ListSearchAttributesRequest
 from temporalio.envconfig import ClientConfig
 
-from tests.conftest import REPO, temporal_binary, wait_until
+from tests.conftest import REPO, temporal_binary
+from tests.helpers import wait_until
 from vaultlayer.catalog.aws import AwsSettings
 from vaultlayer.catalog.gcp import GcpSettings
 from vaultlayer.ui import SEARCH_ATTRIBUTES

@@ -21,7 +21,8 @@ import pytest
 
 from cli.cmd_run import request_from_args
 from cli.main import parser
-from tests.conftest import REPO, assert_same_weights, group_members, make_spec, wait_until
+from tests.conftest import REPO, assert_same_weights, group_members, make_spec
+from tests.helpers import wait_until
 from tests.object_storage import ManifestHoldingProxy, storage_fs
 from tests.test_checkpoint_storage import CORRUPTIONS
 from tests.test_run_e2e import live_status, result_of

@@ -11,7 +11,7 @@ from datetime import timedelta
 import pytest
 
 from activities.providers.gcp import GceMetadataNoticeSource
-from tests.conftest import wait_until
+from tests.helpers import wait_until
 from tests.fakes.gce import FakeGce
 
 ZONE, NAME = "us-central1-a", "vl-watched-1"

@@ -13,7 +13,8 @@ import sys
 from temporalio.client import WorkflowFailureError
 
 from activities.providers.gcp import label_value
-from tests.conftest import REPO, assert_same_weights, make_spec, wait_until
+from tests.conftest import REPO, assert_same_weights, make_spec
+from tests.helpers import wait_until
 from tests.fakes.gce import stockout
 from vaultlayer import checkpoint
 from vaultlayer import client as vl_client

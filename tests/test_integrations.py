@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, assert_same_weights, make_spec, wait_until
+from tests.conftest import REPO, assert_same_weights, make_spec
+from tests.helpers import wait_until
 from vaultlayer import client as vl_client
 from vaultlayer.models import AttemptOutcome, RunState
 from vaultlayer.snippet import propose

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 from temporalio.client import WorkflowFailureError
 
-from tests.conftest import assert_same_weights, group_alive, group_members, make_spec, wait_until
+from tests.conftest import assert_same_weights, group_alive, group_members, make_spec
+from tests.helpers import wait_until
 from vaultlayer import checkpoint
 from vaultlayer import client as vl_client
 from vaultlayer.models import AttemptOutcome, RunState, RunStatus

@@ -29,7 +29,7 @@ from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 
 from activities.providers.local import LocalProvider
 from tests.conftest import REPO, TRAIN_TINY, make_spec
-from tests.test_cli import free_port
+from tests.helpers import free_port
 from vaultlayer import checkpoint
 from vaultlayer import client as vl_client
 from vaultlayer.codec import ENCODING, AesGcmCodec, EncryptionKeyError, data_converter, key_id, load_keys

@@ -23,7 +23,8 @@ from temporalio.worker import Worker
 
 import activities.control
 
-from tests.conftest import make_spec, temporal_binary, wait_until
+from tests.conftest import make_spec, temporal_binary
+from tests.helpers import wait_until
 from tests.test_run_e2e import record_histories
 from vaultlayer import client as vl_client
 from vaultlayer import ui

@@ -16,7 +16,8 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
 from tests.browser import Browser, chromium
-from tests.conftest import make_spec, temporal_binary, wait_until
+from tests.conftest import make_spec, temporal_binary
+from tests.helpers import wait_until
 from tests.test_cli import cli_env, vl  # noqa: F401 - cli_env is a fixture
 from vaultlayer import client as vl_client
 from vaultlayer import ui

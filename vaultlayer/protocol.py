@@ -28,6 +28,8 @@ ENV_CHECKPOINT_EVERY = "VL_CHECKPOINT_EVERY"  # "auto", "<n>" steps or a duratio
 ENV_CHECKPOINT_MIN = "VL_CHECKPOINT_MIN"  # bounds of the automatic interval
 ENV_CHECKPOINT_MAX = "VL_CHECKPOINT_MAX"
 ENV_MTBF_SECONDS = "VL_MTBF_SECONDS"  # the pool's expected time between reclaims, for the automatic interval
+# Test-only, read by the agent, never set for the script: the directory of vaultlayer/failpoints.py's pause files.
+ENV_FAILPOINTS = "VL_FAILPOINTS"
 
 # --- Files ---------------------------------------------------------------------------------------------------
 SAVE_RECORD = "vl-save.json"  # in a staged save, written last before the commit rename; never uploaded

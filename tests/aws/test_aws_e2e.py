@@ -16,7 +16,8 @@ import pytest
 from temporalio.client import WorkflowFailureError
 
 from tests.aws.conftest import MOTO_AMI, REGION, SECRET_NAME
-from tests.conftest import REPO, TRAIN_TINY, assert_same_weights, make_spec, wait_until
+from tests.conftest import REPO, TRAIN_TINY, assert_same_weights, make_spec
+from tests.helpers import wait_until
 from vaultlayer import client as vl_client
 from vaultlayer.models import AttemptOutcome, Limits, Market, Pool, Refusal, RunState, RunStatus
 
@@ -215,7 +216,7 @@ async def test_a_worker_start_sweeps_finished_runs_and_vl_reap_the_rest(temporal
 
 
 def test_vl_run_on_aws_from_the_command_line(aws, tmp_path, reference_weights):
-    from tests.test_cli import free_port
+    from tests.helpers import free_port
 
     port = free_port()
     env = {**aws.base_env, "VL_TEMPORAL_PORT": str(port), "VL_UI_PORT": str(free_port()), "VL_TASK_QUEUE": "vaultlayer"}

@@ -23,7 +23,7 @@ import pytest
 
 from activities.providers.local import NOTICE_RELATIVE_PATH
 from tests.conftest import REPO, SUGGEST_CONTINUE_AS_NEW_AFTER, group_alive, temporal_binary
-from tests.object_storage import free_port
+from tests.helpers import free_port
 from vaultlayer import client as vl_client
 from vaultlayer.models import RunStatus
 

@@ -15,7 +15,8 @@ import time
 import pytest
 from temporalio.client import WorkflowFailureError
 
-from tests.conftest import make_spec, wait_until
+from tests.conftest import make_spec
+from tests.helpers import wait_until
 from tests.fakes.gce import error_body
 from tests.faults.conftest import status_of
 from vaultlayer import client as vl_client

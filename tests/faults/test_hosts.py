@@ -9,7 +9,8 @@ import asyncio
 import os
 import signal
 
-from tests.conftest import assert_same_weights, group_members, make_spec, wait_until
+from tests.conftest import assert_same_weights, group_members, make_spec
+from tests.helpers import wait_until
 from tests.faults.conftest import assert_no_host_left, counter_command, status_of
 from vaultlayer import checkpoint
 from vaultlayer import client as vl_client

@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from tests.conftest import make_spec, wait_until
+from tests.conftest import make_spec
+from tests.helpers import wait_until
 from tests.faults.conftest import assert_no_host_left, counter_command, status_of, write_instance_action
 from vaultlayer import checkpoint
 from vaultlayer import client as vl_client

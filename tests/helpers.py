@@ -1,0 +1,120 @@
+"""What the end-to-end and fault tests share to wait on events rather than on time: polling a condition with a
+deadline, a free port, the script's progress, uploads settled, a frozen script, and the agent's failpoints
+(vaultlayer/failpoints.py). No fixtures here; tests/conftest.py holds those. See docs/testing.md for the rule.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from activities.providers.local import group_members
+from vaultlayer import checkpoint, failpoints, protocol
+from vaultlayer import client as vl_client
+from vaultlayer.models import RunStatus
+
+POLL_SECONDS = 0.1
+
+
+async def wait_until(check: Callable[[], Awaitable[object]], timeout: float, what: str):
+    """The first truthy value of `check()`. The timeout only bounds a broken run; nothing is asserted on it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(POLL_SECONDS)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+async def wait_for_progress(client, run_id: str, steps: int, timeout: float = 120, durable: int = 0,
+                            attempt: int | None = None) -> RunStatus:
+    """The run's status once its running attempt (the `attempt`-th, if given) has made `steps` steps past where
+    it started and stored a checkpoint at or past `durable` steps, with its host known."""
+
+    async def progressed():
+        status = await vl_client.status(client, run_id)
+        current = status.current_attempt
+        if current is None or status.current_host is None or (attempt is not None and current.attempt != attempt):
+            return None
+        if (status.step or 0) - current.start_step >= steps and (status.durable_step or 0) >= durable:
+            return status
+        return None
+
+    what = f"{steps} steps of attempt {attempt or 'running'}" + (f" and a checkpoint at {durable}" if durable else "")
+    return await wait_until(progressed, timeout, what)
+
+
+async def wait_for_uploads_settled(client, run_id: str, storage_url: str, staging: Path,
+                                   timeout: float = 60) -> RunStatus:
+    """Once the script is frozen: every save it committed is stored and reported (the newest stored step is the
+    heartbeat's durable step, and nothing committed waits in the staging directory)."""
+
+    async def settled():
+        waiting = [entry for entry in staging.iterdir() if not protocol.is_being_written(entry.name)]
+        listed = await asyncio.to_thread(checkpoint.list_checkpoints, storage_url, run_id)
+        status = await vl_client.status(client, run_id)
+        return status if not waiting and listed and status.durable_step == listed[0][1] else None
+
+    return await wait_until(settled, timeout, "the uploads to settle")
+
+
+def script_pids(pgid: int) -> list[int]:
+    """The processes of a local host's group other than its agent (the group leader): the script."""
+    return [pid for pid, _ in group_members(pgid) if pid != pgid]
+
+
+def freeze(pgid: int) -> list[int]:
+    """Stop the script of a local host (SIGSTOP); its agent goes on. Returns the pids, for `thaw`."""
+    pids = script_pids(pgid)
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    return pids
+
+
+def thaw(pids: list[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+
+
+class Failpoints:
+    """The test's side of vaultlayer/failpoints.py: arm a point, wait until an agent holds there, release it.
+    Agents started after `install` (they inherit the environment) honour the points armed in `directory`."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+
+    def install(self, monkeypatch) -> Failpoints:
+        monkeypatch.setenv(protocol.ENV_FAILPOINTS, str(self.directory))
+        return self
+
+    def arm(self, name: str) -> None:
+        (self.directory / f"{name}{failpoints.HOLD}").touch()
+
+    def reached(self, name: str) -> bool:
+        return (self.directory / f"{name}{failpoints.REACHED}").exists()
+
+    async def wait_reached(self, name: str, timeout: float = 120) -> None:
+        async def held():
+            return self.reached(name)
+
+        await wait_until(held, timeout, f"an agent to reach failpoint {name}")
+
+    def release(self, name: str) -> None:
+        (self.directory / f"{name}{failpoints.RELEASE}").touch()

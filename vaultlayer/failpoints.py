@@ -1,0 +1,35 @@
+"""Test-only pause points: where a test must act at a precise moment of the agent's work (between "host
+provisioned" and "restore started"), the agent holds there until the test releases it, so the order is
+forced rather than hoped for.
+
+`VL_FAILPOINTS` (protocol.ENV_FAILPOINTS) names a directory. A point holds only when the test armed it by
+creating `<name>.hold` there; the agent then writes `<name>.reached` and waits for `<name>.release`. Without
+the variable (every real run) a point costs one environment lookup. tests/helpers.py's `Failpoints` drives it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+from vaultlayer import protocol
+
+HOLD, REACHED, RELEASE = ".hold", ".reached", ".release"
+# How often a held point looks for its release file: a test's step, not a hot loop.
+RELEASE_POLL_SECONDS = 0.02
+
+
+def before_restore(attempt: int) -> str:
+    """The point after the host is provisioned and its attempt accepted, before the restore begins."""
+    return f"a{attempt}-before-restore"
+
+
+async def reach(name: str) -> None:
+    """Hold here while the test has the point armed and has not released it."""
+    directory = os.environ.get(protocol.ENV_FAILPOINTS)
+    if not directory or not (Path(directory) / f"{name}{HOLD}").exists():
+        return
+    (Path(directory) / f"{name}{REACHED}").touch()
+    while not (Path(directory) / f"{name}{RELEASE}").exists():
+        await asyncio.sleep(RELEASE_POLL_SECONDS)
