@@ -36,6 +36,9 @@ from vaultlayer.models import AttemptInput, AttemptOutcome, AttemptProgress, Att
 log = structlog.get_logger(__name__)
 
 POLL_SECONDS = 0.2
+# After a notice every moment counts: look for the emergency save this often (a directory listing and a set
+# lookup per look), so a reclaim costs the save and its upload, not a polling period.
+NOTICE_POLL_SECONDS = 0.02
 # Report a notice as reclaimed this long before its deadline even when no emergency save came.
 DEADLINE_MARGIN_SECONDS = 3.0
 # Waits between tries of a failing upload: a storage outage delays checkpoints, it never loses them.
@@ -77,6 +80,7 @@ class Uploader:
         self.emergency_stored: set[str] = set()
         self.failures = 0  # in a row
         self.busy = False
+        self.poll_seconds = POLL_SECONDS  # NOTICE_POLL_SECONDS once a notice came
 
     async def run(self, stop: asyncio.Event) -> None:
         """Upload until `stop` is set and every save staged before it is stored."""
@@ -93,7 +97,7 @@ class Uploader:
                 return
             else:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), POLL_SECONDS)
+                    await asyncio.wait_for(stop.wait(), self.poll_seconds)
 
     def idle(self) -> bool:
         """Nothing in flight and nothing staged."""
@@ -353,13 +357,14 @@ class HostAgentActivities:
                 run.notice = notice
                 self._forward_notice(ctx.control, notice, run.notice_id)
                 ctx.progress.notice, ctx.progress.phase = notice, "emergency-save"
+                run.uploader.poll_seconds = NOTICE_POLL_SECONDS
                 ctx.log.warning("reclaim notice", deadline=notice.deadline.isoformat())
             if run.notice is not None:
                 emergency_save = emergency_save_outcome(run.emergency_save_stored(), run.notice, time.time())
                 if emergency_save is not None:
                     return self._reclaimed(ctx, run, run.notice, emergency_save)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(run.process.wait(), POLL_SECONDS)
+                await asyncio.wait_for(run.process.wait(), NOTICE_POLL_SECONDS if run.notice else POLL_SECONDS)
 
     @staticmethod
     async def _track_progress(ctx: AttemptContext, run: RunningScript) -> None:
