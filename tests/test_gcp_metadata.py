@@ -11,8 +11,8 @@ from datetime import timedelta
 import pytest
 
 from activities.providers.gcp import GceMetadataNoticeSource
-from tests.helpers import wait_until
 from tests.fakes.gce import FakeGce
+from tests.helpers import wait_until
 
 ZONE, NAME = "us-central1-a", "vl-watched-1"
 BASE = "/computeMetadata/v1/instance/"

@@ -14,8 +14,8 @@ from temporalio.client import WorkflowFailureError
 
 from activities.providers.gcp import label_value
 from tests.conftest import REPO, assert_same_weights, make_spec
-from tests.helpers import wait_until
 from tests.fakes.gce import stockout
+from tests.helpers import wait_until
 from vaultlayer import checkpoint
 from vaultlayer import client as vl_client
 from vaultlayer.models import AttemptOutcome, Limits, Pool, RunState, RunStatus

@@ -16,9 +16,9 @@ import pytest
 from temporalio.client import WorkflowFailureError
 
 from tests.conftest import make_spec
-from tests.helpers import wait_until
 from tests.fakes.gce import error_body
 from tests.faults.conftest import status_of
+from tests.helpers import wait_until
 from vaultlayer import client as vl_client
 from vaultlayer.models import Pool, RunState
 

@@ -18,8 +18,8 @@ import uuid
 from temporalio.service import RPCError
 
 from tests.conftest import REPO, assert_same_weights, make_spec
-from tests.helpers import wait_until
 from tests.faults.conftest import DevServer, assert_no_host_left, status_of
+from tests.helpers import wait_until
 from vaultlayer import client as vl_client
 from vaultlayer.models import AttemptOutcome, RunState
 from worker.control import create_worker

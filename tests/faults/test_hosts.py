@@ -10,8 +10,8 @@ import os
 import signal
 
 from tests.conftest import assert_same_weights, group_members, make_spec
-from tests.helpers import wait_until
 from tests.faults.conftest import assert_no_host_left, counter_command, status_of
+from tests.helpers import wait_until
 from vaultlayer import checkpoint
 from vaultlayer import client as vl_client
 from vaultlayer.models import AttemptOutcome, RunState

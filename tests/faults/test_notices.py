@@ -11,8 +11,8 @@ import asyncio
 from pathlib import Path
 
 from tests.conftest import make_spec
-from tests.helpers import wait_until
 from tests.faults.conftest import assert_no_host_left, counter_command, status_of, write_instance_action
+from tests.helpers import wait_until
 from vaultlayer import checkpoint
 from vaultlayer import client as vl_client
 from vaultlayer.models import AttemptOutcome, RunState, RunStatus

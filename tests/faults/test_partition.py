@@ -17,8 +17,8 @@ import pytest
 
 import worker.control
 from tests.conftest import assert_same_weights, group_members, make_spec
-from tests.helpers import wait_until
 from tests.faults.conftest import CuttableProxy, assert_no_host_left, status_of
+from tests.helpers import wait_until
 from vaultlayer import checkpoint
 from vaultlayer import client as vl_client
 from vaultlayer.models import AttemptOutcome, RunState
