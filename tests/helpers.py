@@ -71,6 +71,22 @@ async def wait_for_uploads_settled(client, run_id: str, storage_url: str, stagin
     return await wait_until(settled, timeout, "the uploads to settle")
 
 
+def control_dir(vl_home: Path, run_id: str, host_id: str, attempt: int) -> Path:
+    """Where a local host's agent and script exchange progress and notices (protocol.py)."""
+    return vl_home / "hosts" / run_id / host_id / f"a{attempt}" / "control"
+
+
+async def wait_for_script_step(control: Path, step: int, timeout: float = 120) -> int:
+    """The script's own step (its progress file, read on the host) once it reached `step`: progress that needs
+    neither Temporal nor the control plane, for while they are down."""
+
+    async def reached():
+        progress = protocol.read_progress(control)
+        return progress.step if progress is not None and progress.step >= step else None
+
+    return await wait_until(reached, timeout, f"the script to reach step {step}")
+
+
 def script_pids(pgid: int) -> list[int]:
     """The processes of a local host's group other than its agent (the group leader): the script."""
     return [pid for pid, _ in group_members(pgid) if pid != pgid]

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from temporalio.client import WorkflowFailureError
 
-from tests.conftest import assert_same_weights, group_alive, group_members, make_spec
-from tests.helpers import wait_for_progress, wait_until
+from tests.conftest import assert_same_weights, group_alive, make_spec
+from tests.helpers import freeze, wait_for_progress, wait_for_uploads_settled, wait_until
 from vaultlayer import checkpoint
 from vaultlayer import client as vl_client
 from vaultlayer.models import AttemptOutcome, RunState, RunStatus
@@ -123,13 +123,10 @@ async def test_corrupt_newest_checkpoint_is_skipped(temporal_env, control, vl_ho
 
     status = await wait_until(progressed, 90, "three checkpoints")
     pgid = int(status.current_host.handle["pgid"])
-    script = [pid for pid, _ in group_members(pgid) if pid != pgid]
-    for pid in script:
-        os.kill(pid, signal.SIGSTOP)  # freeze training; the agent keeps heartbeating what is stored
-    await asyncio.sleep(2.5)
+    freeze(pgid)  # freeze training; the agent keeps heartbeating what is stored
+    staging = vl_home / "hosts" / spec.run_id / status.current_host.host_id / "a1" / "staging"
+    await wait_for_uploads_settled(client, spec.run_id, spec.storage_url, staging)
     newest_name, newest_step, _ = checkpoint.list_checkpoints(spec.storage_url, spec.run_id)[0]
-    status = await live_status(client, spec.run_id)
-    assert status.durable_step == newest_step
 
     storage = Path(spec.storage_url.removeprefix("file://")) / spec.run_id / "checkpoints" / newest_name
     victim = next(p for p in sorted(storage.iterdir()) if p.name != "MANIFEST.json")

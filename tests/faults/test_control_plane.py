@@ -19,12 +19,12 @@ from temporalio.service import RPCError
 
 from tests.conftest import REPO, assert_same_weights, make_spec
 from tests.faults.conftest import DevServer, assert_no_host_left, status_of
-from tests.helpers import wait_until
+from tests.helpers import control_dir, wait_for_script_step, wait_until
 from vaultlayer import client as vl_client
 from vaultlayer.models import AttemptOutcome, RunState
 from worker.control import create_worker
 
-OUTAGE_SECONDS = 2.0
+OUTAGE_STEPS = 40  # the server stays down while the host trains this many steps (2 s of 0.05 s steps)
 
 
 async def test_control_worker_killed_and_restarted(temporal_env, temporal_address, vl_home, tmp_path,
@@ -47,10 +47,11 @@ async def test_control_worker_killed_and_restarted(temporal_env, temporal_addres
             status = await status_of(client, spec.run_id)
             return status if (status.step or 0) >= 20 else None
 
-        await wait_until(progressed, 90, "training to start")
+        before = await wait_until(progressed, 90, "training to start")
         worker.send_signal(signal.SIGKILL)
         worker.wait()
-        await asyncio.sleep(3)  # the host trains on, heartbeating to the server, with no control plane
+        # The host trains on, heartbeating to the server, with no control plane.
+        await wait_for_script_step(control_dir(vl_home, spec.run_id, "h-1", 1), before.step + 20)
         worker = start_worker()
         restarted_at = time.monotonic()
         # Only a live control plane can take this update and drive the reclaim and the next attempt.
@@ -90,10 +91,14 @@ async def test_dev_server_killed_and_restarted_on_the_same_database(vl_home, tmp
             before = await wait_until(lambda: step_beyond(20), 90, "training and a checkpoint")
             server.kill()
             killed_at = time.monotonic()
-            await asyncio.sleep(OUTAGE_SECONDS)  # the outage itself: the host trains on, unheard
+            # The outage itself: the host trains on, unheard.
+            await wait_for_script_step(control_dir(vl_home, spec.run_id, before.current_host.host_id,
+                                                   before.current_attempt.attempt),
+                                       before.step + OUTAGE_STEPS)
             server.start()
             restarted_at = time.monotonic()
-            after = await wait_until(lambda: step_beyond(before.step + 10), 90, "progress after the restart")
+            after = await wait_until(lambda: step_beyond(before.step + OUTAGE_STEPS + 10), 90,
+                                     "progress after the restart")
             resumed_at = time.monotonic()
             await asyncio.wait_for(handle.result(), 180)
             status = await status_of(client, spec.run_id)
