@@ -6,12 +6,13 @@ host left (an orphaned script included: it is in the host's process group).
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 
 from tests.conftest import assert_same_weights, group_members, make_spec
 from tests.faults.conftest import assert_no_host_left, counter_command, status_of
-from tests.helpers import wait_until
+from tests.helpers import freeze, wait_until
 from vaultlayer import checkpoint
 from vaultlayer import client as vl_client
 from vaultlayer.models import AttemptOutcome, RunState
@@ -64,6 +65,9 @@ async def test_reclaim_during_the_very_first_step_resumes_from_scratch(temporal_
         return started and not (host_dir / "a1" / "control" / "progress.json").exists()
 
     await wait_until(first_step_running, 60, "the script's first step")
+    # Held in its first step however slow the reclaim is to come: the host is taken with the script frozen.
+    freeze(json.loads((host_dir / "host.json").read_text())["pgid"])
+    assert not (host_dir / "a1" / "control" / "progress.json").exists(), "the first step ended before the freeze"
     await vl_client.reclaim(client, spec.run_id, with_notice=False)
 
     await asyncio.wait_for(client.get_workflow_handle(spec.run_id).result(), 120)
