@@ -12,8 +12,8 @@ from pathlib import Path
 
 from tests.conftest import make_spec
 from tests.faults.conftest import assert_no_host_left, counter_command, status_of, write_instance_action
-from tests.helpers import wait_until
-from vaultlayer import checkpoint
+from tests.helpers import Failpoints, wait_until
+from vaultlayer import checkpoint, failpoints
 from vaultlayer import client as vl_client
 from vaultlayer.models import AttemptOutcome, RunState, RunStatus
 
@@ -84,22 +84,21 @@ async def test_a_notice_seen_after_its_deadline_resumes_from_the_last_periodic_c
 
 
 async def test_a_notice_during_restore_saves_after_the_first_step(temporal_env, control, vl_home, tmp_path,
-                                                                  counter_reference, figure):
+                                                                  counter_reference, monkeypatch, figure):
     out, spec = counter_spec(tmp_path)
     client = temporal_env.client
+    points = Failpoints(tmp_path / "failpoints").install(monkeypatch)
+    before_second_restore = failpoints.before_restore(2)
+    points.arm(before_second_restore)
     await vl_client.submit(client, spec, queue=control)
     await on_host(client, spec.run_id, "h-1", durable=10)
     await vl_client.reclaim(client, spec.run_id)
 
+    # The second host's agent holds before its restore: the notice is there before the script takes a step.
+    await points.wait_reached(before_second_restore, 90)
     host_dir = vl_home / "hosts" / spec.run_id / "h-2"
-
-    async def provisioned():
-        return (host_dir / "host.json").exists()
-
-    await wait_until(provisioned, 60, "the second host")
-    # The agent is still starting (then restoring): the notice is there before the script takes a step.
-    assert not (host_dir / "a2").exists()
     write_instance_action(host_dir / "metadata", seconds_left=10)
+    points.release(before_second_restore)
 
     status = await finished(client, spec.run_id)
     assert status.state == RunState.SUCCEEDED
