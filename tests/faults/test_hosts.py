@@ -13,7 +13,7 @@ import signal
 from tests.conftest import assert_same_weights, group_members, make_spec
 from tests.faults.conftest import assert_no_host_left, counter_command, status_of
 from tests.helpers import freeze, wait_until
-from vaultlayer import checkpoint
+from vaultlayer import checkpoint, protocol
 from vaultlayer import client as vl_client
 from vaultlayer.models import AttemptOutcome, RunState
 
@@ -67,7 +67,8 @@ async def test_reclaim_during_the_very_first_step_resumes_from_scratch(temporal_
     await wait_until(first_step_running, 60, "the script's first step")
     # Held in its first step however slow the reclaim is to come: the host is taken with the script frozen.
     freeze(json.loads((host_dir / "host.json").read_text())["pgid"])
-    assert not (host_dir / "a1" / "control" / "progress.json").exists(), "the first step ended before the freeze"
+    progress = protocol.read_progress(host_dir / "a1" / "control")
+    assert progress is None or progress.step <= 1, "frozen in its first step, or as that step ended"
     await vl_client.reclaim(client, spec.run_id, with_notice=False)
 
     await asyncio.wait_for(client.get_workflow_handle(spec.run_id).result(), 120)
