@@ -45,6 +45,10 @@ async def temporal_env():
         dev_server_extra_args=[
             "--dynamic-config-value",
             f"limit.historyCount.suggestContinueAsNew={SUGGEST_CONTINUE_AS_NEW_AFTER}",
+            # The server delays the first workflow task of a run started within this interval of the previous run
+            # of its id (default 1 s), continue-as-new included: with continue-as-new after every attempt or two,
+            # that was most of the 200-reclaim test's time.
+            "--dynamic-config-value", 'history.workflowIdReuseMinimalInterval="0s"',
             *ui.dev_server_args(),
         ],
     )
