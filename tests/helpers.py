@@ -18,7 +18,7 @@ from vaultlayer import checkpoint, failpoints, protocol
 from vaultlayer import client as vl_client
 from vaultlayer.models import RunStatus
 
-POLL_SECONDS = 0.1
+POLL_SECONDS = 0.3  # each look may be a workflow query: a faster poll loads the control plane under test
 
 
 async def wait_until(check: Callable[[], Awaitable[object]], timeout: float, what: str):
