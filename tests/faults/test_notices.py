@@ -12,7 +12,7 @@ from pathlib import Path
 
 from tests.conftest import make_spec
 from tests.faults.conftest import assert_no_host_left, counter_command, status_of, write_instance_action
-from tests.helpers import Failpoints, wait_until
+from tests.helpers import Failpoints, reclaim_after_checkpoint, wait_until
 from vaultlayer import checkpoint, failpoints
 from vaultlayer import client as vl_client
 from vaultlayer.models import AttemptOutcome, RunState, RunStatus
@@ -91,8 +91,7 @@ async def test_a_notice_during_restore_saves_after_the_first_step(temporal_env, 
     before_second_restore = failpoints.before_restore(2)
     points.arm(before_second_restore)
     await vl_client.submit(client, spec, queue=control)
-    await on_host(client, spec.run_id, "h-1", durable=10)
-    await vl_client.reclaim(client, spec.run_id)
+    await reclaim_after_checkpoint(client, vl_home, spec.run_id, durable=10)
 
     # The second host's agent holds before its restore: the notice is there before the script takes a step.
     await points.wait_reached(before_second_restore, 90)

@@ -18,7 +18,7 @@ import pytest
 
 from tests.conftest import assert_same_weights, make_spec
 from tests.faults.conftest import assert_no_host_left, counter_command, status_of
-from tests.helpers import Failpoints, wait_for_progress, wait_until
+from tests.helpers import Failpoints, reclaim_after_checkpoint, wait_until
 from vaultlayer import client as vl_client
 from vaultlayer import failpoints, protocol
 from vaultlayer.checkpoint import CheckpointState, describe_checkpoints
@@ -100,8 +100,7 @@ async def test_storage_outage_during_restore(temporal_env, control, vl_home, tmp
     points.arm(before_second_restore)
     await vl_client.submit(client, spec, queue=control)
 
-    await wait_for_progress(client, spec.run_id, steps=10, durable=10, timeout=90)
-    await vl_client.reclaim(client, spec.run_id)
+    await reclaim_after_checkpoint(client, vl_home, spec.run_id, durable=10)
     await points.wait_reached(before_second_restore, 90)
     s3_server.stop()  # the checkpoint to restore is chosen; the host has not started on it yet
     stopped_at = time.time()
