@@ -110,16 +110,16 @@ def thaw(pids: list[int]) -> None:
 
 
 async def reclaim_after_checkpoint(client, vl_home: Path, run_id: str, durable: int, host_id: str = "h-1",
-                                   attempt: int = 1) -> None:
+                                   attempt: int = 1, reclaims: int = 1) -> None:
     """Reclaim an attempt, with a notice, once a checkpoint at `durable` or later is stored and reported, however
     short its script: the script is frozen from a few steps past `durable` until the notice has reached it (the
-    agent forwarded it), so the run cannot end first and the emergency save still comes."""
+    agent forwarded it), so the run cannot end first and the emergency save still comes. `reclaims` at once."""
     control = control_dir(vl_home, run_id, host_id, attempt)
     await wait_for_script_step(control, durable + 5)  # the save at `durable` is committed by then
     frozen = freeze(json.loads((control.parent.parent / "host.json").read_text())["pgid"])
     try:
         await wait_for_progress(client, run_id, steps=0, durable=durable, attempt=attempt)
-        await vl_client.reclaim(client, run_id)
+        await asyncio.gather(*(vl_client.reclaim(client, run_id) for _ in range(reclaims)))
 
         async def notice_forwarded():
             return (control / protocol.NOTICE_FILE).exists()

@@ -45,9 +45,8 @@ async def test_a_notice_twice_is_one_reclaim_and_one_emergency_save(temporal_env
     out, spec = counter_spec(tmp_path)
     client = temporal_env.client
     await vl_client.submit(client, spec, queue=control)
-    await on_host(client, spec.run_id, "h-1", durable=10)
     # Two notices for the same host, the second with a later deadline while the first is being acted on.
-    await asyncio.gather(vl_client.reclaim(client, spec.run_id), vl_client.reclaim(client, spec.run_id))
+    await reclaim_after_checkpoint(client, vl_home, spec.run_id, durable=10, reclaims=2)
 
     status = await finished(client, spec.run_id)
     assert status.state == RunState.SUCCEEDED
