@@ -8,11 +8,13 @@ it. Each run must end identical to an uninterrupted one (tests/faults/counter_tr
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 
 from tests.conftest import make_spec
 from tests.faults.conftest import assert_no_host_left, counter_command, status_of, write_instance_action
-from tests.helpers import Failpoints, reclaim_after_checkpoint, wait_until
+from tests.helpers import (Failpoints, control_dir, freeze, reclaim_after_checkpoint, wait_for_script_step,
+                           wait_until)
 from vaultlayer import checkpoint, failpoints
 from vaultlayer import client as vl_client
 from vaultlayer.models import AttemptOutcome, RunState, RunStatus
@@ -68,8 +70,13 @@ async def test_a_notice_seen_after_its_deadline_resumes_from_the_last_periodic_c
     out, spec = counter_spec(tmp_path)
     client = temporal_env.client
     await vl_client.submit(client, spec, queue=control)
+    # The script is held past its second checkpoint, so its 5 s of steps cannot end before the notice comes.
+    control_directory = control_dir(vl_home, spec.run_id, "h-1", 1)
+    await wait_for_script_step(control_directory, 25)
+    freeze(json.loads((control_directory.parent.parent / "host.json").read_text())["pgid"])
     status = await on_host(client, spec.run_id, "h-1", durable=20)
-    # The metadata service says the host was due five seconds ago: no save can make it.
+    # The metadata service says the host was due five seconds ago: no save can make it. The host is taken with
+    # its script still frozen.
     write_instance_action(Path(status.current_host.handle["dir"]) / "metadata", seconds_left=-5)
 
     status = await finished(client, spec.run_id)
