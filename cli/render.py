@@ -21,7 +21,7 @@ from rich.live import Live
 from rich.table import Table
 
 from cli.context import EXIT_CANCELLED, Connection
-from vaultlayer.models import AttemptOutcome, AttemptRecord, RunState, RunStatus
+from vaultlayer.models import AttemptOutcome, AttemptRecord, FailureCause, RunState, RunStatus
 from workflows.accounting import running_cost
 
 # ---------------------------------------------------------------- lines
@@ -75,6 +75,8 @@ def ended_line(record: AttemptRecord) -> str:
         return f"host {record.host} failed ({record.reason}) at step {record.end_step}"
     if record.outcome == AttemptOutcome.REFUSED:
         return f"no capacity in {record.pool} ({record.reason})"
+    if record.outcome == AttemptOutcome.FAILED and record.cause not in (None, FailureCause.SCRIPT):
+        return f"attempt {record.attempt} failed: {record.reason}"
     if record.outcome == AttemptOutcome.FAILED:
         return f"the script failed with exit code {record.exit_code} at step {record.end_step}"
     return f"attempt {record.attempt} {record.outcome.value if record.outcome else 'ended'}"
