@@ -291,7 +291,7 @@ def limit_reached(spec: RunSpec, status: RunStatus, now: datetime) -> Stop | Non
     if last is not None and last.outcome == AttemptOutcome.FAILED and last.cause not in (None, FailureCause.SCRIPT):
         # Not the script's exit: a missing secret, a failing setup command, a missing command or a broken
         # restore fail the same way on every host; retrying only hides the reason.
-        return Stop(RunState.FAILED, last.reason, exit_code=last.exit_code or 1)
+        return Stop(RunState.FAILED, last.reason, exit_code=1)  # the script's own code only when it failed
     if last is not None and last.outcome == AttemptOutcome.FAILED and status.script_failures > limits.script_retries:
         return Stop(RunState.FAILED,
                     f"the script exited with code {last.exit_code} "

@@ -80,7 +80,7 @@ def check_writable(url: str) -> None:
     credentials are found, the bucket exists, and a small object can be written under the prefix and deleted.
     Once, without retries: a person is waiting, and a later outage during the run is retried as ever."""
     validate_storage_url(url)
-    fs, path = fsspec.core.url_to_fs(url)
+    fs, path = fsspec.core.url_to_fs(url, skip_instance_cache=True)  # the credentials as they are now
     probe = f"{path.rstrip('/')}/.vl-write-check-{uuid.uuid4().hex}"
     try:
         if is_local(fs):
@@ -101,6 +101,8 @@ def _unusable_because(url: str, err: Exception) -> str:
         return f"no credentials found ({err}); fix: {fix}"
     if isinstance(err, FileNotFoundError) and scheme not in ("file", "local"):
         return f"bucket {bucket!r} does not exist ({err}); fix: create it, or name one that exists"
+    if scheme in ("file", "local") and isinstance(err, OSError):
+        return f"cannot write the directory ({err}); fix: name a directory this user can create and write"
     if isinstance(err, PermissionError):
         return f"permission denied ({err}); fix: allow this user to write and delete under the prefix"
     return f"{type(err).__name__}: {err}; fix: check the URL, the credentials and that the storage is reachable"
