@@ -78,6 +78,7 @@ class Uploader:
         self.durable_step = durable_step
         self.emergency_stored: set[str] = set()
         self.failures = 0  # in a row
+        self.last_error = ""  # of the last failed upload, while failures > 0
         self.busy = False
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -122,6 +123,7 @@ class Uploader:
             return True
         except Exception as err:  # noqa: BLE001 - storage errors (retried inside already): retry the save
             self.failures += 1
+            self.last_error = str(err) or type(err).__name__
             log.warning("checkpoint upload failed; retrying", step=save.step, failures=self.failures,
                         error=str(err))
             return False
@@ -391,6 +393,8 @@ class HostAgentActivities:
             await asyncio.to_thread(run.snapshots.snapshot_if_settled, settle, notice_id)
             progress.step = run.snapshots.step
         progress.durable_step = run.uploader.durable_step
+        # A storage outage delays saves, it does not end the attempt: `vl status` and the UI say so meanwhile.
+        progress.waiting_on = f"storage: {run.uploader.last_error}" if run.uploader.failures else ""
 
     @staticmethod
     def _reclaimed(ctx: AttemptContext, run: RunningScript, notice: Notice, emergency_save: str) -> AttemptResult:

@@ -184,3 +184,28 @@ async def test_the_client_refuses_unwritable_storage_before_submitting(temporal_
     with pytest.raises(ClientError, match="storage_url: storage s3://vl-no-such-bucket/x cannot be written: bucket"):
         await AsyncClient(temporal_env.client, task_queue="no-worker").submit(spec)
     assert not await AsyncClient(temporal_env.client)._exists(spec.run_id)
+
+
+async def test_a_storage_outage_during_the_run_is_retried_and_shown_as_what_the_run_waits_on(tmp_path):
+    from activities.host import Uploader, staged_saves
+    from cli import render
+    from tests.test_cli_live import NOW, running_status, text_of
+    from vaultlayer.models import AttemptInput, Host, Pool
+
+    staging, blocker = tmp_path / "staging", tmp_path / "blocker"
+    save = staging / protocol.committed_name(5, "abc")
+    save.mkdir(parents=True)
+    (save / "model.bin").write_bytes(b"weights")
+    protocol.write_save_record(save, protocol.SaveRecord(step=5))
+    blocker.write_text("")  # storage goes away: its directory cannot be made
+    inp = AttemptInput(run_id="r-1", attempt=1, command=["true"], workdir=str(tmp_path),
+                       storage_url=(blocker / "storage").as_uri(),
+                       host=Host(host_id="h-1", provider="local", pool=Pool(), task_queue="q"))
+    uploader = Uploader(inp, staging, durable_step=None)
+    [staged] = staged_saves(staging)
+    assert not await uploader.upload(staged) and uploader.failures == 1 and uploader.last_error
+    status = running_status().model_copy(update={"waiting_on": f"storage: {uploader.last_error}"})
+    assert "waiting on storage: " in " ".join(text_of(render.panel(status, rate=None, total_steps=None, now=NOW)).split())
+
+    blocker.unlink()  # storage is back: the same save is stored, nothing was lost
+    assert await uploader.upload(staged) and uploader.failures == 0 and uploader.durable_step == 5

@@ -129,6 +129,7 @@ async def status(client: Client, run_id: str, query_timeout: float = 10.0) -> Ru
             continue
         current.step = progress.step
         current.checkpoint_interval = progress.checkpoint_interval
+        current.waiting_on = progress.waiting_on
         if progress.durable_step is not None:
             current.durable_step = max(current.durable_step or 0, progress.durable_step)
     return current

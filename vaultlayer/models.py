@@ -256,6 +256,7 @@ class AttemptProgress(VLModel):
     start_step: int = 0
     notice: Notice | None = None
     checkpoint_interval: str = ""  # the interval the SDK uses now, and why
+    waiting_on: str = ""  # what holds the run's saves up now, e.g. "storage: <error>" while uploads are retried
 
 
 class AttemptResult(VLModel):
@@ -331,6 +332,7 @@ class RunStatus(VLModel):
     current_host: Host | None = None
     step: int | None = None  # live step, filled in by the client from heartbeats
     checkpoint_interval: str = ""  # live, from heartbeats: the SDK's interval and why
+    waiting_on: str = ""  # live, from heartbeats: AttemptProgress.waiting_on
     stop_reason: str = ""
     exit_code: int | None = None
     started_at: datetime | None = None
