@@ -209,3 +209,25 @@ async def test_a_storage_outage_during_the_run_is_retried_and_shown_as_what_the_
 
     blocker.unlink()  # storage is back: the same save is stored, nothing was lost
     assert await uploader.upload(staged) and uploader.failures == 0 and uploader.durable_step == 5
+
+
+async def test_a_checkpoint_that_cannot_be_restored_fails_the_attempt_with_its_cause(tmp_path):
+    import structlog
+
+    from activities.host import AttemptContext, HostAgentActivities
+    from vaultlayer.models import AttemptInput, AttemptProgress, CheckpointRef, Host, Pool
+
+    stored = tmp_path / "ck"
+    stored.mkdir()
+    (stored / "MANIFEST.json").write_text("{}")
+    ref = CheckpointRef(name="ck", step=3, attempt=1, url=stored.as_uri(), manifest_sha256="0" * 64)
+    inp = AttemptInput(run_id="r-1", attempt=2, command=["true"], workdir=str(tmp_path), checkpoint=ref,
+                       storage_url=tmp_path.as_uri(), host=Host(host_id="h-1", provider="local", pool=Pool(),
+                                                                 task_queue="q"))
+    ctx = AttemptContext(inp=inp, progress=AttemptProgress(start_step=3), restore=tmp_path / "restore",
+                         staging=tmp_path / "staging", control=tmp_path / "control", log_path=tmp_path / "a2.log",
+                         log=structlog.get_logger())
+    agent = HostAgentActivities("h-1", tmp_path, notices=None, run_id="r-1", task_queue="q")
+    result = await agent._restore(ctx)
+    assert result.outcome == AttemptOutcome.FAILED and result.cause == FailureCause.RESTORE
+    assert result.reason.startswith("restore of ck failed: ") and result.exit_code is None
