@@ -19,19 +19,18 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 import structlog
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities import setup_commands
-from activities.attempt_logs import LogShipper, mask
-from activities.env_secrets import SecretUnavailable, resolve_secrets
+from activities.attempt_logs import LogShipper, MaskedLog, mask, secret_values
+from activities.env_secrets import SecretUnavailable, handed_over, resolve_secrets
 from activities.notices import NoticeSource
 from activities.snapshots import SETTLE_SECONDS, DirectorySnapshots, restore_directory
 from vaultlayer import checkpoint, failpoints, protocol
-from vaultlayer.models import AttemptInput, AttemptOutcome, AttemptProgress, AttemptResult, Notice
+from vaultlayer.models import AttemptInput, AttemptOutcome, AttemptProgress, AttemptResult, FailureCause, Notice
 
 log = structlog.get_logger(__name__)
 
@@ -39,6 +38,9 @@ POLL_SECONDS = 0.2
 # After a notice every moment counts: look for the emergency save this often (a directory listing and a set
 # lookup per look), so a reclaim costs the save and its upload, not a polling period.
 NOTICE_POLL_SECONDS = 0.02
+# How long the end of an attempt waits for the script's last output to reach the log file (a child the script
+# left behind may hold its output open).
+OUTPUT_DRAIN_SECONDS = 5.0
 # Report a notice as reclaimed this long before its deadline even when no emergency save came.
 DEADLINE_MARGIN_SECONDS = 3.0
 # Waits between tries of a failing upload: a storage outage delays checkpoints, it never loses them.
@@ -79,6 +81,7 @@ class Uploader:
         self.durable_step = durable_step
         self.emergency_stored: set[str] = set()
         self.failures = 0  # in a row
+        self.last_error = ""  # of the last failed upload, while failures > 0
         self.busy = False
         self.poll_seconds = POLL_SECONDS  # NOTICE_POLL_SECONDS once a notice came
 
@@ -124,6 +127,7 @@ class Uploader:
             return True
         except Exception as err:  # noqa: BLE001 - storage errors (retried inside already): retry the save
             self.failures += 1
+            self.last_error = str(err) or type(err).__name__
             log.warning("checkpoint upload failed; retrying", step=save.step, failures=self.failures,
                         error=str(err))
             return False
@@ -186,7 +190,7 @@ class RunningScript:
     """The started script and what runs beside it until the attempt ends."""
 
     process: asyncio.subprocess.Process
-    log_file: BinaryIO
+    output: asyncio.Task  # copies the script's output, masked, into the attempt's log file (MaskedLog)
     shipper: LogShipper
     snapshots: DirectorySnapshots | None  # zero-code mode
     uploader: Uploader
@@ -194,6 +198,11 @@ class RunningScript:
     uploads: asyncio.Task
     notice_id: str  # the id a notice is forwarded to the script under
     notice: Notice | None = None  # the notice seen while the script ran
+
+    async def drain_output(self) -> None:
+        """Once the script exited: its output is all in the log file (bounded)."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self.output), OUTPUT_DRAIN_SECONDS)
 
     def emergency_save_stored(self) -> bool:
         if self.snapshots is None:
@@ -245,7 +254,8 @@ class HostAgentActivities:
         heartbeats = asyncio.create_task(self._heartbeat(ctx.progress, inp.heartbeat_interval_seconds))
         try:
             await failpoints.reach(failpoints.before_restore(inp.attempt))
-            await self._restore(ctx)
+            if (failed := await self._restore(ctx)) is not None:
+                return failed
             return await self._supervise(ctx)
         finally:
             heartbeats.cancel()
@@ -256,21 +266,27 @@ class HostAgentActivities:
             await asyncio.sleep(interval)
 
     @staticmethod
-    async def _restore(ctx: AttemptContext) -> None:
+    def _failed(ctx: AttemptContext, cause: FailureCause, reason: str) -> AttemptResult:
+        """An attempt that failed before its script could run: the run ends with `reason`, not an exit code."""
+        ctx.log.error("attempt failed", cause=cause.value, reason=reason)
+        return AttemptResult(outcome=AttemptOutcome.FAILED, start_step=ctx.progress.start_step,
+                             durable_step=ctx.progress.durable_step, reason=reason, cause=cause)
+
+    async def _restore(self, ctx: AttemptContext) -> AttemptResult | None:
         """Put the attempt's checkpoint where the script finds it: the SDK's restore directory, or in zero-code
-        mode the script's own checkpoint directory."""
+        mode the script's own checkpoint directory. A checkpoint that cannot be restored fails the attempt."""
         ref = ctx.inp.checkpoint
         if ref is None:
-            return
+            return None
         try:
             if ctx.inp.checkpoint_dir:
                 await asyncio.to_thread(restore_directory, ref, Path(ctx.inp.checkpoint_dir))
             else:
                 await asyncio.to_thread(checkpoint.restore_checkpoint, ref, ctx.restore)
         except checkpoint.CheckpointError as err:
-            raise ApplicationError(f"restore of {ref.name} failed: {err}", type="RestoreFailed",
-                                   non_retryable=True) from err
+            return self._failed(ctx, FailureCause.RESTORE, f"restore of {ref.name} failed: {err}")
         ctx.log.info("checkpoint restored", step=ref.step)
+        return None
 
     @staticmethod
     def _script_env(ctx: AttemptContext) -> dict[str, str]:
@@ -292,17 +308,19 @@ class HostAgentActivities:
     async def _supervise(self, ctx: AttemptContext) -> AttemptResult:
         """Start the script and watch it until it exits or a notice ends the attempt."""
         try:  # read here, on the host: only the references crossed Temporal
-            secrets = await asyncio.to_thread(resolve_secrets, ctx.inp.env_secrets)
+            secrets = await asyncio.to_thread(resolve_secrets, ctx.inp.env_secrets, handed_over())
         except SecretUnavailable as err:
-            ctx.log.error("secret env unavailable", error=str(err))
-            return AttemptResult(outcome=AttemptOutcome.FAILED, start_step=ctx.progress.start_step,
-                                 durable_step=ctx.progress.durable_step, reason=str(err))
+            return self._failed(ctx, FailureCause.SECRET, str(err))
         notice_id = uuid.uuid4().hex
         if (early := await self.notices.poll()) is not None:
             # It came while the host was restoring: in place before the script starts, its first save check
             # sees it, however fast the script's steps are.
             self._forward_notice(ctx.control, early, notice_id)
-        run = await self._start(ctx, secrets, notice_id)
+        try:
+            run = await self._start(ctx, secrets, notice_id)
+        except OSError as err:
+            return self._failed(ctx, FailureCause.COMMAND, f"cannot start {ctx.inp.command[0]!r} on the host "
+                                                           f"({err.strerror}); fix: install it there or with --setup")
         try:
             reclaimed = await self._watch(ctx, run)
             return reclaimed if reclaimed is not None else await self._exited(ctx, run)
@@ -312,7 +330,8 @@ class HostAgentActivities:
                 # Cancelled: the script must not outlive its attempt.
                 with contextlib.suppress(ProcessLookupError):
                     run.process.send_signal(signal.SIGKILL)
-            run.log_file.close()
+            if run.process.returncode is not None or run.notice is None:
+                await run.drain_output()
             await run.shipper.finish()
 
     async def _start(self, ctx: AttemptContext, secrets: dict[str, str], notice_id: str) -> RunningScript:
@@ -322,28 +341,26 @@ class HostAgentActivities:
         if inp.checkpoint_dir:
             snapshots = DirectorySnapshots(Path(inp.checkpoint_dir), ctx.staging, ctx.progress.start_step,
                                            restored=inp.checkpoint is not None)
-        log_file = open(ctx.log_path, "ab")  # noqa: SIM115 - closed by _supervise
-        shipper = LogShipper(inp.storage_url, inp.run_id, inp.attempt, ctx.log_path, start=log_file.tell())
         script_env = self._script_env(ctx) | secrets
-        try:
-            process = await asyncio.create_subprocess_exec(
-                *setup_commands.wrap(inp.setup, inp.command, ctx.control / protocol.SETUP_FAILED_FILE),
-                cwd=inp.workdir,
-                env=script_env,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=asyncio.subprocess.STDOUT,
-            )
-        except OSError as err:
-            log_file.close()
-            raise ApplicationError(f"cannot start {inp.command[0]!r}: {err}", type="CommandFailed",
-                                   non_retryable=True) from err
+        process = await asyncio.create_subprocess_exec(  # OSError: the command cannot start on this host
+            *setup_commands.wrap(inp.setup, inp.command, ctx.control / protocol.SETUP_FAILED_FILE),
+            cwd=inp.workdir,
+            env=script_env,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
         ctx.log.info("script started", pid=process.pid, command=inp.command[0])
+        # Masked on its way into the file: the raw log on the host never holds a secret value.
+        log_file = open(ctx.log_path, "ab")  # noqa: SIM115 - closed by MaskedLog.copy at the output's end
+        shipper = LogShipper(inp.storage_url, inp.run_id, inp.attempt, ctx.log_path, start=log_file.tell())
+        output = asyncio.create_task(MaskedLog(log_file, secret_values(script_env, secrets.values()))
+                                     .copy(process.stdout))
         shipper.start(script_env, secrets.values())  # the output goes to storage too, so it outlives the host
         ctx.progress.phase = "running"
         uploader = Uploader(inp, ctx.staging, ctx.progress.durable_step)
         stop_uploads = asyncio.Event()
-        return RunningScript(process=process, log_file=log_file, shipper=shipper, snapshots=snapshots,
+        return RunningScript(process=process, output=output, shipper=shipper, snapshots=snapshots,
                              uploader=uploader, stop_uploads=stop_uploads,
                              uploads=asyncio.create_task(uploader.run(stop_uploads)), notice_id=notice_id)
 
@@ -382,6 +399,8 @@ class HostAgentActivities:
             await asyncio.to_thread(run.snapshots.snapshot_if_settled, settle, notice_id)
             progress.step = run.snapshots.step
         progress.durable_step = run.uploader.durable_step
+        # A storage outage delays saves, it does not end the attempt: `vl status` and the UI say so meanwhile.
+        progress.waiting_on = f"storage: {run.uploader.last_error}" if run.uploader.failures else ""
 
     @staticmethod
     def _reclaimed(ctx: AttemptContext, run: RunningScript, notice: Notice, emergency_save: str) -> AttemptResult:
@@ -406,17 +425,20 @@ class HostAgentActivities:
             ctx.progress.step = run.snapshots.step
         run.stop_uploads.set()
         await run.uploads
+        await run.drain_output()
         exit_code = run.process.returncode
         ctx.log.info("script exited", exit_code=exit_code)
         step = read_progress(ctx.control)
+        cause, reason = setup_commands.failure(ctx.control / protocol.SETUP_FAILED_FILE) or (
+            FailureCause.SCRIPT, f"the script exited with code {exit_code}")
         return AttemptResult(
             outcome=AttemptOutcome.COMPLETED if exit_code == 0 else AttemptOutcome.FAILED,
             start_step=ctx.progress.start_step,
             end_step=step if step is not None else ctx.progress.step,
             durable_step=run.uploader.durable_step,
             exit_code=exit_code,
-            reason="" if exit_code == 0 else (setup_commands.failure(ctx.control / protocol.SETUP_FAILED_FILE)
-                                              or f"the script exited with code {exit_code}"),
+            reason="" if exit_code == 0 else reason,
+            cause=None if exit_code == 0 else cause,
             # The tail goes into history: masked like the stored log, so a secret printed is not kept.
             log_tail="" if exit_code == 0 else mask(tail(ctx.log_path).encode(),
                                                     run.shipper.secrets).decode(errors="replace"),

@@ -65,6 +65,8 @@ async def cmd_status(args: argparse.Namespace) -> int:
     print(cost_line(status))
     if status.checkpoint_interval:
         print(f"checkpoint interval: {status.checkpoint_interval}")
+    if status.waiting_on:
+        print(f"waiting on {status.waiting_on} (saves are retried; the run carries on)")
     for record in status.attempts:
         print(attempt_line(record))
     if status.stop_reason:

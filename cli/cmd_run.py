@@ -18,7 +18,7 @@ from pathlib import Path
 
 from cli.context import Connection, UsageError, connect, consent, fail, warn
 from cli.render import follow
-from vaultlayer.request import PoolRequest, RunRequest, build_spec
+from vaultlayer.request import PoolRequest, RunRequest, build_spec, check_storage
 
 POOL_OPTIONS = set(PoolRequest.model_fields) - {"where"}
 
@@ -134,6 +134,7 @@ async def cmd_run(args: argparse.Namespace) -> int:
     args.run_id = spec.run_id  # what Ctrl-C's "detached" line names
     if spec.checkpoint_dir is None:
         offer_on_run(spec.command, Path(spec.workdir))
+    check_storage(spec.storage_url)
     conn = await connect()
     problem = await ensure_search_attributes(conn.client)
     if problem:

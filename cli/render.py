@@ -21,7 +21,7 @@ from rich.live import Live
 from rich.table import Table
 
 from cli.context import EXIT_CANCELLED, Connection
-from vaultlayer.models import AttemptOutcome, AttemptRecord, RunState, RunStatus
+from vaultlayer.models import AttemptOutcome, AttemptRecord, FailureCause, RunState, RunStatus
 from workflows.accounting import running_cost
 
 # ---------------------------------------------------------------- lines
@@ -75,6 +75,8 @@ def ended_line(record: AttemptRecord) -> str:
         return f"host {record.host} failed ({record.reason}) at step {record.end_step}"
     if record.outcome == AttemptOutcome.REFUSED:
         return f"no capacity in {record.pool} ({record.reason})"
+    if record.outcome == AttemptOutcome.FAILED and record.cause not in (None, FailureCause.SCRIPT):
+        return f"attempt {record.attempt} failed: {record.reason}"
     if record.outcome == AttemptOutcome.FAILED:
         return f"the script failed with exit code {record.exit_code} at step {record.end_step}"
     return f"attempt {record.attempt} {record.outcome.value if record.outcome else 'ended'}"
@@ -129,12 +131,13 @@ class LiveView:
         if current and status.step is not None:
             now = time.monotonic()
             shown_at, shown = self.last_progress
-            key = (current.attempt, status.step, status.durable_step)
+            key = (current.attempt, status.step, status.durable_step, status.waiting_on)
             if key != shown and now - shown_at >= self.PROGRESS_EVERY:
                 self.last_progress = (now, key)
                 durable = status.durable_step if status.durable_step is not None else "-"
+                waiting = f" · waiting on {status.waiting_on}" if status.waiting_on else ""
                 print(f"attempt {current.attempt} · host {current.host} · step {status.step} · "
-                      f"durable step {durable}", flush=True)
+                      f"durable step {durable}{waiting}", flush=True)
 
     def finish(self, status: RunStatus) -> None:
         for record in status.attempts:
@@ -225,6 +228,8 @@ def panel(status: RunStatus, rate: float | None, total_steps: int | None, now: d
         step += f" / {total_steps}"
     table.add_row("step", step + (f" · {rate:.1f} steps/s" if rate else ""))
     table.add_row("durable step", "-" if status.durable_step is None else str(status.durable_step))
+    if status.waiting_on:
+        table.add_row("waiting on", f"{status.waiting_on} (saves are retried)")
     table.add_row("reclaims", f"{status.reclaims} · steps lost {status.steps_lost}")
     table.add_row("cost so far", f"${cost_so_far(status, now):.2f}")
     if not total_steps:

@@ -307,7 +307,7 @@ async def test_setup_commands_run_before_the_command_and_a_failing_one_fails_the
     done = await vl_client.status(client, good.run_id)
     assert done.state == RunState.SUCCEEDED, done.attempts
     failed = await vl_client.status(client, bad.run_id)
-    assert failed.state == RunState.FAILED and failed.exit_code == 7
+    assert failed.state == RunState.FAILED and failed.exit_code == 1  # the run's: the script never ran
     attempt = failed.attempts[-1]
     assert attempt.outcome == AttemptOutcome.FAILED and attempt.exit_code == 7
     assert attempt.reason == "setup command 'exit 7' failed with exit code 7"

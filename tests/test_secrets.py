@@ -129,9 +129,9 @@ async def test_a_secret_the_host_cannot_read_fails_the_attempt_naming_the_refere
     status = await vl_client.status(client, spec.run_id)
     assert status.state == RunState.FAILED
     assert [a.outcome for a in status.attempts] == [AttemptOutcome.FAILED]
-    assert status.attempts[0].reason == (f"secret env HF_TOKEN (env:{missing}): {missing} is not set in the host "
-                                         "agent's environment; fix: export it where the worker (local provider) or "
-                                         "the host agent starts")
+    assert status.attempts[0].reason == (f"secret env HF_TOKEN (env:{missing}): {missing} was not set in the "
+                                         "environment of the `vl run` that submitted the run; fix: export it in "
+                                         "that shell and submit again")
 
 
 # ---------------------------------------------------------------- references and their resolution

@@ -16,11 +16,13 @@ from datetime import UTC, datetime, timedelta
 
 from pydantic import ValidationError
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
+from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.envconfig import ClientConfig
 from temporalio.service import RPCError
 
 from vaultlayer.codec import data_converter
 from vaultlayer.models import AttemptProgress, ReclaimAck, ReclaimRequest, RunInput, RunSpec, RunState, RunStatus
+from vaultlayer.secrets import hand_over
 
 WORKFLOW_NAME = "TrainingRun"
 DEFAULT_TASK_QUEUE = "vaultlayer"
@@ -68,14 +70,26 @@ async def connect(address: str | None = None, namespace: str | None = None,
         await asyncio.sleep(0.2)
 
 
-async def submit(client: Client, spec: RunSpec, queue: str | None = None) -> WorkflowHandle:
-    return await client.start_workflow(
-        WORKFLOW_NAME,
-        RunInput(spec=spec),
-        id=spec.run_id,
-        task_queue=queue or task_queue(),
-        static_summary=f"vl run: `{' '.join(spec.command)[:200]}`",  # markdown: code keeps `--flags` intact
-    )
+async def submit(client: Client, spec: RunSpec, queue: str | None = None,
+                 environ: Mapping[str, str] | None = None) -> WorkflowHandle:
+    """Start the run. On the local provider its `env:` secrets are read from `environ` (this process's
+    environment by default) and handed to its hosts outside Temporal (vaultlayer/secrets.py `hand_over`)."""
+    handed = hand_over(spec.run_id, spec.env_secrets, {pool.provider for pool in spec.pools},
+                       os.environ if environ is None else environ)
+    try:
+        return await client.start_workflow(
+            WORKFLOW_NAME,
+            RunInput(spec=spec),
+            id=spec.run_id,
+            task_queue=queue or task_queue(),
+            static_summary=f"vl run: `{' '.join(spec.command)[:200]}`",  # markdown: code keeps `--flags` intact
+        )
+    except WorkflowAlreadyStartedError:
+        raise  # the id is another run's: the file is that run's
+    except BaseException:
+        if handed is not None:  # nothing started: nothing will read it
+            handed.unlink(missing_ok=True)
+        raise
 
 
 _CLOSED_STATES = {
@@ -115,6 +129,7 @@ async def status(client: Client, run_id: str, query_timeout: float = 10.0) -> Ru
             continue
         current.step = progress.step
         current.checkpoint_interval = progress.checkpoint_interval
+        current.waiting_on = progress.waiting_on
         if progress.durable_step is not None:
             current.durable_step = max(current.durable_step or 0, progress.durable_step)
     return current

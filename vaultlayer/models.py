@@ -217,6 +217,17 @@ class AttemptOutcome(StrEnum):
     VACATED = "vacated"  # the policy moved the run off this host (back to spot, or a limit was reached)
 
 
+class FailureCause(StrEnum):
+    """What a failed attempt failed of. Only `script` is the script's own exit; the others fail the same way on
+    every host, so they end the run with their own reason (workflows/policy.py), never as "exit code None"."""
+
+    SCRIPT = "script"  # the script exited non-zero
+    SECRET = "secret"  # a secret env reference could not be read on the host
+    SETUP = "setup"  # a setup command failed
+    COMMAND = "command"  # the command is not found (or not executable) on the host
+    RESTORE = "restore"  # the checkpoint to resume from could not be restored
+
+
 class AttemptInput(VLModel):
     run_id: str
     attempt: int
@@ -245,6 +256,7 @@ class AttemptProgress(VLModel):
     start_step: int = 0
     notice: Notice | None = None
     checkpoint_interval: str = ""  # the interval the SDK uses now, and why
+    waiting_on: str = ""  # what holds the run's saves up now, e.g. "storage: <error>" while uploads are retried
 
 
 class AttemptResult(VLModel):
@@ -257,6 +269,7 @@ class AttemptResult(VLModel):
     emergency_save: str | None = None  # "saved", "missed" or None when there was no notice
     reason: str = ""
     log_tail: str = ""  # the end of the script's output when it failed, so the failure explains itself
+    cause: FailureCause | None = None  # when the outcome is failed: what failed
     host_gone: bool = False  # the provider confirmed the host terminated: it cannot publish anything more
     refusal: str | None = None  # a `Refusal` value when the outcome is refused
 
@@ -273,6 +286,7 @@ class AttemptRecord(VLModel):
     exit_code: int | None = None
     reason: str = ""
     log_tail: str = ""
+    cause: FailureCause | None = None  # AttemptResult.cause
     emergency_save: str | None = None  # on a notice: "saved" in time, or "missed" the deadline
     started_at: datetime
     ended_at: datetime | None = None
@@ -318,6 +332,7 @@ class RunStatus(VLModel):
     current_host: Host | None = None
     step: int | None = None  # live step, filled in by the client from heartbeats
     checkpoint_interval: str = ""  # live, from heartbeats: the SDK's interval and why
+    waiting_on: str = ""  # live, from heartbeats: AttemptProgress.waiting_on
     stop_reason: str = ""
     exit_code: int | None = None
     started_at: datetime | None = None

@@ -38,6 +38,17 @@ PROGRESS_FILE = "progress.json"  # in the control directory, written by the SDK
 NOTICE_FILE = "notice.json"  # in the control directory, written by the agent
 SETUP_FAILED_FILE = "setup-failed"  # in the control directory: why the run's setup commands failed
 
+# --- Handed over by the submitter to a local host (never through Temporal) ---------------------------------------
+# The values of a run's `env:` secrets, read from the environment of the `vl run` (or client) that submitted it:
+# VL_HOME/secrets/<run_id>.json, mode 0600, deleted when the run ends. The local provider names the file to its
+# host agent in this variable (dropped from the script's environment with every other VL_* one).
+ENV_HANDED_OVER = "VL_HANDED_OVER_ENV"
+HANDED_OVER_DIR = "secrets"
+
+
+def handed_over_path(vl_home: Path, run_id: str) -> Path:
+    return vl_home / HANDED_OVER_DIR / f"{run_id}.json"
+
 
 @dataclass(frozen=True)
 class ScriptEnv:

@@ -186,6 +186,17 @@ def build_spec(request: RunRequest, warn: Warn = _python_warning) -> RunSpec:
 # ---------------------------------------------------------------- the checks, one per kind of input
 
 
+def check_storage(storage_url: str) -> None:
+    """At submit, before anything is provisioned: the run's storage can be written (checkpoint.check_writable),
+    or RunRequestError names the cause and the fix."""
+    from vaultlayer import checkpoint  # fsspec: imported when needed, as above
+
+    try:
+        checkpoint.check_writable(storage_url)
+    except ValueError as err:
+        raise RunRequestError(str(err)) from None
+
+
 def resolve_command(command: list[str], workdir: Path) -> list[str]:
     """The command with its program resolved now, so a typo fails here and not on a host."""
     if not command:

@@ -36,7 +36,7 @@ from vaultlayer import client as vl_client
 from vaultlayer.config import load_file, load_mapping
 from vaultlayer.home import default_storage_url
 from vaultlayer.models import CheckpointRef, RunInput, RunSpec, RunStatus
-from vaultlayer.request import RunRequest, build_spec
+from vaultlayer.request import RunRequest, RunRequestError, build_spec, check_storage
 from vaultlayer.run_ids import new_run_id
 from vaultlayer.ui import ensure_search_attributes
 
@@ -103,9 +103,9 @@ class AsyncClient:
         checks them; RunRequestError says what is wrong, and nothing starts) or a RunSpec
         (vaultlayer.run_spec makes one with `vl run`'s defaults)."""
         spec = await asyncio.to_thread(spec_of, run)  # a provider's checks may ask its cloud
-        try:
-            checkpoint.validate_storage_url(spec.storage_url)
-        except ValueError as err:
+        try:  # before anything is provisioned: a run that cannot save must not start
+            await asyncio.to_thread(check_storage, spec.storage_url)
+        except RunRequestError as err:
             raise ClientError(f"storage_url: {err}") from None
         if not spec.search_attributes:  # as `vl run` does: the run's state and step searchable in the UI
             problem = await ensure_search_attributes(self.temporal)

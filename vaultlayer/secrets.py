@@ -8,8 +8,14 @@ floor, so that the CLI and the config file check references before anything is p
 
 from __future__ import annotations
 
+import json
+import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
+
+from vaultlayer import protocol
+from vaultlayer.home import vl_home
 
 SCHEMES = ("env", "file", "aws-sm", "gcp-sm")
 REFERENCE_FORMS = "env:NAME, file:/path, aws-sm:<secret id or ARN> or gcp-sm:projects/P/secrets/S"
@@ -41,6 +47,22 @@ def parse_reference(text: str, base: Path | None = None) -> str:
                              "gcp-sm:projects/P/secrets/S/versions/V")
         return text if "/versions/" in rest else f"{text}/versions/latest"
     return text
+
+
+def hand_over(run_id: str, references: Mapping[str, str], providers: set[str],
+              environ: Mapping[str, str]) -> Path | None:
+    """For a run on the local provider: the submitter's values of its `env:` secrets, in a 0600 file under
+    VL_HOME that the local host agent reads (activities/env_secrets.py) and the run's end deletes, so that
+    `env:NAME` means the submitter's shell, not a worker's started earlier. Values never enter Temporal."""
+    names = {ref.partition(":")[2] for ref in references.values() if ref.startswith("env:")}
+    if "local" not in providers or not names:
+        return None
+    path = protocol.handed_over_path(vl_home(), run_id)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as file:
+        json.dump({name: environ[name] for name in sorted(names) if name in environ}, file)
+    return path
 
 
 def looks_secret(name: str) -> bool:

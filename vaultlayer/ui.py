@@ -105,8 +105,8 @@ def current_details(status: RunStatus) -> str:
     if status.stop_reason:
         lines.append(f"reason: {status.stop_reason}")
     if not status.state.finished:
-        lines.append("step: the newest step known safe; the live step is in the run_attempt heartbeat "
-                     "(Pending Activities) and in `vl status`")
+        lines.append("step: the newest step known safe; the live step, and what the run waits on (storage that "
+                     "cannot be written), are in the run_attempt heartbeat (Pending Activities) and in `vl status`")
     return "\n\n".join(lines)
 
 

@@ -48,6 +48,7 @@ def close_attempt(status: RunStatus, attempt: int, result: AttemptResult, now: d
         "outcome": result.outcome, "reason": result.reason, "refusal": result.refusal or record.refusal,
         "end_step": result.end_step, "durable_step": result.durable_step, "exit_code": result.exit_code,
         "ended_at": now, "log_tail": result.log_tail, "emergency_save": result.emergency_save,
+        "cause": result.cause,
     })
     update: dict = {}
     if record.running_at is not None:

@@ -27,6 +27,7 @@ from vaultlayer.durations import parse_interval
 from vaultlayer.models import (
     AttemptOutcome,
     AttemptRecord,
+    FailureCause,
     Market,
     Placement,
     Pool,
@@ -287,6 +288,10 @@ def limit_reached(spec: RunSpec, status: RunStatus, now: datetime) -> Stop | Non
     last = status.last_ended_attempt
     if last is not None and last.outcome == AttemptOutcome.COMPLETED:
         return Stop(RunState.SUCCEEDED, "the script finished", exit_code=0)
+    if last is not None and last.outcome == AttemptOutcome.FAILED and last.cause not in (None, FailureCause.SCRIPT):
+        # Not the script's exit: a missing secret, a failing setup command, a missing command or a broken
+        # restore fail the same way on every host; retrying only hides the reason.
+        return Stop(RunState.FAILED, last.reason, exit_code=1)  # the script's own code only when it failed
     if last is not None and last.outcome == AttemptOutcome.FAILED and status.script_failures > limits.script_retries:
         return Stop(RunState.FAILED,
                     f"the script exited with code {last.exit_code} "

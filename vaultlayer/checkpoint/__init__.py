@@ -33,7 +33,7 @@ from vaultlayer.checkpoint.listing import (
     verify_checkpoint,
 )
 from vaultlayer.checkpoint.retention import prune_checkpoints, retention_plan
-from vaultlayer.checkpoint.storage import validate_storage_url
+from vaultlayer.checkpoint.storage import StorageUnusable, check_writable, validate_storage_url
 from vaultlayer.checkpoint.transfer import restore_checkpoint, upload_checkpoint
 
 __all__ = [
@@ -60,5 +60,7 @@ __all__ = [
     "retention_plan",
     "upload_checkpoint",
     "validate_storage_url",
+    "check_writable",
+    "StorageUnusable",
     "verify_checkpoint",
 ]

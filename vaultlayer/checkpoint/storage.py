@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 import fsspec
+import fsspec.core
 import structlog
 from fsspec.registry import known_implementations
 
@@ -68,6 +69,43 @@ def validate_storage_url(url: str) -> None:
             f"storage URL {url!r} is a relative path, which means something different on every host;"
             f" use file:///abs/path"
         )
+
+
+class StorageUnusable(ValueError):
+    """A storage URL a run cannot write to; the message names the cause and the fix on one line."""
+
+
+def check_writable(url: str) -> None:
+    """Prove, before anything is provisioned, that a run can use this storage: its URL is well formed,
+    credentials are found, the bucket exists, and a small object can be written under the prefix and deleted.
+    Once, without retries: a person is waiting, and a later outage during the run is retried as ever."""
+    validate_storage_url(url)
+    fs, path = fsspec.core.url_to_fs(url, skip_instance_cache=True)  # the credentials as they are now
+    probe = f"{path.rstrip('/')}/.vl-write-check-{uuid.uuid4().hex}"
+    try:
+        if is_local(fs):
+            fs.makedirs(path, exist_ok=True)
+        fs.pipe_file(probe, b"vaultlayer write check\n")
+        fs.rm_file(probe)
+    except Exception as err:  # noqa: BLE001 - every backend has its own errors: each is named to the person
+        raise StorageUnusable(f"storage {url} cannot be written: {_unusable_because(url, err)}") from None
+
+
+def _unusable_because(url: str, err: Exception) -> str:
+    """The cause and its fix, from a backend's error."""
+    scheme, _, rest = url.partition("://")
+    bucket = rest.split("/", 1)[0]
+    if "Credentials" in type(err).__name__:
+        fix = ("export AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE (aws configure)" if scheme == "s3"
+               else "run `gcloud auth application-default login` or set GOOGLE_APPLICATION_CREDENTIALS")
+        return f"no credentials found ({err}); fix: {fix}"
+    if isinstance(err, FileNotFoundError) and scheme not in ("file", "local"):
+        return f"bucket {bucket!r} does not exist ({err}); fix: create it, or name one that exists"
+    if scheme in ("file", "local") and isinstance(err, OSError):
+        return f"cannot write the directory ({err}); fix: name a directory this user can create and write"
+    if isinstance(err, PermissionError):
+        return f"permission denied ({err}); fix: allow this user to write and delete under the prefix"
+    return f"{type(err).__name__}: {err}; fix: check the URL, the credentials and that the storage is reachable"
 
 
 def run_url(storage_url: str, run_id: str) -> str:

@@ -23,6 +23,7 @@ import structlog
 
 from activities.providers.base import host_queue
 from activities.providers.local.host import METADATA_DIR_VARIABLE, NOTICE_RELATIVE_PATH
+from vaultlayer import protocol
 from vaultlayer.models import Host, HostDescription, HostState, InjectReclaimInput, ProvisionInput, ProvisionResult
 
 log = structlog.get_logger(__name__)
@@ -87,7 +88,8 @@ class LocalProvider:
         task_queue = host_queue(request.run_id, host_id)
         # The agent inherits this worker's environment: its TLS/API-key settings and its encryption key setting
         # (the key, or the path of its file) reach the host here, never through history.
-        env = {**os.environ, **self.temporal_env, METADATA_DIR_VARIABLE: str(directory / "metadata")}
+        env = {**os.environ, **self.temporal_env, METADATA_DIR_VARIABLE: str(directory / "metadata"),
+               protocol.ENV_HANDED_OVER: str(self.handed_over(request.run_id))}
         command = [
             sys.executable, "-m", "cli.main", "agent",
             "--task-queue", task_queue,
@@ -161,7 +163,12 @@ class LocalProvider:
             return HostDescription(state=HostState.GONE, reason="reclaimed by the provider")
         return HostDescription(state=HostState.GONE, reason="process group is gone")
 
+    def handed_over(self, run_id: str) -> Path:
+        """The submitter's `env:` secret values for the run (vaultlayer/secrets.py `hand_over`)."""
+        return protocol.handed_over_path(self.hosts_root.parent, run_id)
+
     def reap(self, run_id: str) -> list[str]:
+        self.handed_over(run_id).unlink(missing_ok=True)  # the run has ended: its secret values go
         reaped = []
         for tag_file in sorted((self.hosts_root / run_id).glob("*/host.json")):
             tag = json.loads(tag_file.read_text())
