@@ -155,6 +155,10 @@ def load_average() -> list[float]:
 def start_moto() -> tuple[object, str]:
     from moto.server import ThreadedMotoServer
 
+    # Objects and parts stay in moto's memory instead of spilling to temporary files past ~5 MiB: no disk
+    # I/O on the store's side to blur the figures (and, under load, a spilled part was seen closed before
+    # its upload was completed: "seek of closed file").
+    os.environ.setdefault("MOTO_S3_DEFAULT_KEY_BUFFER_SIZE", str(4 << 30))
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
@@ -300,6 +304,7 @@ def main() -> None:
                 for size in args.sizes_mb:
                     row = measure(size, url, scratch / f"{name}-{size}", args.repeats, args.device, args.cache)
                     rows.append({"storage": name, "device": args.device, **row})
+                    print(json.dumps(rows[-1]), file=sys.stderr, flush=True)  # kept should a later row fail
         finally:
             if moto is not None:
                 moto.stop()
