@@ -156,8 +156,7 @@ def start_moto() -> tuple[object, str]:
     from moto.server import ThreadedMotoServer
 
     # Objects and parts stay in moto's memory instead of spilling to temporary files past ~5 MiB: no disk
-    # I/O on the store's side to blur the figures (and, under load, a spilled part was seen closed before
-    # its upload was completed: "seek of closed file").
+    # I/O on the store's side to blur the figures.
     os.environ.setdefault("MOTO_S3_DEFAULT_KEY_BUFFER_SIZE", str(4 << 30))
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
