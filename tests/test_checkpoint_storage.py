@@ -27,7 +27,6 @@ from vaultlayer.checkpoint import (
     prune_checkpoints,
     quarantine_records,
     restore_checkpoint,
-    transfer,
     upload_checkpoint,
 )
 from vaultlayer.protocol import SAVE_RECORD
@@ -66,18 +65,6 @@ def test_roundtrip_on_object_storage(tmp_path, storage_url):
     fs, _ = storage_fs(storage_url)
     assert sorted(p.rsplit("/", 1)[1] for p in fs.find(remote_dir(storage_url, 20))) == \
         [MANIFEST_NAME, "model.pt", "rng.bin"]  # the manifest is written in place: no temporary left behind
-
-
-@pytest.mark.parametrize("storage_url", ["s3"], indirect=True)
-def test_a_big_file_goes_up_in_parts_and_verifies(tmp_path, storage_url):
-    local = tmp_path / "big"
-    local.mkdir()
-    (local / "weights.bin").write_bytes(os.urandom(2 * transfer.PART_BYTES + 1))
-    ref = upload_checkpoint(local, storage_url, RUN, 1, 5)
-    fs, _ = storage_fs(storage_url)
-    etag = fs.info(f"{remote_dir(storage_url, 5)}/weights.bin")["ETag"].strip('"')
-    assert etag.endswith("-3"), f"one PUT, not a multipart upload of 3 parts: {etag}"
-    assert choose_checkpoint(storage_url, RUN, {}).chosen == ref
 
 
 def corrupt_remote(url: str, case: str) -> None:

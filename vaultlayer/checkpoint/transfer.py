@@ -6,13 +6,19 @@ Every byte is checked on the way, without slowing the copy: a digest is taken al
 
 from __future__ import annotations
 
+import errno
+import math
+import mmap
 import os
+import queue
+import threading
 import uuid
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 
+import blake3
 import fsspec
 from fsspec.core import url_to_fs
 from pydantic import Field, ValidationError
@@ -28,13 +34,39 @@ from vaultlayer.checkpoint.format import (
     first_error,
     local_blake3,
     local_digest,
+    new_digest,
     sha256,
     unsafe_path_reason,
 )
 from vaultlayer.models import CheckpointRef, VLModel
 
-# Files of at least two parts go up as a multipart upload, parts in parallel (s3fs; gcsfs sends them in turn).
-PART_BYTES = 8 << 20
+# Part sizes (docs/checkpoint-speed.md): below SINGLE_PUT_BYTES a file goes up in one request, like s3fs's own
+# default (one PUT below 100 MiB); above, in about TARGET_PARTS parts sent in parallel (s3fs; gcsfs sends
+# them in turn), each at most MAX_PART_BYTES (s3fs holds 10 parts in memory at once) unless S3's limit of
+# MAX_PARTS parts needs more, and never under S3's minimum part of MIN_PART_BYTES.
+SINGLE_PUT_BYTES = 128 << 20
+TARGET_PARTS = 16
+MIN_PART_BYTES = 5 << 20
+MAX_PART_BYTES = 128 << 20
+MAX_PARTS = 10_000
+# file:// restore copies in chunks of this size, each hashed right after the kernel copied it.
+COPY_CHUNK_BYTES = 32 << 20
+
+
+def part_bytes(size: int) -> int:
+    """The part size for a file of `size` bytes, a whole number of MiB (gcsfs wants multiples of 256 KiB).
+
+    Fewer, bigger parts than a fixed 8 MiB: every part is a request with its own latency (12 of them for a
+    96 MiB file where one PUT does), while about 16 parts still keep a parallel upload busy.
+    """
+    if size < SINGLE_PUT_BYTES:  # s3fs sends one PUT when size < 2 x part size
+        return max(MIN_PART_BYTES, _whole_mib(size))
+    part = min(MAX_PART_BYTES, _whole_mib(math.ceil(size / TARGET_PARTS)))
+    return max(MIN_PART_BYTES, part, _whole_mib(math.ceil(size / MAX_PARTS)))
+
+
+def _whole_mib(size: int) -> int:
+    return math.ceil(size / (1 << 20)) << 20
 
 
 def upload_checkpoint(
@@ -140,12 +172,12 @@ def _send_file(fs: fsspec.AbstractFileSystem, local: Path, remote: str, relative
     before = local.stat()
     fs.makedirs(remote.rsplit("/", 1)[0], exist_ok=True)
     if known is not None and (known.size, known.mtime_ns) == (before.st_size, before.st_mtime_ns):
-        fs.put_file(str(local), remote, chunksize=PART_BYTES)
+        fs.put_file(str(local), remote, chunksize=part_bytes(before.st_size))
         checksum = known.blake3
     else:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="vl-hash") as hasher:
             digest = hasher.submit(local_blake3, local)
-            fs.put_file(str(local), remote, chunksize=PART_BYTES)
+            fs.put_file(str(local), remote, chunksize=part_bytes(before.st_size))
             checksum = digest.result()
     after = local.stat()
     if (after.st_size, after.st_mtime_ns, after.st_ino) != (before.st_size, before.st_mtime_ns, before.st_ino):
@@ -191,11 +223,57 @@ def _fetch_file(fs: fsspec.AbstractFileSystem, remote: str, target: Path, entry:
 
 
 def _copy_hashing(fs: fsspec.AbstractFileSystem, remote: str, partial: Path, algorithm: str) -> tuple[int, str]:
-    """Copy a file of a local (or mounted) file system with the kernel's copy while a second thread hashes the
-    stored bytes in place: the copy and the check overlap instead of adding up, and neither passes the bytes
-    through Python. Stored checkpoint files are never rewritten, so the bytes hashed are the bytes copied."""
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="vl-hash") as hasher:
-        digest = hasher.submit(local_digest, Path(fs._strip_protocol(remote)), algorithm)
-        fs.get_file(remote, str(partial))
-        checksum = digest.result()
-    return partial.stat().st_size, checksum
+    """Copy a file of a local (or mounted) file system chunk by chunk with the kernel's copy, while another
+    thread hashes each chunk of the stored file right behind it: the copy has just brought those pages into
+    memory, so the file is read from disk once, the check overlaps the copy, and no byte passes through
+    Python. Stored checkpoint files are never rewritten, so the bytes hashed are the bytes copied. The hash
+    takes every core but one, which the copy keeps."""
+    hasher = _new_hasher(algorithm)
+    copied: queue.SimpleQueue[int | None] = queue.SimpleQueue()  # end offset of each chunk copied; None: done
+    with open(fs._strip_protocol(remote), "rb") as source, open(partial, "xb") as target:
+        size = os.fstat(source.fileno()).st_size
+        hashing = threading.Thread(target=_hash_behind, args=(source, size, hasher, copied), name="vl-hash")
+        hashing.start()
+        offset = 0
+        try:
+            while offset < size:
+                sent = _kernel_copy(source.fileno(), target.fileno(), offset, min(COPY_CHUNK_BYTES, size - offset))
+                if sent == 0:  # the stored file is shorter than it was a moment ago
+                    break
+                offset += sent
+                copied.put(offset)
+        finally:
+            copied.put(None)
+            hashing.join()
+    return offset, hasher.hexdigest()
+
+
+def _new_hasher(algorithm: str):
+    if algorithm == "blake3":
+        return blake3.blake3(max_threads=max(1, len(os.sched_getaffinity(0)) - 1))
+    return new_digest(algorithm)
+
+
+def _hash_behind(source, size: int, hasher, copied: queue.SimpleQueue) -> None:
+    """Hash the stored file up to each offset the copy reports, through one read-only map of it."""
+    if size == 0:
+        while copied.get() is not None:
+            pass
+        return
+    with mmap.mmap(source.fileno(), size, access=mmap.ACCESS_READ) as mapped, memoryview(mapped) as view:
+        hashed = 0
+        while (end := copied.get()) is not None:
+            hasher.update(view[hashed:end])
+            hashed = end
+
+
+def _kernel_copy(source: int, target: int, offset: int, count: int) -> int:
+    """Copy `count` bytes at `offset` in the kernel: copy_file_range (a reflink where the file system can),
+    else sendfile."""
+    try:
+        return os.copy_file_range(source, target, count, offset, offset)
+    except OSError as err:
+        if err.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise
+    os.lseek(target, offset, os.SEEK_SET)
+    return os.sendfile(target, source, offset, count)
