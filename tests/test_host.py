@@ -4,8 +4,8 @@ from datetime import UTC, datetime
 
 import pytest
 
-from activities.providers.local.provider import announced_deadline
 from activities.host import MAX_MARGIN_SECONDS, deadline_margin, emergency_save_outcome
+from activities.providers.local.provider import announced_deadline
 from vaultlayer.models import Notice
 
 DEADLINE = 1_000.0
