@@ -292,6 +292,7 @@ class HostAgentActivities:
                 restore_step=inp.checkpoint.step if inp.checkpoint else None,
                 checkpoint_every=inp.checkpoint_every or "auto", checkpoint_min=inp.checkpoint_min,
                 checkpoint_max=inp.checkpoint_max, mtbf_seconds=inp.mtbf_seconds,
+                shortest_host_life_seconds=inp.shortest_host_life_seconds,
             )
         return protocol.without_contract_variables(env) | contract.to_environ()
 

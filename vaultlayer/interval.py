@@ -22,6 +22,9 @@ PRIOR_HOURS = 2.0
 PRIOR_RECLAIMS = 1.0
 DEFAULT_MIN_SECONDS = 60.0
 DEFAULT_MAX_SECONDS = 30 * 60.0
+# Once hosts of a run were lost before their first save, the first save comes at this share of the
+# shortest such life: early enough to land on a host that lives as short, late enough to do some work.
+EARLY_SAVE_SHARE = 0.5
 
 
 def young_daly_seconds(save_cost_seconds: float, mtbf_seconds: float) -> float:
@@ -33,9 +36,16 @@ def choose_interval(
     mtbf_seconds: float,
     min_seconds: float = DEFAULT_MIN_SECONDS,
     max_seconds: float = DEFAULT_MAX_SECONDS,
+    shortest_life_seconds: float | None = None,
 ) -> tuple[float, str]:
-    """The interval in seconds, and why, in words a person reads in `vl status`."""
+    """The interval in seconds, and why, in words a person reads in `vl status`. `shortest_life_seconds`
+    (`shortest_life_without_a_save`) brings the first save forward: the minimum bounds the steady state,
+    not a first save that hosts of this run did not live to make."""
     if save_cost_seconds is None:
+        early = EARLY_SAVE_SHARE * shortest_life_seconds if shortest_life_seconds else None
+        if early is not None and early < min_seconds:
+            return early, (f"first save early ({early:.3g} s): a host of this run was lost "
+                           f"{shortest_life_seconds:.3g} s in, before its first save")
         return min_seconds, f"first save at the minimum interval ({min_seconds:g} s) to measure its cost"
     ideal = young_daly_seconds(save_cost_seconds, mtbf_seconds)
     chosen = min(max(ideal, min_seconds), max_seconds)
@@ -56,3 +66,14 @@ def estimate_mtbf_seconds(status: RunStatus, pool_key: str, now: datetime) -> fl
         hours += max((ended - record.started_at).total_seconds(), 0.0) / 3600
         reclaims += record.outcome == "reclaimed"
     return hours / reclaims * 3600
+
+
+def shortest_life_without_a_save(status: RunStatus) -> float | None:
+    """Seconds the shortest-lived host of this run ran before it was lost without storing a checkpoint
+    (reclaimed or faulty, the durable step no further than where it started); None when none was."""
+    lives = [(record.ended_at - (record.running_at or record.started_at)).total_seconds()
+             for record in status.attempts
+             if record.host is not None and record.ended_at is not None
+             and record.outcome in ("reclaimed", "host-fault")
+             and (record.durable_step is None or record.durable_step <= record.start_step)]
+    return max(min(lives), 0.0) if lives else None

@@ -28,6 +28,8 @@ ENV_CHECKPOINT_EVERY = "VL_CHECKPOINT_EVERY"  # "auto", "<n>" steps or a duratio
 ENV_CHECKPOINT_MIN = "VL_CHECKPOINT_MIN"  # bounds of the automatic interval
 ENV_CHECKPOINT_MAX = "VL_CHECKPOINT_MAX"
 ENV_MTBF_SECONDS = "VL_MTBF_SECONDS"  # the pool's expected time between reclaims, for the automatic interval
+# The shortest life of a host of this run that was lost before its first save: the first save comes earlier.
+ENV_SHORTEST_HOST_LIFE = "VL_SHORTEST_HOST_LIFE"
 
 # --- Files ---------------------------------------------------------------------------------------------------
 SAVE_RECORD = "vl-save.json"  # in a staged save, written last before the commit rename; never uploaded
@@ -52,6 +54,7 @@ class ScriptEnv:
     checkpoint_min: str = "60s"
     checkpoint_max: str = "30m"
     mtbf_seconds: float | None = None
+    shortest_host_life_seconds: float | None = None
 
     def to_environ(self) -> dict[str, str]:
         env = {ENV_RUN_ID: self.run_id, ENV_ATTEMPT: str(self.attempt)}
@@ -64,6 +67,8 @@ class ScriptEnv:
                 ENV_CHECKPOINT_MAX: self.checkpoint_max}
         if self.mtbf_seconds:
             env[ENV_MTBF_SECONDS] = str(self.mtbf_seconds)
+        if self.shortest_host_life_seconds is not None:
+            env[ENV_SHORTEST_HOST_LIFE] = str(self.shortest_host_life_seconds)
         return env
 
 

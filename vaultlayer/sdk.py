@@ -65,6 +65,8 @@ class _Session:
             raise ValueError(f"{protocol.ENV_CHECKPOINT_EVERY}: {err}") from None
         try:
             self.mtbf_seconds = float(environ.get(protocol.ENV_MTBF_SECONDS, intervals.PRIOR_HOURS * 3600))
+            life = environ.get(protocol.ENV_SHORTEST_HOST_LIFE)
+            self.shortest_life = float(life) if life else None
             self.min_seconds = parse_duration(environ.get(protocol.ENV_CHECKPOINT_MIN, "60s"))
             self.max_seconds = parse_duration(environ.get(protocol.ENV_CHECKPOINT_MAX, "30m"))
         except ValueError as err:
@@ -97,7 +99,8 @@ class _Session:
     def interval_seconds(self) -> tuple[float, str]:
         unit, amount = self.interval or ("none", 0.0)
         if unit == "auto":
-            return intervals.choose_interval(self.save_cost, self.mtbf_seconds, self.min_seconds, self.max_seconds)
+            return intervals.choose_interval(self.save_cost, self.mtbf_seconds, self.min_seconds, self.max_seconds,
+                                             self.shortest_life)
         if unit == "seconds":
             return amount, "--checkpoint-every"
         return 0.0, f"every {amount:g} steps (--checkpoint-every)" if unit == "steps" else "only on notices"

@@ -307,6 +307,32 @@ def limit_reached(spec: RunSpec, status: RunStatus, now: datetime) -> Stop | Non
     return None
 
 
+def attempts_without_progress(status: RunStatus) -> int:
+    """Ended attempts in a row, the latest last, whose host stored no checkpoint past where it started.
+    Attempts that never got a host (refused) neither add to the streak nor end it."""
+    streak = 0
+    for record in reversed(status.attempts):
+        if record.host is None or record.ended_at is None:
+            continue
+        if record.outcome == AttemptOutcome.COMPLETED or (
+                record.durable_step is not None and record.durable_step > record.start_step):
+            break
+        streak += 1
+    return streak
+
+
+def no_progress_stop(spec: RunSpec, status: RunStatus) -> Stop | None:
+    """Stop a run whose hosts keep being lost before any save instead of burning the reclaim budget."""
+    limit = spec.limits.max_attempts_without_progress
+    if attempts_without_progress(status) < limit:
+        return None
+    return Stop(RunState.FAILED,
+                f"no durable progress over {limit} attempts in a row (limit max_attempts_without_progress="
+                f"{limit}): each host was lost before a checkpoint was stored; give the script a longer notice, "
+                "checkpoint sooner (--checkpoint-min, --checkpoint-every), or raise --max-attempts-without-progress",
+                limit="max_attempts_without_progress")
+
+
 def excluded_hosts(spec: RunSpec, status: RunStatus, now: datetime) -> list[str]:
     """Hosts that failed for a host reason: out for the run, or for `limits.host_exclusion_seconds`."""
     span = spec.limits.host_exclusion_seconds
