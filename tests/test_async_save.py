@@ -152,3 +152,13 @@ def test_mtbf_estimate_learns_from_the_pool_and_ignores_others():
     learned = interval.estimate_mtbf_seconds(status, "pool-a", start + timedelta(hours=1))
     assert learned == pytest.approx((interval.PRIOR_HOURS + 1.0) / (interval.PRIOR_RECLAIMS + 4) * 3600)
     assert learned < prior
+
+
+def test_hosts_lost_before_their_first_save_bring_the_first_save_forward(agent, monkeypatch):
+    _, control = agent
+    monkeypatch.setenv("VL_CHECKPOINT_EVERY", "auto")
+    monkeypatch.setenv("VL_CHECKPOINT_MIN", "60s")
+    monkeypatch.setenv("VL_SHORTEST_HOST_LIFE", "9")
+    vaultlayer.should_save(1)
+    progress = json.loads((control / "progress.json").read_text())
+    assert progress["interval_seconds"] == 4.5 and "first save early" in progress["interval_reason"]

@@ -9,10 +9,11 @@ T0 = datetime(2026, 12, 1, tzinfo=UTC)
 
 
 def record(number: int, lived: float, outcome: AttemptOutcome, start_step: int = 0,
-           durable_step: int | None = None, host: str | None = "h") -> AttemptRecord:
+           durable_step: int | None = None, host: str | None = "h", emergency_save: str | None = "missed"
+           ) -> AttemptRecord:
     return AttemptRecord(attempt=number, host=host, pool="local", outcome=outcome, start_step=start_step,
                          durable_step=durable_step, started_at=T0 - timedelta(seconds=1), running_at=T0,
-                         ended_at=T0 + timedelta(seconds=lived))
+                         ended_at=T0 + timedelta(seconds=lived), emergency_save=emergency_save)
 
 
 def test_the_shortest_life_counts_only_hosts_lost_before_they_stored_a_checkpoint():
@@ -23,8 +24,14 @@ def test_the_shortest_life_counts_only_hosts_lost_before_they_stored_a_checkpoin
         record(4, 2.0, AttemptOutcome.FAILED, start_step=12),  # the script's own failure
         record(5, 1.0, AttemptOutcome.REFUSED, host=None),
     ])
-    assert shortest_life_without_a_save(status) == 9.0
-    assert shortest_life_without_a_save(RunStatus(run_id="r", started_at=T0)) is None
+    assert shortest_life_without_a_save(status, heartbeat_timeout_seconds=30.0) == 9.0
+    assert shortest_life_without_a_save(RunStatus(run_id="r", started_at=T0), 30.0) is None
+
+
+def test_a_host_lost_without_a_notice_died_a_heartbeat_timeout_before_its_attempt_ended():
+    status = RunStatus(run_id="r", started_at=T0, attempts=[record(1, 39.0, AttemptOutcome.RECLAIMED,
+                                                                   emergency_save=None)])
+    assert shortest_life_without_a_save(status, heartbeat_timeout_seconds=30.0) == 9.0
 
 
 def test_the_first_save_comes_at_half_the_shortest_life_below_the_minimum():

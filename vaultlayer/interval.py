@@ -68,12 +68,15 @@ def estimate_mtbf_seconds(status: RunStatus, pool_key: str, now: datetime) -> fl
     return hours / reclaims * 3600
 
 
-def shortest_life_without_a_save(status: RunStatus) -> float | None:
+def shortest_life_without_a_save(status: RunStatus, heartbeat_timeout_seconds: float) -> float | None:
     """Seconds the shortest-lived host of this run ran before it was lost without storing a checkpoint
-    (reclaimed or faulty, the durable step no further than where it started); None when none was."""
-    lives = [(record.ended_at - (record.running_at or record.started_at)).total_seconds()
-             for record in status.attempts
-             if record.host is not None and record.ended_at is not None
-             and record.outcome in ("reclaimed", "host-fault")
-             and (record.durable_step is None or record.durable_step <= record.start_step)]
+    (reclaimed or faulty, the durable step no further than where it started); None when none was. A host
+    lost without a notice was found by its silence: it died a heartbeat timeout before the attempt ended."""
+    lives = []
+    for record in status.attempts:
+        if (record.host is None or record.ended_at is None or record.outcome not in ("reclaimed", "host-fault")
+                or (record.durable_step is not None and record.durable_step > record.start_step)):
+            continue
+        life = (record.ended_at - (record.running_at or record.started_at)).total_seconds()
+        lives.append(life - (heartbeat_timeout_seconds if record.emergency_save is None else 0.0))
     return max(min(lives), 0.0) if lives else None
