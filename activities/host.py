@@ -293,6 +293,7 @@ class HostAgentActivities:
                 checkpoint_every=inp.checkpoint_every or "auto", checkpoint_min=inp.checkpoint_min,
                 checkpoint_max=inp.checkpoint_max, mtbf_seconds=inp.mtbf_seconds,
                 shortest_host_life_seconds=inp.shortest_host_life_seconds,
+                host_since=inp.host_since.timestamp() if inp.host_since else None,
             )
         return protocol.without_contract_variables(env) | contract.to_environ()
 

@@ -162,3 +162,12 @@ def test_hosts_lost_before_their_first_save_bring_the_first_save_forward(agent, 
     vaultlayer.should_save(1)
     progress = json.loads((control / "progress.json").read_text())
     assert progress["interval_seconds"] == 4.5 and "first save early" in progress["interval_reason"]
+
+
+def test_the_early_first_save_counts_from_the_hosts_start_not_the_scripts(agent, monkeypatch):
+    """Imports and a restore use part of a short host life: the early save is due that much sooner."""
+    _, control = agent
+    monkeypatch.setenv("VL_CHECKPOINT_EVERY", "auto")
+    monkeypatch.setenv("VL_SHORTEST_HOST_LIFE", "9")
+    monkeypatch.setenv("VL_HOST_SINCE", str(time.time() - 5))
+    assert vaultlayer.should_save(1)

@@ -234,6 +234,7 @@ class AttemptInput(VLModel):
     checkpoint_max: str = "30m"
     mtbf_seconds: float | None = None  # the workflow's estimate for this pool, for the automatic interval
     shortest_host_life_seconds: float | None = None  # interval.shortest_life_without_a_save, for the first save
+    host_since: datetime | None = None  # AttemptRecord.running_at: the host's life, and the early save, count from it
     heartbeat_interval_seconds: float = 1.0
     checkpoint_dir: str | None = None  # zero-code mode (RunSpec.checkpoint_dir)
 

@@ -294,6 +294,7 @@ class TrainingRun:
                 checkpoint_min=spec.checkpoint_min, checkpoint_max=spec.checkpoint_max,
                 mtbf_seconds=estimate_mtbf_seconds(self.status, host.pool.key, workflow.now()),
                 shortest_host_life_seconds=shortest_life_without_a_save(self.status, spec.heartbeat_timeout_seconds),
+                host_since=record.running_at,
                 heartbeat_interval_seconds=min(1.0, spec.heartbeat_timeout_seconds / 4),
                 checkpoint_dir=spec.checkpoint_dir,
             ),
