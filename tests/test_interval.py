@@ -2,7 +2,7 @@
 
 from datetime import UTC, datetime, timedelta
 
-from vaultlayer.interval import choose_interval, shortest_life_without_a_save
+from vaultlayer.interval import choose_interval, shortest_life_without_a_save, stored_a_checkpoint
 from vaultlayer.models import AttemptOutcome, AttemptRecord, RunStatus
 
 T0 = datetime(2026, 12, 1, tzinfo=UTC)
@@ -43,3 +43,13 @@ def test_the_first_save_comes_at_half_the_shortest_life_below_the_minimum():
 
 def test_the_minimum_still_bounds_the_steady_state():
     assert choose_interval(0.001, 7200.0, min_seconds=60.0, shortest_life_seconds=9.0)[0] == 60.0
+
+
+def test_a_later_resume_further_on_is_progress_though_the_lost_host_never_reported_it():
+    """A host lost without a notice takes its freshest heartbeat with it: the next start step tells."""
+    status = RunStatus(run_id="r", started_at=T0, attempts=[
+        record(1, 9.0, AttemptOutcome.RECLAIMED, emergency_save=None),
+        record(2, 9.0, AttemptOutcome.RECLAIMED, start_step=30, emergency_save=None),
+    ])
+    assert stored_a_checkpoint(status.attempts, 0) and not stored_a_checkpoint(status.attempts, 1)
+    assert shortest_life_without_a_save(status, heartbeat_timeout_seconds=0.0) == 9.0

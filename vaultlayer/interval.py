@@ -13,7 +13,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the SDK imports this module: keep pydantic out of a training process
-    from vaultlayer.models import RunStatus
+    from vaultlayer.models import AttemptRecord, RunStatus
 
 # Before a run has seen its pool, assume one reclaim per two hours: the middle of the published spot
 # traces (0.1 to 1.4 reclaims per instance-hour). Weighted like two hours of observation, so a run's
@@ -68,14 +68,24 @@ def estimate_mtbf_seconds(status: RunStatus, pool_key: str, now: datetime) -> fl
     return hours / reclaims * 3600
 
 
+def stored_a_checkpoint(attempts: list[AttemptRecord], index: int) -> bool:
+    """Whether attempt `attempts[index]` left durable progress: it completed, its durable step passed its
+    start, or a later attempt resumed further (a host lost without a notice takes its freshest heartbeat,
+    and so the durable step it reported last, with it)."""
+    record = attempts[index]
+    if record.outcome == "completed" or (record.durable_step or 0) > record.start_step:
+        return True
+    return any(later.start_step > record.start_step for later in attempts[index + 1:])
+
+
 def shortest_life_without_a_save(status: RunStatus, heartbeat_timeout_seconds: float) -> float | None:
     """Seconds the shortest-lived host of this run ran before it was lost without storing a checkpoint
-    (reclaimed or faulty, the durable step no further than where it started); None when none was. A host
-    lost without a notice was found by its silence: it died a heartbeat timeout before the attempt ended."""
+    (reclaimed or faulty); None when none was. A host lost without a notice was found by its silence: it
+    died a heartbeat timeout before the attempt ended."""
     lives = []
-    for record in status.attempts:
+    for index, record in enumerate(status.attempts):
         if (record.host is None or record.ended_at is None or record.outcome not in ("reclaimed", "host-fault")
-                or (record.durable_step is not None and record.durable_step > record.start_step)):
+                or stored_a_checkpoint(status.attempts, index)):
             continue
         life = (record.ended_at - (record.running_at or record.started_at)).total_seconds()
         lives.append(life - (heartbeat_timeout_seconds if record.emergency_save is None else 0.0))

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from vaultlayer.durations import parse_interval
+from vaultlayer.interval import stored_a_checkpoint
 from vaultlayer.models import (
     AttemptOutcome,
     AttemptRecord,
@@ -308,14 +309,14 @@ def limit_reached(spec: RunSpec, status: RunStatus, now: datetime) -> Stop | Non
 
 
 def attempts_without_progress(status: RunStatus) -> int:
-    """Ended attempts in a row, the latest last, whose host stored no checkpoint past where it started.
-    Attempts that never got a host (refused) neither add to the streak nor end it."""
+    """Ended attempts in a row, the latest last, whose host stored no checkpoint past where it started
+    (`stored_a_checkpoint`). Attempts that never got a host (refused) neither add to the streak nor end it."""
     streak = 0
-    for record in reversed(status.attempts):
+    for index in reversed(range(len(status.attempts))):
+        record = status.attempts[index]
         if record.host is None or record.ended_at is None:
             continue
-        if record.outcome == AttemptOutcome.COMPLETED or (
-                record.durable_step is not None and record.durable_step > record.start_step):
+        if stored_a_checkpoint(status.attempts, index):
             break
         streak += 1
     return streak
