@@ -161,7 +161,7 @@ def test_hosts_lost_before_their_first_save_bring_the_first_save_forward(agent, 
     monkeypatch.setenv("VL_SHORTEST_HOST_LIFE", "9")
     vaultlayer.should_save(1)
     progress = json.loads((control / "progress.json").read_text())
-    assert progress["interval_seconds"] == 4.5 and "first save early" in progress["interval_reason"]
+    assert progress["interval_seconds"] == 4.5 and "early saves every 4.5 s" in progress["interval_reason"]
 
 
 def test_the_early_first_save_counts_from_the_hosts_start_not_the_scripts(agent, monkeypatch):

@@ -34,15 +34,17 @@ def test_a_host_lost_without_a_notice_died_a_heartbeat_timeout_before_its_attemp
     assert shortest_life_without_a_save(status, heartbeat_timeout_seconds=30.0) == 9.0
 
 
-def test_the_first_save_comes_at_half_the_shortest_life_below_the_minimum():
+def test_saves_come_at_half_the_shortest_life_below_the_minimum_while_the_host_is_young():
     seconds, why = choose_interval(None, 7200.0, min_seconds=60.0, shortest_life_seconds=9.0)
     assert seconds == 4.5 and "early" in why and "9 s" in why
+    assert choose_interval(0.001, 7200.0, min_seconds=60.0, shortest_life_seconds=9.0, host_age_seconds=60)[0] == 4.5
+    assert choose_interval(None, 7200.0, min_seconds=60.0, shortest_life_seconds=0.2)[0] == 1.0  # at most 1/s
     assert choose_interval(None, 7200.0, min_seconds=60.0)[0] == 60.0
     assert choose_interval(None, 7200.0, min_seconds=60.0, shortest_life_seconds=600.0)[0] == 60.0
 
 
-def test_the_minimum_still_bounds_the_steady_state():
-    assert choose_interval(0.001, 7200.0, min_seconds=60.0, shortest_life_seconds=9.0)[0] == 60.0
+def test_the_minimum_bounds_the_steady_state_once_the_host_outlived_the_shortest_life_by_it():
+    assert choose_interval(0.001, 7200.0, min_seconds=60.0, shortest_life_seconds=9.0, host_age_seconds=70)[0] == 60.0
 
 
 def test_a_later_resume_further_on_is_progress_though_the_lost_host_never_reported_it():

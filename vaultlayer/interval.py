@@ -22,9 +22,10 @@ PRIOR_HOURS = 2.0
 PRIOR_RECLAIMS = 1.0
 DEFAULT_MIN_SECONDS = 60.0
 DEFAULT_MAX_SECONDS = 30 * 60.0
-# Once hosts of a run were lost before their first save, the first save comes at this share of the
-# shortest such life: early enough to land on a host that lives as short, late enough to do some work.
+# Once hosts of a run were lost before their first save, saves come at this share of the shortest such
+# life (never more often than MIN_EARLY_SECONDS): early enough to land on a host that lives as short.
 EARLY_SAVE_SHARE = 0.5
+MIN_EARLY_SECONDS = 1.0
 
 
 def young_daly_seconds(save_cost_seconds: float, mtbf_seconds: float) -> float:
@@ -37,15 +38,20 @@ def choose_interval(
     min_seconds: float = DEFAULT_MIN_SECONDS,
     max_seconds: float = DEFAULT_MAX_SECONDS,
     shortest_life_seconds: float | None = None,
+    host_age_seconds: float = 0.0,
 ) -> tuple[float, str]:
-    """The interval in seconds, and why, in words a person reads in `vl status`. `shortest_life_seconds`
-    (`shortest_life_without_a_save`) brings the first save forward: the minimum bounds the steady state,
-    not a first save that hosts of this run did not live to make."""
-    if save_cost_seconds is None:
-        early = EARLY_SAVE_SHARE * shortest_life_seconds if shortest_life_seconds else None
-        if early is not None and early < min_seconds:
-            return early, (f"first save early ({early:.3g} s): a host of this run was lost "
+    """The interval in seconds, and why, in words a person reads in `vl status`.
+
+    `shortest_life_seconds` (`shortest_life_without_a_save`) brings saves forward while this host is young:
+    the minimum bounds the steady state, not the saves that hosts of this run did not live to make. The
+    steady state starts once the host has outlived that life by the minimum (the life is a lower bound:
+    a host lost without a notice is found a heartbeat timeout late)."""
+    if shortest_life_seconds is not None:
+        early = max(EARLY_SAVE_SHARE * shortest_life_seconds, MIN_EARLY_SECONDS)
+        if early < min_seconds and host_age_seconds < shortest_life_seconds + min_seconds:
+            return early, (f"early saves every {early:.3g} s: a host of this run was lost "
                            f"{shortest_life_seconds:.3g} s in, before its first save")
+    if save_cost_seconds is None:
         return min_seconds, f"first save at the minimum interval ({min_seconds:g} s) to measure its cost"
     ideal = young_daly_seconds(save_cost_seconds, mtbf_seconds)
     chosen = min(max(ideal, min_seconds), max_seconds)

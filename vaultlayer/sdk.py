@@ -79,7 +79,8 @@ class _Session:
         self.last_save_step = self.restored.step if self.restored else 0
         # Hosts that die young are timed from their start, not the script's: imports and a restore take part
         # of a short life before the first step.
-        self.last_save_time = time.monotonic() - (host_age if self.shortest_life is not None else 0.0)
+        self.host_started = time.monotonic() - host_age
+        self.last_save_time = self.host_started if self.shortest_life is not None else time.monotonic()
         self.last_progress_time = float("-inf")
         self.saved_notice_ids: set[str] = set()
         self.notice_stat: tuple[int, int, int] | None = None
@@ -104,7 +105,7 @@ class _Session:
         unit, amount = self.interval or ("none", 0.0)
         if unit == "auto":
             return intervals.choose_interval(self.save_cost, self.mtbf_seconds, self.min_seconds, self.max_seconds,
-                                             self.shortest_life)
+                                             self.shortest_life, time.monotonic() - self.host_started)
         if unit == "seconds":
             return amount, "--checkpoint-every"
         return 0.0, f"every {amount:g} steps (--checkpoint-every)" if unit == "steps" else "only on notices"
