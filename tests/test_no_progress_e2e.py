@@ -25,9 +25,10 @@ async def test_hosts_taken_without_notice_before_the_first_save_bring_it_forward
     await vl_client.submit(temporal_env.client, spec, queue=control)
     status = await result_of(temporal_env.client, spec.run_id)
     assert status.state == RunState.SUCCEEDED, status.stop_reason
-    first, second = status.attempts[0], status.attempts[1]
+    first = status.attempts[0]
     assert first.outcome == AttemptOutcome.RECLAIMED and first.emergency_save is None and first.durable_step is None
-    assert second.durable_step is not None and second.durable_step > 0, "the second host saved before it died"
+    # Every host lived 10 s, far less than the 60 s minimum: each step kept was saved early.
+    assert status.reclaims >= 1 and status.attempts[-1].start_step > 0
     assert_same_weights(out, reference_weights(120))
 
 
