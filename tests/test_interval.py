@@ -50,8 +50,9 @@ def test_the_minimum_bounds_the_steady_state_once_the_host_outlived_the_shortest
 def test_a_later_resume_further_on_is_progress_though_the_lost_host_never_reported_it():
     """A host lost without a notice takes its freshest heartbeat with it: the next start step tells."""
     status = RunStatus(run_id="r", started_at=T0, attempts=[
-        record(1, 9.0, AttemptOutcome.RECLAIMED, emergency_save=None),
-        record(2, 9.0, AttemptOutcome.RECLAIMED, start_step=30, emergency_save=None),
+        record(1, 5.0, AttemptOutcome.RECLAIMED, emergency_save=None),
+        record(2, 9.0, AttemptOutcome.RECLAIMED, emergency_save=None),
+        record(3, 7.0, AttemptOutcome.RECLAIMED, start_step=30, emergency_save=None),
     ])
-    assert stored_a_checkpoint(status.attempts, 0) and not stored_a_checkpoint(status.attempts, 1)
-    assert shortest_life_without_a_save(status, heartbeat_timeout_seconds=0.0) == 9.0
+    assert [stored_a_checkpoint(status.attempts, i) for i in range(3)] == [False, True, False]
+    assert shortest_life_without_a_save(status, heartbeat_timeout_seconds=0.0) == 5.0

@@ -76,12 +76,12 @@ def estimate_mtbf_seconds(status: RunStatus, pool_key: str, now: datetime) -> fl
 
 def stored_a_checkpoint(attempts: list[AttemptRecord], index: int) -> bool:
     """Whether attempt `attempts[index]` left durable progress: it completed, its durable step passed its
-    start, or a later attempt resumed further (a host lost without a notice takes its freshest heartbeat,
-    and so the durable step it reported last, with it)."""
+    start, or the next attempt, placed once it had ended, resumed further (a host lost without a notice
+    takes its freshest heartbeat, and so the durable step it reported last, with it)."""
     record = attempts[index]
     if record.outcome == "completed" or (record.durable_step or 0) > record.start_step:
         return True
-    return any(later.start_step > record.start_step for later in attempts[index + 1:])
+    return index + 1 < len(attempts) and attempts[index + 1].start_step > record.start_step
 
 
 def shortest_life_without_a_save(status: RunStatus, heartbeat_timeout_seconds: float) -> float | None:
