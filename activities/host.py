@@ -41,8 +41,12 @@ NOTICE_POLL_SECONDS = 0.02
 # How long the end of an attempt waits for the script's last output to reach the log file (a child the script
 # left behind may hold its output open).
 OUTPUT_DRAIN_SECONDS = 5.0
-# Report a notice as reclaimed this long before its deadline even when no emergency save came.
-DEADLINE_MARGIN_SECONDS = 3.0
+# Report a notice as reclaimed a margin before its deadline even when no emergency save came: a quarter of
+# the notice, so a notice of a few seconds (a container marketplace's SIGTERM to SIGKILL) still leaves most
+# of it to the save, within bounds that leave time to report and never wait on a long notice for nothing.
+MARGIN_SHARE = 0.25
+MIN_MARGIN_SECONDS = 0.5
+MAX_MARGIN_SECONDS = 3.0
 # Waits between tries of a failing upload: a storage outage delays checkpoints, it never loses them.
 UPLOAD_BACKOFF_SECONDS = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
 
@@ -162,12 +166,19 @@ def read_interval(control: Path) -> str:
     return f"every {seconds:.0f} s: {why}" if seconds else why
 
 
+def deadline_margin(notice_seconds: float) -> float:
+    """How long before a notice's deadline the attempt stops waiting for the emergency save: it scales with
+    the notice, so a short one is not declared missed the moment it arrives."""
+    return min(max(notice_seconds * MARGIN_SHARE, MIN_MARGIN_SECONDS), MAX_MARGIN_SECONDS)
+
+
 def emergency_save_outcome(stored: bool, notice: Notice, now: float) -> str | None:
     """After a notice: "saved" once the emergency save is stored, "missed" once the deadline is too close to
-    wait any longer (DEADLINE_MARGIN_SECONDS before it), None while the attempt should keep waiting."""
+    wait any longer (`deadline_margin` before it), None while the attempt should keep waiting."""
     if stored:
         return "saved"
-    if now > notice.deadline.timestamp() - DEADLINE_MARGIN_SECONDS:
+    notice_seconds = (notice.deadline - notice.received_at).total_seconds()
+    if now > notice.deadline.timestamp() - deadline_margin(notice_seconds):
         return "missed"
     return None
 
@@ -302,6 +313,8 @@ class HostAgentActivities:
                 restore_step=inp.checkpoint.step if inp.checkpoint else None,
                 checkpoint_every=inp.checkpoint_every or "auto", checkpoint_min=inp.checkpoint_min,
                 checkpoint_max=inp.checkpoint_max, mtbf_seconds=inp.mtbf_seconds,
+                shortest_host_life_seconds=inp.shortest_host_life_seconds,
+                host_since=inp.host_since.timestamp() if inp.host_since else None,
             )
         return protocol.without_contract_variables(env) | contract.to_environ()
 

@@ -15,7 +15,7 @@ import sys
 from datetime import UTC, datetime
 
 from cli.context import UsageError, connect, fail
-from cli.render import attempt_line, cost_line, format_bytes, format_seconds, status_json
+from cli.render import attempt_line, cost_line, format_bytes, format_seconds, no_progress_line, status_json
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -63,6 +63,8 @@ async def cmd_status(args: argparse.Namespace) -> int:
         print(f"host {status.current_host.host_id}, step {status.step}, durable step {status.durable_step}")
     print(f"durable step {status.durable_step}, reclaims {status.reclaims}, steps lost {status.steps_lost}")
     print(cost_line(status))
+    if stalled := no_progress_line(status):
+        print(f"warning: {stalled}")
     if status.checkpoint_interval:
         print(f"checkpoint interval: {status.checkpoint_interval}")
     if status.waiting_on:

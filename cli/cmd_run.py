@@ -45,12 +45,15 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                                               "in DIR; vl restores DIR before each attempt and stores it when it "
                                               "changes and on a notice")
     run.add_argument("--keep-checkpoints", type=int, help="complete checkpoints kept (default 3)")
-    run.add_argument("--notice-seconds", type=float, help="local reclaim grace period (default 30)")
+    run.add_argument("--notice-seconds", type=float,
+                     help="local reclaim grace period (default 30); 0: --reclaim-every takes hosts without notice")
     run.add_argument("--reclaim-every", help="inject a reclaim (with notice) this long into each attempt, e.g. 20s")
     run.add_argument("--heartbeat-timeout", help="a host silent this long is lost (default 30s)")
     run.add_argument("--start-timeout", help="a host agent that does not start in this long is faulty (default 5m)")
     run.add_argument("--max-reclaims", type=int, help="stop after this many reclaims (default 200)")
     run.add_argument("--max-attempts", type=int, help="stop after this many attempts (default: no limit)")
+    run.add_argument("--max-attempts-without-progress", type=int,
+                     help="stop after this many attempts in a row store no checkpoint (default 10)")
     run.add_argument("--max-cost", type=float, help="stop once the run has cost this much, USD")
     run.add_argument("--deadline", help="stop this long from now, such as 36h; with --total-steps the policy "
                                         "plans to finish before it (docs/policy.md)")

@@ -23,6 +23,7 @@ from rich.table import Table
 from cli.context import EXIT_CANCELLED, Connection
 from vaultlayer.models import AttemptOutcome, AttemptRecord, FailureCause, RunState, RunStatus
 from workflows.accounting import running_cost
+from workflows.policy import attempts_without_progress
 
 # ---------------------------------------------------------------- lines
 
@@ -82,6 +83,16 @@ def ended_line(record: AttemptRecord) -> str:
     return f"attempt {record.attempt} {record.outcome.value if record.outcome else 'ended'}"
 
 
+def no_progress_line(status: RunStatus) -> str | None:
+    """A warning once two attempts in a row stored no checkpoint: the run is heading for the
+    max_attempts_without_progress limit; None while it makes progress."""
+    streak = attempts_without_progress(status)
+    if streak < 2:
+        return None
+    return (f"{streak} attempts in a row ended without durable progress: hosts are lost before a checkpoint "
+            "is stored (limit: max_attempts_without_progress)")
+
+
 def exit_code_of(status: RunStatus) -> int:
     if status.state == RunState.SUCCEEDED:
         return 0
@@ -125,6 +136,8 @@ class LiveView:
                 if previous is not None and previous.attempt not in self.ended:
                     self.ended.add(previous.attempt)
                     print(f"{ended_line(previous)}, resuming on host {record.host}", flush=True)
+                    if stalled := no_progress_line(status):
+                        print(f"warning: {stalled}", flush=True)
                 resume = f"resuming from step {record.start_step}" if record.start_step else "starting at step 0"
                 print(f"attempt {record.attempt} on host {record.host} ({record.pool}), {resume}", flush=True)
         current = status.current_attempt
@@ -231,6 +244,8 @@ def panel(status: RunStatus, rate: float | None, total_steps: int | None, now: d
     if status.waiting_on:
         table.add_row("waiting on", f"{status.waiting_on} (saves are retried)")
     table.add_row("reclaims", f"{status.reclaims} · steps lost {status.steps_lost}")
+    if stalled := no_progress_line(status):
+        table.add_row("no progress", stalled)
     table.add_row("cost so far", f"${cost_so_far(status, now):.2f}")
     if not total_steps:
         eta = "- (vl run --total-steps N gives one)"

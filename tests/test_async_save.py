@@ -152,3 +152,22 @@ def test_mtbf_estimate_learns_from_the_pool_and_ignores_others():
     learned = interval.estimate_mtbf_seconds(status, "pool-a", start + timedelta(hours=1))
     assert learned == pytest.approx((interval.PRIOR_HOURS + 1.0) / (interval.PRIOR_RECLAIMS + 4) * 3600)
     assert learned < prior
+
+
+def test_hosts_lost_before_their_first_save_bring_the_first_save_forward(agent, monkeypatch):
+    _, control = agent
+    monkeypatch.setenv("VL_CHECKPOINT_EVERY", "auto")
+    monkeypatch.setenv("VL_CHECKPOINT_MIN", "60s")
+    monkeypatch.setenv("VL_SHORTEST_HOST_LIFE", "9")
+    vaultlayer.should_save(1)
+    progress = json.loads((control / "progress.json").read_text())
+    assert progress["interval_seconds"] == 4.5 and "early saves every 4.5 s" in progress["interval_reason"]
+
+
+def test_the_early_first_save_counts_from_the_hosts_start_not_the_scripts(agent, monkeypatch):
+    """Imports and a restore use part of a short host life: the early save is due that much sooner."""
+    _, control = agent
+    monkeypatch.setenv("VL_CHECKPOINT_EVERY", "auto")
+    monkeypatch.setenv("VL_SHORTEST_HOST_LIFE", "9")
+    monkeypatch.setenv("VL_HOST_SINCE", str(time.time() - 5))
+    assert vaultlayer.should_save(1)

@@ -54,6 +54,23 @@ def test_the_panel_says_why_there_is_no_eta():
     assert "waiting for a placement" in text_of(render.panel(fresh, rate=None, total_steps=None, now=NOW))
 
 
+def stalled_status() -> RunStatus:
+    """Three hosts in a row lost before any checkpoint, a fourth running."""
+    lost = [AttemptRecord(attempt=n, pool="local", host=f"h-{n}", outcome=AttemptOutcome.RECLAIMED,
+                          started_at=NOW - timedelta(minutes=10 - n), ended_at=NOW - timedelta(minutes=9 - n))
+            for n in (1, 2, 3)]
+    current = AttemptRecord(attempt=4, pool="local", host="h-4", started_at=NOW)
+    return RunStatus(run_id="r-3", state=RunState.RUNNING, attempts=[*lost, current], reclaims=3)
+
+
+def test_the_panel_and_the_event_lines_say_when_attempts_end_without_durable_progress(capsys):
+    warning = "3 attempts in a row ended without durable progress"
+    assert warning in " ".join(text_of(render.panel(stalled_status(), rate=None, total_steps=None, now=NOW)).split())
+    render.LiveView().update(stalled_status())
+    assert f"warning: {warning}" in capsys.readouterr().out
+    assert render.no_progress_line(running_status()) is None
+
+
 def test_step_rate_is_per_attempt():
     rate = render.StepRate(window=20)
     rate.add(0.0, 1, 100)

@@ -313,3 +313,16 @@ async def test_setup_commands_run_before_the_command_and_a_failing_one_fails_the
     assert attempt.reason == "setup command 'exit 7' failed with exit code 7"
     assert "vl: setup command failed with exit code 7: exit 7" in attempt.log_tail
     assert not (bad_dir / "command-ran").exists(), "the command must not run after a failed setup"
+
+
+def test_the_no_progress_limit_from_the_file_and_the_flag_and_a_scheduled_reclaim_without_notice(project):
+    (project / "conf" / "vl.yaml").write_text(FULL.replace("workdir: .", "workdir: ..").replace(
+        "max_attempts: 4,", "max_attempts: 4, max_attempts_without_progress: 3,"))
+    assert spec_from(["run", "-f", "project/conf/vl.yaml"]).limits.max_attempts_without_progress == 3
+    flagged = spec_from(["run", "-f", "project/conf/vl.yaml", "--max-attempts-without-progress", "7",
+                         "--reclaim-every", "9s", "--notice-seconds", "0"])
+    assert flagged.limits.max_attempts_without_progress == 7 and flagged.notice_seconds == 0
+    assert make_spec(project, steps=1, out=project / "x").limits.max_attempts_without_progress == 10
+    for bad in (["--max-attempts-without-progress", "0"], ["--notice-seconds", "-1"]):
+        with pytest.raises(RunRequestError, match=bad[0]):
+            spec_from(["run", "-f", "project/conf/vl.yaml", *bad])

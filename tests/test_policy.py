@@ -358,3 +358,32 @@ def test_the_policy_and_the_accounting_are_pure(module):
     allowed = {"__future__", "math", "dataclasses", "datetime", "workflows.accounting"}
     assert {name for name in imported if not name.startswith("vaultlayer.")} <= allowed, imported
     assert "datetime.now" not in source and "time.time" not in source
+
+
+# ---------------------------------------------------------------- attempts without durable progress
+
+
+def test_attempts_in_a_row_that_store_no_checkpoint_stop_the_run_with_what_to_change():
+    history = History().add(EAST_A, AttemptOutcome.RECLAIMED, durable_step=40)
+    for _ in range(3):
+        history.add(EAST_A, AttemptOutcome.RECLAIMED, minutes(0.1))
+        history.add(EAST_A, AttemptOutcome.REFUSED)  # neither adds to the streak nor ends it
+    assert policy.attempts_without_progress(history.status) == 3
+    assert policy.no_progress_stop(spec(max_attempts_without_progress=4), history.status) is None
+    history.add(EAST_A, AttemptOutcome.HOST_FAULT, minutes(0.1))
+    stop = policy.no_progress_stop(spec(max_attempts_without_progress=4), history.status)
+    assert isinstance(stop, Stop) and stop.state == RunState.FAILED
+    assert stop.limit == "max_attempts_without_progress"
+    assert stop.reason.startswith("no durable progress over 4 attempts in a row")
+    assert "longer notice" in stop.reason and "--max-attempts-without-progress" in stop.reason
+    assert policy.no_progress_stop(spec(), history.status) is None  # the default is 10
+
+
+def test_an_attempt_that_stores_a_checkpoint_ends_the_streak():
+    history = History()
+    for _ in range(10):
+        history.add(EAST_A, AttemptOutcome.RECLAIMED, minutes(0.1))
+    assert isinstance(policy.no_progress_stop(spec(), history.status), Stop)
+    history.add(EAST_A, AttemptOutcome.RECLAIMED, minutes(0.1), durable_step=5)
+    assert policy.attempts_without_progress(history.status) == 0
+    assert policy.no_progress_stop(spec(), history.status) is None

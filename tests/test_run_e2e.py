@@ -205,25 +205,20 @@ async def test_operator_reclaim(temporal_env, control, vl_home, tmp_path, refere
     assert_same_weights(out, reference_weights(150))
 
 
-async def test_a_notice_whose_deadline_cannot_be_met_is_reported_and_the_older_checkpoint_used(
+async def test_a_notice_shorter_than_the_old_margin_is_saved_on_every_reclaim(
         temporal_env, control, vl_home, tmp_path, reference_weights):
+    """A 3 s margin declared a notice of 3 s or less missed the moment it came; the margin now scales with
+    the notice (the missed path: tests/faults/test_notices.py, a notice seen after its deadline)."""
     out = tmp_path / "w.pt"
-    # A 1 s notice is inside the agent's safety margin: no emergency save can be stored in time.
-    spec = make_spec(tmp_path, steps=150, out=out, notice_seconds=1.0)
-    client = temporal_env.client
-    await vl_client.submit(client, spec, queue=control)
-
-    async def checkpointed():
-        status = await live_status(client, spec.run_id)
-        return status if (status.durable_step or 0) >= 10 and status.current_host else None
-
-    await wait_until(checkpointed, 90, "a periodic checkpoint")
-    await vl_client.reclaim(client, spec.run_id)
-    status = await result_of(client, spec.run_id)
-    first, second = status.attempts[0], status.attempts[1]
-    assert first.outcome == AttemptOutcome.RECLAIMED and first.emergency_save == "missed"
-    assert "missed the deadline" in first.reason
-    assert first.durable_step is not None and first.durable_step % 10 == 0, "the last periodic checkpoint"
-    assert second.start_step == first.durable_step
+    # Only emergency saves store checkpoints (the automatic interval's first save comes after 60 s), so the
+    # run loses no step only if every reclaim saved. 150 steps of 0.1 s take 15 s: more than one 10 s attempt.
+    spec = make_spec(tmp_path, steps=150, out=out, step_time=0.1, reclaim_every_seconds=10.0, notice_seconds=2.0,
+                     checkpoint_every=None)
+    await vl_client.submit(temporal_env.client, spec, queue=control)
+    status = await result_of(temporal_env.client, spec.run_id)
     assert status.state == RunState.SUCCEEDED
+    # A script still importing when the notice came (a loaded machine) has nothing to save: not counted.
+    stepped = [a for a in status.attempts if a.outcome == AttemptOutcome.RECLAIMED and (a.end_step or 0) > a.start_step]
+    assert stepped and all(a.emergency_save == "saved" for a in stepped), status.attempts
+    assert status.steps_lost == 0
     assert_same_weights(out, reference_weights(150))

@@ -132,6 +132,8 @@ class LimitsConfig(ConfigModel):
                                             "with its zone (2026-12-01T18:00:00Z)")
     max_attempts: int | None = Field(None, ge=0, description="stop after this many attempts")
     max_reclaims: int | None = Field(None, ge=0, description="stop after this many reclaims (default 200)")
+    max_attempts_without_progress: int | None = Field(
+        None, gt=0, description="stop after this many attempts in a row store no checkpoint (default 10)")
     script_retries: int | None = Field(None, ge=0, description="retries when the script itself fails")
     total_steps: int | None = Field(None, gt=0, description="the step the script finishes at")
     work: Duration | None = Field(None, description="how long the run takes uninterrupted, such as 24h")
@@ -238,6 +240,7 @@ class LoadedConfig(BaseModel):
             "setup": config.setup or None, "storage": saving.storage, "checkpoint_every": saving.every,
             "checkpoint_min": saving.min, "checkpoint_max": saving.max, "keep_checkpoints": saving.keep,
             "max_cost": limits.max_cost, "max_attempts": limits.max_attempts, "max_reclaims": limits.max_reclaims,
+            "max_attempts_without_progress": limits.max_attempts_without_progress,
             "script_retries": limits.script_retries, "total_steps": limits.total_steps, "work": limits.work,
             "deadline": self._deadline(), "on_demand_fallback": config.resources.on_demand_fallback}
         values = {name: value for name, value in from_file.items() if value is not None and name not in chosen}

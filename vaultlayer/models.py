@@ -56,6 +56,7 @@ class Limits(VLModel):
     max_cost: float | None = None  # USD, over all attempts
     deadline: datetime | None = None  # stop here; with a work estimate the policy plans to finish before it
     host_exclusion_seconds: float | None = None  # how long a faulty host stays excluded; None: the whole run
+    max_attempts_without_progress: int = 10  # attempts in a row that store no checkpoint
 
 
 class RunSpec(VLModel):
@@ -243,6 +244,8 @@ class AttemptInput(VLModel):
     checkpoint_min: str = "60s"
     checkpoint_max: str = "30m"
     mtbf_seconds: float | None = None  # the workflow's estimate for this pool, for the automatic interval
+    shortest_host_life_seconds: float | None = None  # interval.shortest_life_without_a_save, for the first save
+    host_since: datetime | None = None  # AttemptRecord.running_at: the host's life, and the early save, count from it
     heartbeat_interval_seconds: float = 1.0
     checkpoint_dir: str | None = None  # zero-code mode (RunSpec.checkpoint_dir)
 

@@ -30,6 +30,9 @@ ENV_CHECKPOINT_MAX = "VL_CHECKPOINT_MAX"
 ENV_MTBF_SECONDS = "VL_MTBF_SECONDS"  # the pool's expected time between reclaims, for the automatic interval
 # Test-only, read by the agent, never set for the script: the directory of vaultlayer/failpoints.py's pause files.
 ENV_FAILPOINTS = "VL_FAILPOINTS"
+# The shortest life of a host of this run that was lost before its first save: the first save comes earlier.
+ENV_SHORTEST_HOST_LIFE = "VL_SHORTEST_HOST_LIFE"
+ENV_HOST_SINCE = "VL_HOST_SINCE"  # when this host was handed over (epoch seconds): the early first save counts from it
 
 # --- Files ---------------------------------------------------------------------------------------------------
 SAVE_RECORD = "vl-save.json"  # in a staged save, written last before the commit rename; never uploaded
@@ -65,6 +68,8 @@ class ScriptEnv:
     checkpoint_min: str = "60s"
     checkpoint_max: str = "30m"
     mtbf_seconds: float | None = None
+    shortest_host_life_seconds: float | None = None
+    host_since: float | None = None
 
     def to_environ(self) -> dict[str, str]:
         env = {ENV_RUN_ID: self.run_id, ENV_ATTEMPT: str(self.attempt)}
@@ -77,6 +82,10 @@ class ScriptEnv:
                 ENV_CHECKPOINT_MAX: self.checkpoint_max}
         if self.mtbf_seconds:
             env[ENV_MTBF_SECONDS] = str(self.mtbf_seconds)
+        if self.shortest_host_life_seconds is not None:
+            env[ENV_SHORTEST_HOST_LIFE] = str(self.shortest_host_life_seconds)
+        if self.host_since is not None:
+            env[ENV_HOST_SINCE] = str(self.host_since)
         return env
 
 

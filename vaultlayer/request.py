@@ -80,6 +80,7 @@ class RunRequest(BaseModel):
     start_timeout: str = "5m"
     max_reclaims: int | None = None
     max_attempts: int | None = None
+    max_attempts_without_progress: int | None = None
     max_cost: float | None = None
     deadline: str | datetime | None = None  # a duration from now, or a time with its zone
     total_steps: int | None = None
@@ -127,8 +128,9 @@ def build_spec(request: RunRequest, warn: Warn = _python_warning) -> RunSpec:
     if shortest > _seconds("--checkpoint-max", request.checkpoint_max):
         raise RunRequestError(f"--checkpoint-min {request.checkpoint_min} is above "
                               f"--checkpoint-max {request.checkpoint_max}")
-    if request.notice_seconds <= 0:
-        raise RunRequestError(f"--notice-seconds {request.notice_seconds}: must be positive, such as 30")
+    if request.notice_seconds < 0:
+        raise RunRequestError(f"--notice-seconds {request.notice_seconds}: must be zero (no notice) or more, "
+                              "such as 30")
     checkpoint_dir = checkpoint_directory(request.checkpoint_dir, workdir)
     if request.keep_checkpoints < 1:
         raise RunRequestError(f"--keep-checkpoints {request.keep_checkpoints}: must be at least 1")
@@ -141,7 +143,8 @@ def build_spec(request: RunRequest, warn: Warn = _python_warning) -> RunSpec:
     for flag, value in (("--max-reclaims", request.max_reclaims), ("--max-attempts", request.max_attempts)):
         if value is not None and value < 0:
             raise RunRequestError(f"{flag} {value}: must be zero or more")
-    for flag, value in (("--max-cost", request.max_cost), ("--total-steps", request.total_steps)):
+    for flag, value in (("--max-cost", request.max_cost), ("--total-steps", request.total_steps),
+                        ("--max-attempts-without-progress", request.max_attempts_without_progress)):
         if value is not None and value <= 0:
             raise RunRequestError(f"{flag} {value}: must be more than zero")
     submitted_at = datetime.now(UTC)
@@ -156,6 +159,8 @@ def build_spec(request: RunRequest, warn: Warn = _python_warning) -> RunSpec:
         limits.max_reclaims = request.max_reclaims
     if request.max_attempts is not None:
         limits.max_attempts = request.max_attempts
+    if request.max_attempts_without_progress is not None:
+        limits.max_attempts_without_progress = request.max_attempts_without_progress
     return RunSpec(
         run_id=run_id,
         command=command,

@@ -65,6 +65,10 @@ class _Session:
             raise ValueError(f"{protocol.ENV_CHECKPOINT_EVERY}: {err}") from None
         try:
             self.mtbf_seconds = float(environ.get(protocol.ENV_MTBF_SECONDS, intervals.PRIOR_HOURS * 3600))
+            life = environ.get(protocol.ENV_SHORTEST_HOST_LIFE)
+            self.shortest_life = float(life) if life else None
+            since = environ.get(protocol.ENV_HOST_SINCE)
+            host_age = max(time.time() - float(since), 0.0) if since else 0.0
             self.min_seconds = parse_duration(environ.get(protocol.ENV_CHECKPOINT_MIN, "60s"))
             self.max_seconds = parse_duration(environ.get(protocol.ENV_CHECKPOINT_MAX, "30m"))
         except ValueError as err:
@@ -73,7 +77,10 @@ class _Session:
         self.in_flight: _Slot | None = None
         self.coalesced = 0
         self.last_save_step = self.restored.step if self.restored else 0
-        self.last_save_time = time.monotonic()
+        # Hosts that die young are timed from their start, not the script's: imports and a restore take part
+        # of a short life before the first step.
+        self.host_started = time.monotonic() - host_age
+        self.last_save_time = self.host_started if self.shortest_life is not None else time.monotonic()
         self.last_progress_time = float("-inf")
         self.saved_notice_ids: set[str] = set()
         self.notice_stat: tuple[int, int, int] | None = None
@@ -97,7 +104,8 @@ class _Session:
     def interval_seconds(self) -> tuple[float, str]:
         unit, amount = self.interval or ("none", 0.0)
         if unit == "auto":
-            return intervals.choose_interval(self.save_cost, self.mtbf_seconds, self.min_seconds, self.max_seconds)
+            return intervals.choose_interval(self.save_cost, self.mtbf_seconds, self.min_seconds, self.max_seconds,
+                                             self.shortest_life, time.monotonic() - self.host_started)
         if unit == "seconds":
             return amount, "--checkpoint-every"
         return 0.0, f"every {amount:g} steps (--checkpoint-every)" if unit == "steps" else "only on notices"

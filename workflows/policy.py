@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from vaultlayer.durations import parse_interval
+from vaultlayer.interval import stored_a_checkpoint
 from vaultlayer.models import (
     AttemptOutcome,
     AttemptRecord,
@@ -310,6 +311,32 @@ def limit_reached(spec: RunSpec, status: RunStatus, now: datetime) -> Stop | Non
     if limits.deadline is not None and now >= limits.deadline:
         return Stop(RunState.FAILED, f"limit deadline={limits.deadline.isoformat()} reached", limit="deadline")
     return None
+
+
+def attempts_without_progress(status: RunStatus) -> int:
+    """Ended attempts in a row, the latest last, whose host stored no checkpoint past where it started
+    (`stored_a_checkpoint`). Attempts that never got a host (refused) neither add to the streak nor end it."""
+    streak = 0
+    for index in reversed(range(len(status.attempts))):
+        record = status.attempts[index]
+        if record.host is None or record.ended_at is None:
+            continue
+        if stored_a_checkpoint(status.attempts, index):
+            break
+        streak += 1
+    return streak
+
+
+def no_progress_stop(spec: RunSpec, status: RunStatus) -> Stop | None:
+    """Stop a run whose hosts keep being lost before any save instead of burning the reclaim budget."""
+    limit = spec.limits.max_attempts_without_progress
+    if attempts_without_progress(status) < limit:
+        return None
+    return Stop(RunState.FAILED,
+                f"no durable progress over {limit} attempts in a row (limit max_attempts_without_progress="
+                f"{limit}): each host was lost before a checkpoint was stored; give the script a longer notice, "
+                "checkpoint sooner (--checkpoint-min, --checkpoint-every), or raise --max-attempts-without-progress",
+                limit="max_attempts_without_progress")
 
 
 def excluded_hosts(spec: RunSpec, status: RunStatus, now: datetime) -> list[str]:

@@ -51,7 +51,7 @@ with workflow.unsafe.imports_passed_through():
         VerifyInput,
     )
     from vaultlayer import ui
-    from vaultlayer.interval import estimate_mtbf_seconds
+    from vaultlayer.interval import estimate_mtbf_seconds, shortest_life_without_a_save
     from workflows import accounting, policy
 
 WORKFLOW_NAME = "TrainingRun"
@@ -67,6 +67,7 @@ CONTROL_HEARTBEAT_TIMEOUT = timedelta(minutes=1)
 SEARCH_ATTRIBUTES_PATCH = "search-attributes"
 # A cancel lets a provision in flight return first, so that the reap that follows finds the host it made.
 PROVISION_CANCEL_PATCH = "provision-finishes-before-cancel"
+NO_PROGRESS_PATCH = "max-attempts-without-progress"
 
 
 def control_options(start_to_close: timedelta, retry: RetryPolicy = CONTROL_RETRY) -> dict[str, Any]:
@@ -141,6 +142,10 @@ class TrainingRun:
                     await self._run_moved()
                     continue
                 decision = policy.next_placement(spec, self.status, workflow.now())
+                # Asked only when the limit is reached: a history recorded before it then replays unchanged.
+                stalled = None if isinstance(decision, policy.Stop) else policy.no_progress_stop(spec, self.status)
+                if stalled is not None and workflow.patched(NO_PROGRESS_PATCH):
+                    decision = stalled
                 if isinstance(decision, policy.Stop):
                     self.status.state, self.status.stop_reason = decision.state, decision.reason
                     self.status.exit_code = decision.exit_code
@@ -288,6 +293,8 @@ class TrainingRun:
                 checkpoint=checkpoint, checkpoint_every=spec.checkpoint_every,
                 checkpoint_min=spec.checkpoint_min, checkpoint_max=spec.checkpoint_max,
                 mtbf_seconds=estimate_mtbf_seconds(self.status, host.pool.key, workflow.now()),
+                shortest_host_life_seconds=shortest_life_without_a_save(self.status, spec.heartbeat_timeout_seconds),
+                host_since=record.running_at,
                 heartbeat_interval_seconds=min(1.0, spec.heartbeat_timeout_seconds / 4),
                 checkpoint_dir=spec.checkpoint_dir,
             ),
@@ -363,7 +370,7 @@ class TrainingRun:
 
     async def _reclaim_on_schedule(self, host: Host) -> None:
         await workflow.sleep(self.spec.reclaim_every_seconds)
-        self._inject(host, with_notice=True)
+        self._inject(host, with_notice=self.spec.notice_seconds > 0)  # 0: the scheduled `vl reclaim --no-notice`
 
     def _inject(self, host: Host, with_notice: bool) -> None:
         self.injections.append(asyncio.create_task(self._reclaim_host(host, with_notice)))

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
 import structlog
@@ -58,6 +59,12 @@ def kill_group(pgid: int, sig: int = signal.SIGKILL) -> None:
         os.killpg(pgid, sig)
     except ProcessLookupError:
         pass
+
+
+def announced_deadline(deadline: float) -> datetime:
+    """The deadline as the notice document can say it: whole seconds (the AWS instance-action shape has no
+    fraction), rounded up so a short notice is never announced shorter than it is."""
+    return datetime.fromtimestamp(math.ceil(deadline), UTC)
 
 
 class LocalProvider:
@@ -194,7 +201,7 @@ class LocalProvider:
         pgid = int(host.handle["pgid"])
         self._update_tag(host, reclaimed_at=time.time())
         if request.with_notice:
-            deadline = datetime.now(UTC) + timedelta(seconds=request.notice_seconds)
+            deadline = announced_deadline(time.time() + request.notice_seconds)
             notice_file = Path(host.handle["dir"]) / "metadata" / NOTICE_RELATIVE_PATH
             notice_file.parent.mkdir(parents=True, exist_ok=True)
             body = {"action": "terminate", "time": deadline.strftime("%Y-%m-%dT%H:%M:%SZ")}
@@ -202,7 +209,7 @@ class LocalProvider:
             tmp.write_text(json.dumps(body))
             tmp.replace(notice_file)
             log.info("reclaim notice", host=host.host_id, deadline=body["time"])
-            end = time.monotonic() + request.notice_seconds
+            end = time.monotonic() + (deadline.timestamp() - time.time())  # the deadline announced, not earlier
             while time.monotonic() < end and group_alive(pgid):
                 if heartbeat:
                     heartbeat()
