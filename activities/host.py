@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import signal
+import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -25,7 +27,7 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities import setup_commands
-from activities.attempt_logs import LogShipper, MaskedLog, mask, secret_values
+from activities.attempt_logs import LogShipper, mask, secret_values
 from activities.env_secrets import SecretUnavailable, handed_over, resolve_secrets
 from activities.notices import NoticeSource
 from activities.snapshots import SETTLE_SECONDS, DirectorySnapshots, restore_directory
@@ -201,7 +203,7 @@ class RunningScript:
     """The started script and what runs beside it until the attempt ends."""
 
     process: asyncio.subprocess.Process
-    output: asyncio.Task  # copies the script's output, masked, into the attempt's log file (MaskedLog)
+    output: asyncio.Task  # ends when the masker has the script's output, masked, in the attempt's log file
     shipper: LogShipper
     snapshots: DirectorySnapshots | None  # zero-code mode
     uploader: Uploader
@@ -220,6 +222,21 @@ class RunningScript:
             return self.notice_id in self.uploader.emergency_stored
         # Zero-code: the directory as of the notice, and every snapshot before it, is in storage.
         return self.snapshots.covered_notice == self.notice_id and self.uploader.idle()
+
+
+async def _start_masker(log_path: Path, secrets: list[bytes], output: int) -> asyncio.subprocess.Process:
+    """activities/log_masker.py reading the script's output from the pipe `output` (closed here once it has
+    it); the secret values reach it over a pipe of their own."""
+    secrets_read, secrets_write = os.pipe()
+    try:
+        with os.fdopen(secrets_write, "wb") as sink:
+            sink.write(json.dumps([value.decode() for value in secrets]).encode())
+        return await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "activities.log_masker", str(log_path), str(secrets_read),
+            stdin=output, stdout=asyncio.subprocess.DEVNULL, pass_fds=(secrets_read,))
+    finally:
+        os.close(secrets_read)
+        os.close(output)
 
 
 class HostAgentActivities:
@@ -355,20 +372,25 @@ class HostAgentActivities:
             snapshots = DirectorySnapshots(Path(inp.checkpoint_dir), ctx.staging, ctx.progress.start_step,
                                            restored=inp.checkpoint is not None)
         script_env = self._script_env(ctx) | secrets
-        process = await asyncio.create_subprocess_exec(  # OSError: the command cannot start on this host
-            *setup_commands.wrap(inp.setup, inp.command, ctx.control / protocol.SETUP_FAILED_FILE),
-            cwd=inp.workdir,
-            env=script_env,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-        )
+        start = ctx.log_path.stat().st_size if ctx.log_path.exists() else 0
+        # Masked on its way into the file, by a process of its own that outlives this agent: the raw log on
+        # the host never holds a secret value, and a script the agent leaves behind does not die with it.
+        output_read, output_write = os.pipe()
+        masker = await _start_masker(ctx.log_path, secret_values(script_env, secrets.values()), output_read)
+        try:
+            process = await asyncio.create_subprocess_exec(  # OSError: the command cannot start on this host
+                *setup_commands.wrap(inp.setup, inp.command, ctx.control / protocol.SETUP_FAILED_FILE),
+                cwd=inp.workdir,
+                env=script_env,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=output_write,
+                stderr=output_write,
+            )
+        finally:
+            os.close(output_write)  # the masker ends when the script and its children have closed theirs
         ctx.log.info("script started", pid=process.pid, command=inp.command[0])
-        # Masked on its way into the file: the raw log on the host never holds a secret value.
-        log_file = open(ctx.log_path, "ab")  # noqa: SIM115 - closed by MaskedLog.copy at the output's end
-        shipper = LogShipper(inp.storage_url, inp.run_id, inp.attempt, ctx.log_path, start=log_file.tell())
-        output = asyncio.create_task(MaskedLog(log_file, secret_values(script_env, secrets.values()))
-                                     .copy(process.stdout))
+        shipper = LogShipper(inp.storage_url, inp.run_id, inp.attempt, ctx.log_path, start=start)
+        output = asyncio.create_task(masker.wait())
         shipper.start(script_env, secrets.values())  # the output goes to storage too, so it outlives the host
         ctx.progress.phase = "running"
         uploader = Uploader(inp, ctx.staging, ctx.progress.durable_step)

@@ -116,6 +116,61 @@ def test_the_masked_log_catches_a_secret_split_between_reads():
     assert file.getvalue() == b"token=*** and ***; hunting ok\npartial s3c"
 
 
+_AGENT = """
+import asyncio, os, sys
+from pathlib import Path
+from activities.host import _start_masker
+
+async def main():
+    output_read, output_write = os.pipe()
+    await _start_masker(Path(sys.argv[1]), [b"hunter2-value"], output_read)
+    writer = await asyncio.create_subprocess_exec(sys.executable, "-c", sys.argv[2], stdout=output_write,
+                                                  stderr=output_write)
+    os.close(output_write)
+    print(writer.pid, flush=True)
+    await asyncio.sleep(3600)
+
+asyncio.run(main())
+"""
+_WRITER = """
+import itertools, pathlib, sys, time
+for n in itertools.count():
+    print(f"line {n} token hunter2-value", flush=True)
+    if pathlib.Path(sys.argv[1]).exists():
+        break
+    time.sleep(0.05)
+"""
+
+
+async def test_a_script_outlives_its_killed_agent_and_its_output_stays_masked(tmp_path):
+    """The masker is a process of its own: when the agent is SIGKILLed, the script's writes do not break (an
+    agent-held pipe would kill it with EPIPE, and a host that still runs its script would look reclaimed)."""
+    import subprocess
+
+    from tests.helpers import wait_until
+
+    log_path, stop = tmp_path / "a1.log", tmp_path / "stop"
+    writer_code = _WRITER.replace("sys.argv[1]", repr(str(stop)))
+    agent = subprocess.Popen([sys.executable, "-c", _AGENT, str(log_path), writer_code], cwd=REPO,
+                             stdout=subprocess.PIPE, text=True)
+    writer_pid = int(agent.stdout.readline())
+    try:
+        async def lines_at_least(count):
+            return log_path.exists() and log_path.read_text().count("\n") >= count
+
+        await wait_until(lambda: lines_at_least(2), 60, "the first lines")
+        agent.kill()
+        agent.wait()
+        written = log_path.read_text().count("\n")
+        # The script writes on after its agent died, and what it writes still reaches the file, masked.
+        await wait_until(lambda: lines_at_least(written + 5), 60, "lines after the agent died")
+        assert os.path.exists(f"/proc/{writer_pid}")
+    finally:
+        stop.touch()
+    text = log_path.read_text()
+    assert "hunter2-value" not in text and "token ***" in text
+
+
 async def test_a_printed_secret_never_reaches_the_hosts_raw_log(temporal_env, control, vl_home, tmp_path):
     planted = f"planted-{secrets.token_hex(16)}"
     source = f"RAW_LOG_{secrets.token_hex(4).upper()}"
