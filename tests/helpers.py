@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import socket
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -18,6 +19,13 @@ from activities.providers.local import group_members
 from vaultlayer import checkpoint, failpoints, protocol
 from vaultlayer import client as vl_client
 from vaultlayer.models import RunStatus
+
+# `vl` as a terminal starts it in the foreground: SIGINT at its default disposition. A runner started in the
+# background by a non-interactive shell inherits SIGINT *ignored*, passes that on to its children, and Python
+# then keeps ignoring it (it installs its KeyboardInterrupt handler only over the default), so a test's
+# Ctrl-C would never land. The shim resets it, then execs `python -m cli.main ARGS`.
+FOREGROUND_VL = [sys.executable, "-c", "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+                                       "os.execv(sys.executable, [sys.executable, '-m', 'cli.main', *sys.argv[1:]])"]
 
 POLL_SECONDS = 0.3  # each look may be a workflow query: a faster poll loads the control plane under test
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, TRAIN_TINY, assert_same_weights, group_alive
-from tests.helpers import free_port
+from tests.helpers import FOREGROUND_VL, free_port
 
 
 @pytest.fixture
@@ -128,7 +128,7 @@ def test_ctrl_c_detaches_and_cancel_releases_the_host(cli_env, tmp_path):
     import time
 
     run = subprocess.Popen(
-        [sys.executable, "-m", "cli.main", "run", "--checkpoint-every", "10", "--", "python", str(TRAIN_TINY),
+        [*FOREGROUND_VL, "run", "--checkpoint-every", "10", "--", "python", str(TRAIN_TINY),
          "--steps", "5000", "--step-time", "0.05", "--out", str(tmp_path / "w.pt")],
         env=cli_env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )

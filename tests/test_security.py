@@ -29,7 +29,7 @@ from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 
 from activities.providers.local import LocalProvider
 from tests.conftest import REPO, TRAIN_TINY, make_spec
-from tests.helpers import free_port
+from tests.helpers import FOREGROUND_VL, free_port
 from vaultlayer import checkpoint
 from vaultlayer import client as vl_client
 from vaultlayer.codec import ENCODING, AesGcmCodec, EncryptionKeyError, data_converter, key_id, load_keys
@@ -195,7 +195,9 @@ def test_codec_server_round_trips_over_http():
 def test_vl_codec_server_serves_with_the_shells_key(tmp_path):
     key_file = tmp_path / "keys"
     key_file.write_text(new_key() + "\n")
-    server = subprocess.Popen([sys.executable, "-m", "cli.main", "codec-server", "--port", "0"], cwd=REPO,
+    # As a terminal starts it: SIGINT at its default, not ignored as a runner started in the background by a
+    # non-interactive shell would pass it on (Python then ignores Ctrl-C; tests/helpers.py FOREGROUND_VL).
+    server = subprocess.Popen([*FOREGROUND_VL, "codec-server", "--port", "0"], cwd=REPO,
                               env={**os.environ, "VL_ENCRYPTION_KEY_FILE": str(key_file)}, stdout=subprocess.PIPE,
                               text=True)
     try:
