@@ -13,6 +13,7 @@ import socket
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from activities.providers.local import group_members
@@ -117,14 +118,28 @@ def thaw(pids: list[int]) -> None:
             pass
 
 
+@dataclass(frozen=True)
+class HeldScript:
+    step: int  # the step its progress file shows, frozen
+    pids: list[int]  # for `thaw`
+
+
+async def hold_script(control: Path, step: int, timeout: float = 120) -> HeldScript:
+    """Freeze a local host's script once it reached `step` (it may be a few steps past), so the test can act
+    before it moves on or ends; `thaw(held.pids)` in a `finally` lets it go."""
+    await wait_for_script_step(control, step, timeout)
+    pids = freeze(json.loads((control.parent.parent / "host.json").read_text())["pgid"])
+    progress = protocol.read_progress(control)
+    return HeldScript(step=progress.step if progress is not None else step, pids=pids)
+
+
 async def reclaim_after_checkpoint(client, vl_home: Path, run_id: str, durable: int, host_id: str = "h-1",
                                    attempt: int = 1, reclaims: int = 1) -> None:
     """Reclaim an attempt, with a notice, once a checkpoint at `durable` or later is stored and reported, however
     short its script: the script is frozen from a few steps past `durable` until the notice has reached it (the
     agent forwarded it), so the run cannot end first and the emergency save still comes. `reclaims` at once."""
     control = control_dir(vl_home, run_id, host_id, attempt)
-    await wait_for_script_step(control, durable + 5)  # the save at `durable` is committed by then
-    frozen = freeze(json.loads((control.parent.parent / "host.json").read_text())["pgid"])
+    held = await hold_script(control, durable + 5)  # the save at `durable` is committed by then
     try:
         await wait_for_progress(client, run_id, steps=0, durable=durable, attempt=attempt)
         await asyncio.gather(*(vl_client.reclaim(client, run_id) for _ in range(reclaims)))
@@ -134,7 +149,7 @@ async def reclaim_after_checkpoint(client, vl_home: Path, run_id: str, durable: 
 
         await wait_until(notice_forwarded, 60, "the notice to reach the script")
     finally:
-        thaw(frozen)
+        thaw(held.pids)
 
 
 class Failpoints:

@@ -11,7 +11,8 @@ import pytest
 from temporalio.client import WorkflowFailureError
 
 from tests.conftest import assert_same_weights, make_spec
-from vaultlayer import checkpoint
+from tests.helpers import control_dir, hold_script, thaw, wait_until
+from vaultlayer import checkpoint, protocol
 from vaultlayer import client as vl_client
 from vaultlayer.models import AttemptOutcome, Limits, Pool, RunState, RunStatus
 
@@ -54,11 +55,22 @@ async def test_two_pools_one_reclaimed_on_every_attempt_fails_over_and_finishes(
 
 async def test_a_deadline_reached_mid_attempt_saves_and_stops_naming_the_limit(temporal_env, control, vl_home,
                                                                               tmp_path):
-    # 2000 padded steps cannot finish before the deadline, 20 s after submission.
-    deadline = datetime.now(UTC) + timedelta(seconds=20)
+    # The deadline is a wall-clock limit, so the host must start training before it: 30 s covers a loaded
+    # machine's start-up. The script is then held a few steps in, so it cannot finish first however fast it is,
+    # until the notice the deadline's move gives has reached it.
+    deadline = datetime.now(UTC) + timedelta(seconds=30)
     spec = make_spec(tmp_path, steps=2000, out=tmp_path / "w.pt", checkpoint_every="1000",
                      limits=Limits(deadline=deadline))
     await vl_client.submit(temporal_env.client, spec, queue=control)
+    control_files = control_dir(vl_home, spec.run_id, "h-1", 1)
+    held = await hold_script(control_files, 5, timeout=30)
+    try:
+        async def notice_forwarded():
+            return (control_files / protocol.NOTICE_FILE).exists()
+
+        await wait_until(notice_forwarded, 60, "the deadline's notice to reach the script")
+    finally:
+        thaw(held.pids)
     status = await outcome_of(temporal_env.client, spec.run_id, fails=True)
 
     assert status.state == RunState.FAILED and status.stop_reason == f"limit deadline={deadline.isoformat()} reached"

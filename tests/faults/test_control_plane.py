@@ -19,7 +19,7 @@ from temporalio.service import RPCError
 
 from tests.conftest import REPO, assert_same_weights, make_spec
 from tests.faults.conftest import DevServer, assert_no_host_left, status_of
-from tests.helpers import control_dir, wait_for_script_step, wait_until
+from tests.helpers import control_dir, hold_script, thaw, wait_for_script_step, wait_until
 from vaultlayer import client as vl_client
 from vaultlayer.models import AttemptOutcome, RunState
 from worker.control import create_worker
@@ -71,6 +71,9 @@ async def test_control_worker_killed_and_restarted(temporal_env, temporal_addres
 
 
 async def test_dev_server_killed_and_restarted_on_the_same_database(vl_home, tmp_path, reference_weights, figure):
+    """The script is held (SIGSTOP) at the two moments the test must act before it moves on: once trained and
+    checkpointed, until the control plane has heard so; and once trained through the outage, until it hears
+    again after the restart. So a fast script cannot finish unheard, and a slow host cannot miss the outage."""
     server = DevServer(tmp_path)
     server.start()
     try:
@@ -78,34 +81,39 @@ async def test_dev_server_killed_and_restarted_on_the_same_database(vl_home, tmp
         queue = f"vl-test-{uuid.uuid4().hex[:8]}"
         out = tmp_path / "w.pt"
         spec = make_spec(tmp_path, steps=200, out=out, heartbeat_timeout_seconds=10.0)
+        control = control_dir(vl_home, spec.run_id, "h-1", 1)
         async with create_worker(client, task_queue=queue, home=vl_home):
             handle = await vl_client.submit(client, spec, queue=queue)
 
-            async def step_beyond(step: int):
+            async def heard_at(step: int):
                 try:
                     status = await status_of(client, spec.run_id)
                 except RPCError:  # the server is still coming back
                     return None
-                return status if (status.step or 0) > step and (status.durable_step or 0) >= 10 else None
+                return status if (status.step or 0) >= step and (status.durable_step or 0) >= 10 else None
 
-            before = await wait_until(lambda: step_beyond(20), 90, "training and a checkpoint")
+            held = await hold_script(control, 30)
+            try:
+                before = await wait_until(lambda: heard_at(held.step), 90, "training and a checkpoint, heard")
+            finally:
+                thaw(held.pids)
             server.kill()
             killed_at = time.monotonic()
-            # The outage itself: the host trains on, unheard.
-            await wait_for_script_step(control_dir(vl_home, spec.run_id, before.current_host.host_id,
-                                                   before.current_attempt.attempt),
-                                       before.step + OUTAGE_STEPS)
-            server.start()
-            restarted_at = time.monotonic()
-            after = await wait_until(lambda: step_beyond(before.step + OUTAGE_STEPS + 10), 90,
-                                     "progress after the restart")
-            resumed_at = time.monotonic()
+            # The outage itself: the host trains on, unheard, and holds once it has trained OUTAGE_STEPS more.
+            held = await hold_script(control, before.step + OUTAGE_STEPS)
+            try:
+                server.start()
+                restarted_at = time.monotonic()
+                after = await wait_until(lambda: heard_at(held.step), 90, "the host heard again after the restart")
+                resumed_at = time.monotonic()
+            finally:
+                thaw(held.pids)
             await asyncio.wait_for(handle.result(), 180)
             status = await status_of(client, spec.run_id)
     finally:
         server.kill()
     assert status.state == RunState.SUCCEEDED, status.stop_reason
-    assert after.step > before.step
+    assert after.step >= before.step + OUTAGE_STEPS
     assert_same_weights(out, reference_weights(200))
     assert_no_host_left(vl_home)
     figure(outage_seconds=round(restarted_at - killed_at, 1), seconds_to_resume=round(resumed_at - restarted_at, 1),
