@@ -24,6 +24,26 @@ def fresh_session(monkeypatch):
     sdk._session.cache_clear()
 
 
+class ManualClock:
+    """The SDK's monotonic clock, moved by the test: a busy machine cannot add time between two calls."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock(monkeypatch) -> ManualClock:
+    manual = ManualClock()
+    monkeypatch.setattr(sdk, "_monotonic", manual)
+    return manual
+
+
 @pytest.fixture
 def agent(tmp_path, monkeypatch):
     """The directories and variables a host agent sets up for the script."""
@@ -92,14 +112,19 @@ def test_interval_in_steps_counts_from_the_resumed_step(agent, tmp_path, monkeyp
     assert [step for step in range(36, 46) if vaultlayer.should_save(step)] == [45]
 
 
-def test_interval_in_time(agent, monkeypatch):
-    monkeypatch.setenv("VL_CHECKPOINT_EVERY", "0.3s")
+def test_interval_in_time(agent, monkeypatch, clock):
+    monkeypatch.setenv("VL_CHECKPOINT_EVERY", "0.5s")
     assert not vaultlayer.should_save(1)
-    time.sleep(0.35)
-    assert vaultlayer.should_save(2)
-    with vaultlayer.save(2):
+    clock.advance(0.25)
+    assert not vaultlayer.should_save(2)
+    clock.advance(0.25)
+    assert vaultlayer.should_save(3)
+    with vaultlayer.save(3):
         pass
-    assert not vaultlayer.should_save(3), "the clock restarts at each save"
+    clock.advance(0.25)
+    assert not vaultlayer.should_save(4), "the clock restarts at each save"
+    clock.advance(0.25)
+    assert vaultlayer.should_save(5)
 
 
 def test_bad_interval_names_the_variable(agent, monkeypatch):
@@ -133,14 +158,15 @@ def test_failed_save_leaves_nothing_and_reraises(agent):
     assert list(staging.iterdir()) == []
 
 
-def test_progress_is_throttled_and_always_written_before_a_save(agent):
+def test_progress_is_throttled_and_always_written_before_a_save(agent, clock):
     _, control = agent
     progress = control / "progress.json"
     vaultlayer.should_save(1)
     assert json.loads(progress.read_text())["step"] == 1
+    clock.advance(0.125)
     vaultlayer.should_save(2)
     assert json.loads(progress.read_text())["step"] == 1, "at most every 0.2 s"
-    time.sleep(0.25)
+    clock.advance(0.125)
     vaultlayer.should_save(3)
     assert json.loads(progress.read_text())["step"] == 3
     with vaultlayer.save(4):
@@ -150,7 +176,22 @@ def test_progress_is_throttled_and_always_written_before_a_save(agent):
     assert [p.name for p in control.iterdir()] == ["progress.json"]
 
 
-def test_notice_makes_the_next_save_an_emergency_that_waits_out_the_deadline(agent, monkeypatch):
+@pytest.fixture
+def waits(monkeypatch) -> list[float]:
+    """What the SDK waits for after an emergency save (the wall-clock time it sleeps until), recorded; the wait
+    itself still happens."""
+    recorded: list[float] = []
+    real = sdk._wait_until
+
+    def recording(epoch_seconds: float) -> None:
+        recorded.append(epoch_seconds)
+        real(epoch_seconds)
+
+    monkeypatch.setattr(sdk, "_wait_until", recording)
+    return recorded
+
+
+def test_notice_makes_the_next_save_an_emergency_that_waits_out_the_deadline(agent, monkeypatch, waits):
     staging, control = agent
     monkeypatch.setenv("VL_CHECKPOINT_EVERY", "1000")
     assert not vaultlayer.should_save(1)
@@ -159,9 +200,8 @@ def test_notice_makes_the_next_save_an_emergency_that_waits_out_the_deadline(age
     assert vaultlayer.should_save(2), "a pending notice asks for a save at once"
     with vaultlayer.save(2) as directory:
         (directory / "model.pt").write_bytes(b"weights")
-    returned_at = time.time()
-    assert returned_at >= deadline + 5.0
-    assert returned_at < deadline + 5.0 + 1.0
+    assert time.time() >= deadline + sdk.EMERGENCY_GRACE_SECONDS
+    assert waits == [deadline + sdk.EMERGENCY_GRACE_SECONDS], "it waits out the deadline and its grace, no longer"
     [checkpoint] = committed(staging)
     assert save_record(checkpoint) | {"created_at": None, "files": None} == {
         "files": None,
@@ -181,13 +221,13 @@ def test_notice_makes_the_next_save_an_emergency_that_waits_out_the_deadline(age
     assert save_record(committed(staging)[-1])["notice_id"] == "notice-2"
 
 
-def test_a_notice_long_past_its_deadline_does_not_block(agent):
+def test_a_notice_long_past_its_deadline_does_not_block(agent, waits):
     staging, control = agent
-    write_notice(control, "stale", time.time() - 60)
-    started = time.monotonic()
+    deadline = time.time() - 60
+    write_notice(control, "stale", deadline)
     with vaultlayer.save(7):
         pass
-    assert time.monotonic() - started < 0.5
+    assert waits == [deadline + sdk.EMERGENCY_GRACE_SECONDS] and waits[0] < time.time(), "a time already past"
     assert save_record(committed(staging)[0])["emergency"] is True
 
 

@@ -28,6 +28,7 @@ from vaultlayer.durations import parse_duration, parse_interval
 EMERGENCY_GRACE_SECONDS = 5.0
 _PROGRESS_EVERY_SECONDS = 0.2
 _WAIT_POLL_SECONDS = 0.5
+_monotonic = time.monotonic  # the SDK's clock for intervals and throttling, looked up at each call: tests set it
 
 
 @dataclass(frozen=True)
@@ -79,8 +80,8 @@ class _Session:
         self.last_save_step = self.restored.step if self.restored else 0
         # Hosts that die young are timed from their start, not the script's: imports and a restore take part
         # of a short life before the first step.
-        self.host_started = time.monotonic() - host_age
-        self.last_save_time = self.host_started if self.shortest_life is not None else time.monotonic()
+        self.host_started = _monotonic() - host_age
+        self.last_save_time = self.host_started if self.shortest_life is not None else _monotonic()
         self.last_progress_time = float("-inf")
         self.saved_notice_ids: set[str] = set()
         self.notice_stat: tuple[int, int, int] | None = None
@@ -90,7 +91,7 @@ class _Session:
             self.control_dir.mkdir(parents=True, exist_ok=True)
 
     def should_save(self, step: int) -> bool:
-        if time.monotonic() - self.last_progress_time >= _PROGRESS_EVERY_SECONDS:
+        if _monotonic() - self.last_progress_time >= _PROGRESS_EVERY_SECONDS:
             self.write_progress(step)
         if self.pending_notice() is not None:
             return True
@@ -99,13 +100,13 @@ class _Session:
         unit, amount = self.interval
         if unit == "steps":
             return step - self.last_save_step >= amount
-        return time.monotonic() - self.last_save_time >= self.interval_seconds()[0]
+        return _monotonic() - self.last_save_time >= self.interval_seconds()[0]
 
     def interval_seconds(self) -> tuple[float, str]:
         unit, amount = self.interval or ("none", 0.0)
         if unit == "auto":
             return intervals.choose_interval(self.save_cost, self.mtbf_seconds, self.min_seconds, self.max_seconds,
-                                             self.shortest_life, time.monotonic() - self.host_started)
+                                             self.shortest_life, _monotonic() - self.host_started)
         if unit == "seconds":
             return amount, "--checkpoint-every"
         return 0.0, f"every {amount:g} steps (--checkpoint-every)" if unit == "steps" else "only on notices"
@@ -135,13 +136,13 @@ class _Session:
 
     def accepted(self, slot: _Slot, blocked_seconds: float) -> None:
         self.last_save_step = slot.step
-        self.last_save_time = time.monotonic()
+        self.last_save_time = _monotonic()
         if slot.notice is None:
             self.save_cost = blocked_seconds
 
     @contextlib.contextmanager
     def save(self, step: int) -> Iterator[Path]:
-        began = time.monotonic()
+        began = _monotonic()
         slot = self.begin(step)
         if slot.notice is not None and self.in_flight is not None:
             self.in_flight.abandon.set()  # the emergency save goes first; a periodic one in flight is dropped
@@ -151,7 +152,7 @@ class _Session:
             self.abort(slot)
             raise
         self.commit(slot)
-        self.accepted(slot, time.monotonic() - began)
+        self.accepted(slot, _monotonic() - began)
         self.write_progress(step)
         if slot.notice is not None:
             self.saved_notice_ids.add(slot.notice.id)
@@ -165,11 +166,11 @@ class _Session:
         if self.saving():
             self.coalesced += 1
             return "coalesced"
-        began = time.monotonic()
+        began = _monotonic()
         state = snapshot()
         slot = self.begin(step)
         self.in_flight = slot
-        self.accepted(slot, time.monotonic() - began)
+        self.accepted(slot, _monotonic() - began)
         self.write_progress(step)
         threading.Thread(target=self._write_in_background, args=(slot, state, write), name="vl-save").start()
         return "started"
@@ -209,7 +210,7 @@ class _Session:
         return self.notice
 
     def write_progress(self, step: int) -> None:
-        self.last_progress_time = time.monotonic()
+        self.last_progress_time = _monotonic()
         if self.control_dir is None:
             return
         every, why = self.interval_seconds()
