@@ -7,12 +7,13 @@ from __future__ import annotations
 import json
 import re
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from temporalio.exceptions import ApplicationError
 
 from activities.control import ControlActivities
-from activities.providers.base import ProviderError
+from activities.providers.base import NoCapacityError, ProviderError
 from activities.providers.gcp import GcpProvider, label_value
 from cli.cmd_run import request_from_args
 from cli.main import parser
@@ -202,6 +203,30 @@ def test_reap_deletes_every_vm_labelled_with_the_run(gce, provider):
     assert sorted(vm["name"] for vm in gce.instances()) == ["not-ours", "vl-other"]
     assert provider.live_runs() == {"t-other"}
     assert provider.reap("t-other") == ["vl-other"]
+
+
+def test_a_vm_deleted_while_its_create_is_held_stays_deleted(gce, provider):
+    """The fake's holds, which tests/faults/test_cancel.py forces its order with: a create call held unanswered,
+    then its VM held PROVISIONING while a reap deletes it. Released, the create ends and brings nothing back."""
+    request, operation = gce.hold_next("POST", r"/zones/[^/]+/instances$"), gce.hold_operations("insert")
+    with ThreadPoolExecutor(1) as executor:
+        try:
+            provisioning = executor.submit(provider.provision, ask("t-held", pool()))
+            assert request.wait_held() and not gce.instances()
+            request.release()
+            assert operation.wait_held()
+            [vm] = gce.instances()
+            assert vm["status"] == "PROVISIONING"
+            assert provider.reap("t-held") == [vm["name"]]  # deletions are not held: it goes
+            with gce.cond:
+                gce.wait_until(lambda: not gce.vms, timeout=30)
+            assert not gce.instances() and not provisioning.done()
+        finally:
+            gce.release_holds()
+        with pytest.raises(NoCapacityError, match="was created, then taken back before it started"):
+            provisioning.result(timeout=60)
+    gce.settle()
+    assert not gce.instances()
 
 
 def test_a_retried_provision_takes_the_vm_of_the_first_try(gce, provider):

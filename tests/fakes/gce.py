@@ -7,6 +7,14 @@ shape (`{"error": {"code", "message", "errors": [{"message", "domain", "reason"}
 inserts end in an Operation whose `error.errors[]` carries codes such as ZONE_RESOURCE_POOL_EXHAUSTED.
 State changes (an operation finishing, a deleted VM going away, a preempted VM stopping) happen when
 their time is due, checked on every request, so the fake has no clock thread of its own.
+
+A test that needs an order forces it with a hold rather than hoping to act inside a window:
+`hold_next(method, path_pattern)` holds the next matching request(s), after any `fail_next` answers, unanswered
+until released (the client just sees a slow call); `hold_operations("insert")` keeps the zone operations of that
+type started from then on RUNNING (an inserted VM stays PROVISIONING) until released, when each finishes as its
+time comes (at once, if it came while held); operations of other types go on (a VM whose insert is held can still
+be deleted, and its insert then ends without bringing it back). Each returns a `Hold`: `wait_held()` blocks until
+something is held, `release()` lets go. Release in a `finally`; the fixture also releases every hold at teardown.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ import contextlib
 import hashlib
 import itertools
 import json
+import math
 import os
 import re
 import shlex
@@ -130,6 +139,32 @@ class Vm:
     metadata_server: MetadataServer | None = None
 
 
+@dataclass(eq=False)
+class Hold:
+    """Requests (`FakeGce.hold_next`) or zone operations (`FakeGce.hold_operations`) a test holds until it lets go.
+    `held` counts what it caught; a released hold catches nothing more."""
+
+    cond: threading.Condition
+    method: str = ""
+    path: re.Pattern | None = None
+    operation_type: str = ""
+    times: float = math.inf
+    held: int = 0
+    released: bool = False
+
+    def wait_held(self, count: int = 1, timeout: float = 60) -> bool:
+        """Until `count` requests or operations are held (False if `timeout` passes first). Blocks: from a test,
+        call it through `asyncio.to_thread`."""
+        with self.cond:
+            return self.cond.wait_for(lambda: self.held >= count, timeout)
+
+    def release(self) -> None:
+        """Held requests are served as usual; held operations finish when their time is due."""
+        with self.cond:
+            self.released = True
+            self.cond.notify_all()
+
+
 class FakeGce:
     """Compute Engine and Secret Manager for one project, in memory, over HTTP on loopback."""
 
@@ -143,6 +178,7 @@ class FakeGce:
         self.insert_errors: dict[str, dict] = {}  # zone -> the operation error its inserts end with
         self.not_offered: dict[str, set[str]] = {}  # zone -> machine and accelerator types it lacks
         self.faults: list[list] = []  # [method, path regex, status, body, times left]
+        self.holds: list[Hold] = []
         self.secrets: dict[str, bytes] = {}
         self.requests: list[tuple[str, str]] = []
         self.permissions: set[str] = set()
@@ -162,6 +198,7 @@ class FakeGce:
         return self
 
     def stop(self) -> None:
+        self.release_holds()
         self.server.shutdown()
         self.server.server_close()
         for metadata_server in self._metadata_servers:
@@ -172,6 +209,24 @@ class FakeGce:
     def fail_next(self, method: str, path_pattern: str, status: int, body: dict, times: int = 1) -> None:
         with self.cond:
             self.faults.append([method, re.compile(path_pattern), status, body, times])
+
+    def hold_next(self, method: str, path_pattern: str, times: int = 1) -> Hold:
+        """The next `times` matching requests that `fail_next` does not answer wait, unanswered, until released."""
+        with self.cond:
+            hold = Hold(self.cond, method=method, path=re.compile(path_pattern), times=times)
+            self.holds.append(hold)
+            return hold
+
+    def hold_operations(self, operation_type: str = "insert") -> Hold:
+        """Zone operations of this type started from now on stay RUNNING until released."""
+        with self.cond:
+            hold = Hold(self.cond, operation_type=operation_type)
+            self.holds.append(hold)
+            return hold
+
+    def release_holds(self) -> None:
+        for hold in self.holds:
+            hold.release()
 
     def instances(self) -> list[dict]:
         with self.cond:
@@ -240,18 +295,39 @@ class FakeGce:
         [(zone, vm)] = [(z, vm) for (z, n), vm in self.vms.items() if n == name]
         return zone, vm
 
-    def _after(self, seconds: float, action: Callable[[], None]) -> None:
-        self._due.append((time.monotonic() + seconds, action))
+    def _after(self, seconds: float, action: Callable[[], None], hold: Hold | None = None) -> None:
+        self._due.append((time.monotonic() + seconds, action, hold))
 
     def _advance(self) -> None:
-        """Apply every state change whose time has come (caller holds the lock)."""
+        """Apply every state change whose time has come and that no hold keeps back (caller holds the lock)."""
         now = time.monotonic()
-        due = [item for item in self._due if item[0] <= now]
+        due = [item for item in self._due if item[0] <= now and (item[2] is None or item[2].released)]
         if due:
-            self._due = [item for item in self._due if item[0] > now]
-            for _, action in sorted(due, key=lambda item: item[0]):
+            self._due = [item for item in self._due if item not in due]
+            for _, action, _ in sorted(due, key=lambda item: item[0]):
                 action()
             self.cond.notify_all()
+
+    def _operation_hold(self, operation_type: str) -> Hold | None:
+        """The hold that keeps an operation of this type, starting now, RUNNING, if any (caller holds the lock)."""
+        for hold in self.holds:
+            if hold.operation_type == operation_type and not hold.released:
+                hold.held += 1
+                self.cond.notify_all()
+                return hold
+        return None
+
+    def _held_request(self, method: str, path: str) -> None:
+        """Wait, the lock let go meanwhile, while a hold keeps this request back (caller holds the lock)."""
+        for hold in self.holds:
+            if hold.path is not None and hold.method == method and hold.path.search(path) and hold.times > 0 \
+                    and not hold.released:
+                hold.times -= 1
+                hold.held += 1
+                self.cond.notify_all()
+                self.cond.wait_for(lambda hold=hold: hold.released)
+                self._advance()
+                return
 
     def settle(self) -> None:
         """Until every operation started so far is DONE (inserts running, deletions gone)."""
@@ -355,7 +431,7 @@ class FakeGce:
                 resource["status"] = "RUNNING"
 
         self._operations_running += 1
-        self._after(self.op_seconds, started)
+        self._after(self.op_seconds, started, self._operation_hold("insert"))
         if request_id:
             self.by_request_id[request_id] = operation
         return 200, operation
@@ -388,7 +464,7 @@ class FakeGce:
                 del self.vms[(zone, name)]
 
         self._operations_running += 1
-        self._after(self.op_seconds, gone)
+        self._after(self.op_seconds, gone, self._operation_hold("delete"))
         return 200, operation
 
     def _not_found(self, zone: str, kind: str, name: str) -> tuple[int, dict]:
@@ -401,6 +477,7 @@ class FakeGce:
             if fault[0] == method and fault[1].search(path) and fault[4] > 0:
                 fault[4] -= 1
                 return fault[2], fault[3]
+        self._held_request(method, path)
         secret = re.fullmatch(r"/v1/projects/([^/]+)/secrets/([^/]+)/versions/([^/:]+):access", path)
         if secret:
             return self._access_secret(*secret.groups())
@@ -667,6 +744,7 @@ def gce(vl_home: Path, monkeypatch) -> Iterator[FakeGce]:
     (vl_home / "gcp.toml").write_text(f'project = "{fake.project}"\nservice_account = "{HOST_SERVICE_ACCOUNT}"\n')
     monkeypatch.setenv("VL_GCP_EMULATOR_HOST", fake.url)
     yield fake
+    fake.release_holds()  # a failed test's holds: let its requests and operations finish
     fake.settle()
     left = [vm["name"] for vm in fake.labelled()]
     fake.stop()

@@ -1,10 +1,12 @@
 """Cancel during provisioning: nothing may leak.
 
 Provisioning on the gcp provider (the real google-cloud-compute client against the local Compute fake,
-tests/fakes/gce.py) is slow in two ways Compute Engine is: the zone operation that creates the VM takes a while,
-and the create call itself can be answered 503 and retried with backoff. The run is cancelled in either window:
-before the VM exists (the retried create then makes it, after the cancel) or while it is being created. The run
-ends cancelled, and no VM and no agent of it is left (the `gce` fixture also checks no labelled VM is left).
+tests/fakes/gce.py) is slow in two ways Compute Engine is: the create call itself can be answered 503 and retried
+with backoff, and the zone operation that creates the VM takes a while. The run is cancelled in either window, and
+the fake holds provisioning there until the workflow has taken the cancel, so the cancel always lands in it:
+before the VM exists (the 4th create, after three 503s, is held unanswered; released, it makes the VM after the
+cancel) or while it is being created (the insert operation is held RUNNING, the VM PROVISIONING). The run ends
+cancelled, and no VM and no agent of it is left (the `gce` fixture also checks no labelled VM is left).
 """
 
 from __future__ import annotations
@@ -23,47 +25,57 @@ from vaultlayer import client as vl_client
 from vaultlayer.models import Pool, RunState
 
 FAILED_CREATES = 3
+CREATE = r"/zones/[^/]+/instances$"
 
 
 @pytest.mark.parametrize("window", ["before the VM exists", "while the VM is created"])
 async def test_cancel_during_provisioning_leaves_nothing(temporal_env, control, gce, gce_hosts, tmp_path, figure,
                                                         window):
-    gce.op_seconds = 4.0  # the zone operation that creates a VM (and the one that deletes it)
     if window == "before the VM exists":  # the create call is answered 503 several times; the provider retries it
-        gce.fail_next("POST", r"/zones/[^/]+/instances$", 503, error_body(503, "backend error", "backendError"),
-                      FAILED_CREATES)
+        gce.fail_next("POST", CREATE, 503, error_body(503, "backend error", "backendError"), FAILED_CREATES)
+        hold = gce.hold_next("POST", CREATE)  # the retry that would go through waits, unanswered
+    else:
+        hold = gce.hold_operations("insert")  # the VM stays PROVISIONING
     spec = make_spec(tmp_path, steps=20, out=tmp_path / "w.pt",
                      pools=[Pool(provider="gcp", region="", zone="us-central1-a", gpu="L4", gpu_count=1)])
     client = temporal_env.client
-    await vl_client.submit(client, spec, queue=control)
+    handle = client.get_workflow_handle(spec.run_id)
 
     def creates() -> int:
         return sum(method == "POST" and path.endswith("/instances") for method, path in gce.requests)
 
-    async def in_window():
-        status = await status_of(client, spec.run_id)
-        if status.state != RunState.PROVISIONING:
-            return False
-        if window == "before the VM exists":
-            return creates() >= 1 and not gce.labelled()
-        return any(vm["status"] == "PROVISIONING" for vm in gce.labelled())
+    async def provisioning():
+        return (await status_of(client, spec.run_id)).state == RunState.PROVISIONING
 
-    await wait_until(in_window, 60, f"provisioning, {window}")
-    await vl_client.cancel(client, spec.run_id)
-    cancelled_at = time.monotonic()
+    async def cancel_taken():  # a workflow task ran after the cancel was recorded: the workflow has seen it
+        events = (await handle.fetch_history()).events
+        cancelled_at = next((index for index, event in enumerate(events)
+                             if event.HasField("workflow_execution_cancel_requested_event_attributes")), None)
+        return cancelled_at is not None and any(event.HasField("workflow_task_completed_event_attributes")
+                                                for event in events[cancelled_at:])
+
+    try:
+        await vl_client.submit(client, spec, queue=control)
+        assert await asyncio.to_thread(hold.wait_held, 1, 60), f"provisioning never got held, {window}"
+        await wait_until(provisioning, 60, "the run to show it is provisioning")
+        in_window = [] if window == "before the VM exists" else ["PROVISIONING"]
+        assert [vm["status"] for vm in gce.labelled()] == in_window
+        await vl_client.cancel(client, spec.run_id)
+        # The workflow lets the provision it cancels return before it reaps, so it ends only after the release.
+        await wait_until(cancel_taken, 60, "the workflow to take the cancel")
+    finally:
+        hold.release()  # the create goes through (the VM is made after the cancel), or the operation finishes
+    released_at = time.monotonic()
     with pytest.raises(WorkflowFailureError):
-        await asyncio.wait_for(client.get_workflow_handle(spec.run_id).result(), 60)
-
-    async def created():
-        return creates() == FAILED_CREATES + 1 if window == "before the VM exists" else True
-
-    await wait_until(created, 30, "the provider's create call to go through")
+        await asyncio.wait_for(handle.result(), 60)
+    assert creates() == (FAILED_CREATES + 1 if window == "before the VM exists" else 1)
+    assert any(method == "DELETE" for method, _ in gce.requests), "the reap deleted no VM"
 
     async def nothing_left():
         return not gce.labelled()
 
     await wait_until(nothing_left, 30, "every VM of the run to be deleted")
-    cleaned_seconds = time.monotonic() - cancelled_at
+    cleaned_seconds = time.monotonic() - released_at
     status = await status_of(client, spec.run_id)
     assert status.state == RunState.CANCELLED
     assert status.current_host is None and all(record.host is None for record in status.attempts)
