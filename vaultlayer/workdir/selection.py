@@ -142,6 +142,8 @@ class _Rules:
         self._environments: dict[str, bool] = {}
 
     def read(self, layer: IgnoreLayer, relative_file: str) -> None:
+        if relative_file in layer.sources:  # a nested repository's, met again in its parent's listing
+            return
         try:
             text = (self.root / relative_file).read_text(encoding="utf-8", errors="surrogateescape")
         except OSError as err:

@@ -282,6 +282,12 @@ def restore_snapshot(ref: SnapshotRef, dest_dir: str | os.PathLike[str]) -> Work
             target = staging.joinpath(*PurePosixPath(link.path).parts)
             target.parent.mkdir(parents=True, exist_ok=True)
             os.symlink(link.target, target)
+        inside = Path(os.path.realpath(staging))
+        for link in manifest.links:  # links through links can leave a tree that each stays in on paper
+            lands = Path(os.path.realpath(staging.joinpath(*PurePosixPath(link.path).parts)))
+            if not lands.is_relative_to(inside):
+                raise SnapshotCorrupt(f"refusing snapshot {ref.short} ({ref.manifest_url}): link {link.path!r}"
+                                      f" -> {link.target!r} leads outside the tree through other links", link.path)
         if dest.exists():
             dest.rmdir()
         os.rename(staging, dest)
