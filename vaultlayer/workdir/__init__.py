@@ -1,0 +1,71 @@
+"""The code travels with the run: a snapshot of the working directory, packed once into the run's storage,
+content-addressed, and unpacked and verified on every host (docs/code-and-outputs.md).
+
+    selection = select_files(root, exclude_paths=[checkpoint_dir, vl_home])   # reads the tree, writes nothing
+    ref = store_snapshot(selection, storage_url)                              # -> SnapshotRef (the spec keeps it)
+    restore_snapshot(ref, attempt_dir)                                        # on the host, before setup
+
+One module per job: `ignore` (gitignore syntax), `selection` (what goes in, and the checks before anything
+is written), `snapshot` (manifest, content address, store, verified restore), `errors`. This module is the
+package's public API. Not wired into `vl run`, the agent or `vl pull` yet (issue 15).
+"""
+
+from vaultlayer.workdir.errors import (
+    SecretsRefused,
+    SnapshotCorrupt,
+    UnsafeLinks,
+    WorkdirError,
+    WorkdirTooLarge,
+)
+from vaultlayer.workdir.selection import (
+    ALLOW_SECRET_FLAG,
+    DEFAULT_EXCLUDES,
+    DEFAULT_MAX_BYTES,
+    MAX_SIZE_FLAG,
+    SECRET_NAMES,
+    SelectedFile,
+    SelectedLink,
+    Selection,
+    human_bytes,
+    is_likely_secret,
+    select_files,
+)
+from vaultlayer.workdir.snapshot import (
+    CODE_DIR,
+    SnapshotRef,
+    WorkdirFile,
+    WorkdirLink,
+    WorkdirManifest,
+    code_url,
+    read_manifest,
+    restore_snapshot,
+    store_snapshot,
+)
+
+__all__ = [
+    "ALLOW_SECRET_FLAG",
+    "CODE_DIR",
+    "DEFAULT_EXCLUDES",
+    "DEFAULT_MAX_BYTES",
+    "MAX_SIZE_FLAG",
+    "SECRET_NAMES",
+    "SecretsRefused",
+    "SelectedFile",
+    "SelectedLink",
+    "Selection",
+    "SnapshotCorrupt",
+    "SnapshotRef",
+    "UnsafeLinks",
+    "WorkdirError",
+    "WorkdirFile",
+    "WorkdirLink",
+    "WorkdirManifest",
+    "WorkdirTooLarge",
+    "code_url",
+    "human_bytes",
+    "is_likely_secret",
+    "read_manifest",
+    "restore_snapshot",
+    "select_files",
+    "store_snapshot",
+]
