@@ -15,7 +15,8 @@ import sys
 from datetime import UTC, datetime
 
 from cli.context import UsageError, connect, fail
-from cli.render import attempt_line, cost_line, format_bytes, format_seconds, no_progress_line, status_json
+from cli.render import attempt_line, cost_line, format_seconds, no_progress_line, status_json
+from vaultlayer.workdir import human_bytes
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -122,7 +123,7 @@ async def cmd_checkpoints(args: argparse.Namespace) -> int:
     print(f"{'STEP':>10}  {'ATTEMPT':>7}  {'SIZE':>9}  {'AGE':>9}  STATE")
     for item, age in zip(listings, ages):
         state = f"{item.state.value}: {item.reason}" if item.reason else item.state.value
-        print(f"{item.step:>10}  {item.attempt:>7}  {format_bytes(item.size):>9}  "
+        print(f"{item.step:>10}  {item.attempt:>7}  {human_bytes(item.size):>9}  "
               f"{format_seconds(age) if age is not None else '-':>9}  {state}")
     return 0
 

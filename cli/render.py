@@ -35,14 +35,6 @@ def format_seconds(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
 
 
-def format_bytes(size: float) -> str:
-    for unit in ("B", "KB", "MB"):
-        if size < 1000:
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1000
-    return f"{size:.1f} GB"
-
-
 def status_json(status: RunStatus, with_attempts: bool = True) -> dict:
     exclude = {"fences", "current_host"} | (set() if with_attempts else {"attempts", "bad_checkpoints"})
     return status.model_dump(mode="json", exclude=exclude) | {

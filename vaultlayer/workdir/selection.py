@@ -409,7 +409,7 @@ def _check_size(root: Path, files: list[SelectedFile], max_bytes: int) -> None:
 
 
 def human_bytes(size: float) -> str:
-    """Sizes as `vl` prints them (cli/render.py's format_bytes: decimal units)."""
+    """Sizes as `vl` prints them everywhere (decimal units)."""
     for unit in ("B", "KB", "MB"):
         if size < 1000:
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
