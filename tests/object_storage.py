@@ -176,8 +176,12 @@ class ManifestHoldingProxy:
         upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
 
         async def requests() -> None:
+            tail = b""  # a request line may arrive split over two reads: look at it whole, once
             while data := await client_reader.read(1 << 16):
-                if self.hold_manifests and self._MANIFEST_REQUEST.search(data):
+                seen, tail = tail + data, (tail + data)[-1024:]
+                new_from = len(seen) - len(data)
+                fresh = any(match.end() > new_from for match in self._MANIFEST_REQUEST.finditer(seen))
+                if self.hold_manifests and fresh:
                     self.held += 1
                     while await client_reader.read(1 << 16):  # swallow the rest until the client goes away
                         pass

@@ -149,9 +149,12 @@ async def test_a_host_killed_mid_upload_leaves_a_partial_that_is_never_resumed_a
         proxy.hold_manifests = True
 
         async def stuck_in_commit():
+            # Newer than every complete one: an older checkpoint without a manifest is one that retention is
+            # removing (manifest first), and the heartbeat that said 30 may lag what is stored by several saves.
             listed = describe_checkpoints(storage_url, spec.run_id, {})
-            uploading = [item for item in listed if item.state == CheckpointState.UPLOADING and item.size > 0]
             complete = [item for item in listed if item.state == CheckpointState.COMPLETE]
+            uploading = [item for item in listed if item.state == CheckpointState.UPLOADING and item.size > 0
+                         and complete and item.step > complete[0].step]
             return (uploading[0], complete[0]) if uploading and proxy.held else None
 
         partial, last_complete = await wait_until(stuck_in_commit, 60, "an upload stored but for its manifest")
