@@ -32,7 +32,16 @@ from activities.env_secrets import SecretUnavailable, handed_over, resolve_secre
 from activities.notices import NoticeSource
 from activities.snapshots import SETTLE_SECONDS, DirectorySnapshots, restore_directory
 from vaultlayer import checkpoint, failpoints, protocol
-from vaultlayer.models import AttemptInput, AttemptOutcome, AttemptProgress, AttemptResult, FailureCause, Notice
+from vaultlayer.workdir import WorkdirError, restore_snapshot, store_outputs
+from vaultlayer.models import (
+    AttemptInput,
+    AttemptOutcome,
+    AttemptProgress,
+    AttemptResult,
+    FailureCause,
+    Notice,
+    SnapshotRef,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -191,6 +200,8 @@ class AttemptContext:
 
     inp: AttemptInput
     progress: AttemptProgress
+    workdir: Path  # where setup and the command run: the unpacked code, or inp.workdir without a snapshot
+    checkpoint_dir: Path | None  # zero-code mode: the script's own directory, resolved against workdir
     restore: Path  # the SDK's restore directory
     staging: Path  # where saves are staged for the uploader
     control: Path  # notices to the SDK, progress from it
@@ -269,10 +280,12 @@ class HostAgentActivities:
         attempt_dir = self.host_dir / f"a{inp.attempt}"
         shutil.rmtree(attempt_dir, ignore_errors=True)
         start_step = inp.checkpoint.step if inp.checkpoint else 0
+        workdir = attempt_dir / "code" if inp.code else Path(inp.workdir)
         ctx = AttemptContext(
             inp=inp,
             progress=AttemptProgress(phase="restoring", start_step=start_step, step=start_step,
                                      durable_step=inp.checkpoint.step if inp.checkpoint else None),
+            workdir=workdir, checkpoint_dir=workdir / inp.checkpoint_dir if inp.checkpoint_dir else None,
             restore=attempt_dir / "restore", staging=attempt_dir / "staging", control=attempt_dir / "control",
             log_path=self.host_dir / f"a{inp.attempt}.log",
             log=log.bind(run_id=inp.run_id, attempt=inp.attempt, host=self.host_id),
@@ -282,8 +295,10 @@ class HostAgentActivities:
         heartbeats = asyncio.create_task(self._heartbeat(ctx.progress, inp.heartbeat_interval_seconds))
         try:
             await failpoints.reach(failpoints.before_restore(inp.attempt))
-            if (failed := await self._restore(ctx)) is not None:
+            if (failed := await self._unpack_code(ctx) or await self._restore(ctx)) is not None:
                 return failed
+            if inp.output_dir:  # there to write into, as on the laptop (where it is often left out of the code)
+                (ctx.workdir / inp.output_dir).mkdir(parents=True, exist_ok=True)
             return await self._supervise(ctx)
         finally:
             heartbeats.cancel()
@@ -300,6 +315,19 @@ class HostAgentActivities:
         return AttemptResult(outcome=AttemptOutcome.FAILED, start_step=ctx.progress.start_step,
                              durable_step=ctx.progress.durable_step, reason=reason, cause=cause)
 
+    async def _unpack_code(self, ctx: AttemptContext) -> AttemptResult | None:
+        """The run's code, as it was submitted, into the attempt's own directory: every file checked against the
+        snapshot's digest before setup runs. A snapshot that fails the check fails the attempt; never other code."""
+        ref = ctx.inp.code
+        if ref is None:
+            return None
+        try:
+            await asyncio.to_thread(restore_snapshot, ref, ctx.workdir)
+        except WorkdirError as err:
+            return self._failed(ctx, FailureCause.CODE, f"code snapshot {ref.short} cannot be used: {err}")
+        ctx.log.info("code unpacked", snapshot=ref.short, files=ref.file_count, bytes=ref.total_bytes)
+        return None
+
     async def _restore(self, ctx: AttemptContext) -> AttemptResult | None:
         """Put the attempt's checkpoint where the script finds it: the SDK's restore directory, or in zero-code
         mode the script's own checkpoint directory. A checkpoint that cannot be restored fails the attempt."""
@@ -307,8 +335,8 @@ class HostAgentActivities:
         if ref is None:
             return None
         try:
-            if ctx.inp.checkpoint_dir:
-                await asyncio.to_thread(restore_directory, ref, Path(ctx.inp.checkpoint_dir))
+            if ctx.checkpoint_dir is not None:
+                await asyncio.to_thread(restore_directory, ref, ctx.checkpoint_dir)
             else:
                 await asyncio.to_thread(checkpoint.restore_checkpoint, ref, ctx.restore)
         except checkpoint.CheckpointError as err:
@@ -321,8 +349,9 @@ class HostAgentActivities:
         inp = ctx.inp
         # The agent's Temporal connection (an API key, a client key) is not the script's: it never talks to Temporal.
         env = {name: value for name, value in os.environ.items() if not name.startswith("TEMPORAL_")} | inp.env
-        if inp.checkpoint_dir:  # zero-code mode: the script keeps its own checkpoints; the SDK stays inactive
-            contract = protocol.ScriptEnv(run_id=inp.run_id, attempt=inp.attempt, checkpoint_dir=inp.checkpoint_dir)
+        if ctx.checkpoint_dir is not None:  # zero-code mode: the script keeps its own checkpoints; the SDK is inactive
+            contract = protocol.ScriptEnv(run_id=inp.run_id, attempt=inp.attempt,
+                                          checkpoint_dir=str(ctx.checkpoint_dir))
         else:
             contract = protocol.ScriptEnv(
                 run_id=inp.run_id, attempt=inp.attempt, staging_dir=ctx.staging, control_dir=ctx.control,
@@ -368,8 +397,8 @@ class HostAgentActivities:
         """Start the script with its output in the attempt's log (shipped to storage too), and the uploader."""
         inp = ctx.inp
         snapshots = None
-        if inp.checkpoint_dir:
-            snapshots = DirectorySnapshots(Path(inp.checkpoint_dir), ctx.staging, ctx.progress.start_step,
+        if ctx.checkpoint_dir is not None:
+            snapshots = DirectorySnapshots(ctx.checkpoint_dir, ctx.staging, ctx.progress.start_step,
                                            restored=inp.checkpoint is not None)
         script_env = self._script_env(ctx) | secrets
         start = ctx.log_path.stat().st_size if ctx.log_path.exists() else 0
@@ -380,7 +409,7 @@ class HostAgentActivities:
         try:
             process = await asyncio.create_subprocess_exec(  # OSError: the command cannot start on this host
                 *setup_commands.wrap(inp.setup, inp.command, ctx.control / protocol.SETUP_FAILED_FILE),
-                cwd=inp.workdir,
+                cwd=ctx.workdir,
                 env=script_env,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=output_write,
@@ -464,22 +493,36 @@ class HostAgentActivities:
         exit_code = run.process.returncode
         ctx.log.info("script exited", exit_code=exit_code)
         step = read_progress(ctx.control)
-        cause, reason = setup_commands.failure(ctx.control / protocol.SETUP_FAILED_FILE) or (
-            FailureCause.SCRIPT, f"the script exited with code {exit_code}")
-        return AttemptResult(
-            outcome=AttemptOutcome.COMPLETED if exit_code == 0 else AttemptOutcome.FAILED,
-            start_step=ctx.progress.start_step,
-            end_step=step if step is not None else ctx.progress.step,
-            durable_step=run.uploader.durable_step,
-            exit_code=exit_code,
-            reason="" if exit_code == 0 else reason,
-            cause=None if exit_code == 0 else cause,
+        ended = AttemptResult(outcome=AttemptOutcome.COMPLETED, start_step=ctx.progress.start_step,
+                              end_step=step if step is not None else ctx.progress.step,
+                              durable_step=run.uploader.durable_step, exit_code=exit_code)
+        if exit_code != 0:
+            cause, reason = setup_commands.failure(ctx.control / protocol.SETUP_FAILED_FILE) or (
+                FailureCause.SCRIPT, f"the script exited with code {exit_code}")
             # The tail goes into history: masked like the stored log, so a secret printed is not kept.
-            log_tail="" if exit_code == 0 else mask(tail(ctx.log_path).encode(),
-                                                    run.shipper.secrets).decode(errors="replace"),
-        )
+            log_tail = mask(tail(ctx.log_path).encode(), run.shipper.secrets).decode(errors="replace")
+            return ended.model_copy(update={"outcome": AttemptOutcome.FAILED, "reason": reason, "cause": cause,
+                                            "log_tail": log_tail})
+        if not ctx.inp.output_dir:
+            return ended
+        try:
+            outputs, note = await _store_outputs(ctx)
+        except (WorkdirError, OSError) as err:  # the training is done; `vl resume` redoes only its end
+            return ended.model_copy(update={"outcome": AttemptOutcome.FAILED, "cause": FailureCause.OUTPUTS,
+                                            "reason": f"the script succeeded, but its outputs were not stored: {err}"})
+        return ended.model_copy(update={"outputs": outputs, "reason": note})
 
     @staticmethod
     def _forward_notice(control: Path, notice: Notice, notice_id: str) -> None:
         protocol.write_notice(control, protocol.NoticeDocument(id=notice_id, deadline=notice.deadline.timestamp(),
                                                                kind=notice.kind))
+
+
+async def _store_outputs(ctx: AttemptContext) -> tuple[SnapshotRef | None, str]:
+    """The output directory into the run's storage: (its snapshot, a note for the attempt's record)."""
+    directory = ctx.workdir / ctx.inp.output_dir
+    if not directory.is_dir():
+        return None, f"no outputs: the output directory {ctx.inp.output_dir} is gone"
+    ref, skipped = await asyncio.to_thread(store_outputs, directory, ctx.inp.storage_url, ctx.inp.run_id)
+    ctx.log.info("outputs stored", snapshot=ref.short, files=ref.file_count, bytes=ref.total_bytes)
+    return ref, f"outputs stored without {', '.join(skipped)}" if skipped else ""

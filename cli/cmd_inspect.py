@@ -1,4 +1,5 @@
-"""The commands that read a run: `vl status`, `vl ls`, `vl logs`, `vl checkpoints` and `vl ui`.
+"""The commands that read a run: `vl status`, `vl ls`, `vl logs`, `vl checkpoints`, `vl code`, `vl pull` and
+`vl ui`.
 
 Exit codes: 0, or 1 when the run, its storage or the UI address cannot be read; 2 on bad input. `vl ui RUN`
 prints the run's page in the Temporal UI (embedded: http://localhost:8233; a cluster: VL_UI_URL): the current
@@ -41,6 +42,16 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     logs.add_argument("--attempt", type=int, metavar="N", help="only attempt N (default: every attempt)")
     logs.set_defaults(handler=cmd_logs)
 
+    code = sub.add_parser("code", help="the files of the code snapshot a run runs: path, size, digest")
+    code.add_argument("run_id", metavar="RUN")
+    code.add_argument("--json", action="store_true")
+    code.set_defaults(handler=cmd_code)
+
+    pull = sub.add_parser("pull", help="download a run's outputs (--output-dir), every file checked")
+    pull.add_argument("run_id", metavar="RUN")
+    pull.add_argument("dest", metavar="DEST", nargs="?", help="an absent or empty folder (default: ./RUN)")
+    pull.set_defaults(handler=cmd_pull)
+
     ui = sub.add_parser("ui", help="print the run's link in the Temporal UI")
     ui.add_argument("run_id", metavar="RUN")
     ui.set_defaults(handler=cmd_ui)
@@ -54,12 +65,20 @@ async def cmd_status(args: argparse.Namespace) -> int:
     conn = await connect()
     try:
         status = await vl_client.status(conn.client, args.run_id)
+        spec = await vl_client.spec(conn.client, args.run_id)
     except RPCError as err:
         fail(f"no run {args.run_id!r} ({err.message}); list runs with: vl ls", code=1)
     if args.json:
-        print(json.dumps(status_json(status), indent=2))
+        code = spec.code.model_dump(mode="json") if spec.code else None
+        print(json.dumps(status_json(status) | {"code": code}, indent=2))
         return 0
     print(f"run {status.run_id}: {status.state.value}")
+    if spec.code:
+        print(f"code: snapshot {spec.code.short}, {spec.code.file_count} files, {human_bytes(spec.code.total_bytes)}"
+              f" (vl code {status.run_id} lists them)")
+    if status.outputs:
+        print(f"outputs: {status.outputs.file_count} files, {human_bytes(status.outputs.total_bytes)}"
+              f" (vl pull {status.run_id})")
     if status.current_host:
         print(f"host {status.current_host.host_id}, step {status.step}, durable step {status.durable_step}")
     print(f"durable step {status.durable_step}, reclaims {status.reclaims}, steps lost {status.steps_lost}")
@@ -151,6 +170,41 @@ async def cmd_logs(args: argparse.Namespace) -> int:
         fail(str(err), code=1)
     except Exception as err:  # noqa: BLE001 - storage errors, after retries: say so on one line
         fail(f"cannot read the logs of {args.run_id}: {err}", code=1)
+    return 0
+
+
+async def cmd_code(args: argparse.Namespace) -> int:
+    from vaultlayer.runs import AsyncClient, ClientError
+
+    conn = await connect()
+    try:
+        run = await AsyncClient(conn.client).get_run(args.run_id)
+        manifest = await run.code()
+    except ClientError as err:
+        fail(str(err), code=1)
+    if args.json:
+        print(json.dumps(manifest.model_dump(mode="json"), indent=2))
+        return 0
+    for entry in sorted(manifest.files, key=lambda item: item.path):
+        print(f"{human_bytes(entry.size):>9}  {entry.blake3[:12]}  {entry.path}")
+    for link in sorted(manifest.links, key=lambda item: item.path):
+        print(f"{'link':>9}  {'':12}  {link.path} -> {link.target}")
+    return 0
+
+
+async def cmd_pull(args: argparse.Namespace) -> int:
+    from vaultlayer.runs import AsyncClient, ClientError
+
+    conn = await connect()
+    try:
+        run = await AsyncClient(conn.client).get_run(args.run_id)
+        dest = await run.pull(args.dest or args.run_id)
+    except ClientError as err:
+        fail(str(err), code=1)
+    outputs = (await run.status()).outputs
+    size = f", {human_bytes(outputs.total_bytes)}" if outputs else ""
+    print(f"pulled the outputs of {args.run_id} into {dest} ({sum(1 for p in dest.rglob('*') if p.is_file())}"
+          f" files{size}, every file checked)")
     return 0
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from cli.context import Connection, UsageError, connect, consent, fail, warn
 from cli.render import follow
-from vaultlayer.request import PoolRequest, RunRequest, build_spec, check_storage
+from vaultlayer.request import PoolRequest, RunRequest, build_spec, check_storage, pack_code, select_code
 
 POOL_OPTIONS = set(PoolRequest.model_fields) - {"where"}
 
@@ -78,7 +78,15 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                           "gcp-sm:projects/P/secrets/S; only the reference is stored")
     run.add_argument("--setup", action="append", metavar="CMD", help="a shell command run on the host before the "
                                                                     "command in each attempt (repeatable)")
-    run.add_argument("--workdir", help="where the command runs (default: here, or the config file's folder)")
+    run.add_argument("--workdir", help="the code that travels with the run: packed once at submit, every attempt "
+                                       "runs in it (default: here, or the config file's folder)")
+    run.add_argument("--no-code", dest="code", action="store_false",
+                     help="ship no code: the command runs in --workdir as each host has it (an image with the code)")
+    run.add_argument("--allow-secret-file", dest="allow_secret_files", action="append", metavar="PATH",
+                     help="ship this workdir file although its name looks like a secret (repeatable)")
+    run.add_argument("--workdir-max-size", help="refuse a workdir bigger than this, such as 500MB (default 100MB)")
+    run.add_argument("--output-dir", help="a folder of the workdir the script writes its results to: stored when "
+                                          "it succeeds, fetched with vl pull")
     run.add_argument("--run-id", help="run id (default: generated)")
     run.add_argument("--detach", action="store_true", default=False, help="submit and return")
     run.add_argument("command", nargs=argparse.REMAINDER, default=[], help="-- then the command to run")
@@ -88,6 +96,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     resume.add_argument("run_id", metavar="RUN")
     resume.add_argument("--run-id", dest="new_run_id", metavar="ID", help="the new run's id (default: generated)")
     resume.add_argument("--detach", action="store_true", help="submit and return")
+    resume.add_argument("--fresh-code", action="store_true",
+                        help="pack the workdir again (default: the code the old run ran)")
     resume.set_defaults(handler=cmd_resume)
 
 
@@ -133,11 +143,16 @@ async def cmd_run(args: argparse.Namespace) -> int:
     from vaultlayer import client as vl_client
     from vaultlayer.ui import ensure_search_attributes
 
-    spec = build_spec(request_from_args(args), warn=warn)  # every input check happens before anything starts
+    request = request_from_args(args)
+    spec = build_spec(request, warn=warn)  # every input check happens before anything starts
     args.run_id = spec.run_id  # what Ctrl-C's "detached" line names
     if spec.checkpoint_dir is None:
         offer_on_run(spec.command, Path(spec.workdir))
+    code = select_code(request, spec, warn=warn)  # after the offer: lines it adds to the script travel too
     check_storage(spec.storage_url)
+    spec = pack_code(code, spec)
+    if code is not None:
+        print(f"code: {code.summary(spec.code.short)}", flush=True)
     conn = await connect()
     problem = await ensure_search_attributes(conn.client)
     if problem:
@@ -158,7 +173,7 @@ async def cmd_resume(args: argparse.Namespace) -> int:
     old_run_id = args.run_id
     conn = await connect()
     try:
-        run = await AsyncClient(conn.client).resume(args.run_id, args.new_run_id)
+        run = await AsyncClient(conn.client).resume(args.run_id, args.new_run_id, fresh_code=args.fresh_code)
     except (ClientError, CheckpointError) as err:
         fail(f"cannot resume {old_run_id}: {err}", code=1)
     args.run_id = run.run_id  # what Ctrl-C's "detached" line names from here on

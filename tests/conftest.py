@@ -25,6 +25,8 @@ from vaultlayer.models import Limits, Pool, RunSpec
 
 REPO = Path(__file__).resolve().parent.parent
 TRAIN_TINY = REPO / "examples" / "train_tiny.py"
+# The same script as a `vl run` started in REPO names it: relative, so it is the copy in the run's code snapshot.
+TRAIN_TINY_IN_REPO = "examples/train_tiny.py"
 # Small enough that continue-as-new happens after every attempt or two, so every run exercises it.
 SUGGEST_CONTINUE_AS_NEW_AFTER = 40
 
@@ -105,6 +107,23 @@ def make_spec(tmp_path: Path, steps: int, out: Path, step_time: float = 0.05, **
     )
     fields.update(overrides)
     return RunSpec(**fields)
+
+
+def travelling_spec(tmp_path: Path, steps: int, out: Path, **overrides) -> RunSpec:
+    """A spec whose script exists only in its code snapshot: train_tiny.py is copied into a project folder,
+    packed into the run's storage as `vl run` packs a workdir, and the folder removed before anything starts.
+    A run of it that finishes proves the code travelled."""
+    from vaultlayer.request import pack_code
+    from vaultlayer.workdir import select_files
+
+    project = tmp_path / "project"
+    project.mkdir()
+    shutil.copy(TRAIN_TINY, project / "train.py")
+    spec = make_spec(tmp_path, steps, out, workdir=str(project), **overrides)
+    spec.command[1] = "train.py"
+    spec = pack_code(select_files(project), spec)
+    shutil.rmtree(project)
+    return spec
 
 
 _reference_cache: dict[int, Path] = {}

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, TRAIN_TINY, assert_same_weights, group_alive
+from tests.conftest import REPO, TRAIN_TINY_IN_REPO, assert_same_weights, group_alive
 from tests.helpers import FOREGROUND_VL, free_port
 
 
@@ -31,14 +31,14 @@ def vl(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.Compl
 
 
 BAD_INPUT = [
-    (["run", "--provider", "nimbus", "--", "python", str(TRAIN_TINY), "--steps", "1", "--out", "x"],
+    (["run", "--provider", "nimbus", "--", "python", TRAIN_TINY_IN_REPO, "--steps", "1", "--out", "x"],
      "unknown provider 'nimbus'"),
     (["run", "--", "no-such-program-vl", "--steps", "1"], "'no-such-program-vl' not found on PATH"),
-    (["run", "--reclaim-every", "0", "--", "python", str(TRAIN_TINY), "--steps", "1", "--out", "x"],
+    (["run", "--reclaim-every", "0", "--", "python", TRAIN_TINY_IN_REPO, "--steps", "1", "--out", "x"],
      "--reclaim-every '0'"),
-    (["run", "--storage", "nosuchproto://bucket/x", "--", "python", str(TRAIN_TINY), "--steps", "1", "--out", "x"],
+    (["run", "--storage", "nosuchproto://bucket/x", "--", "python", TRAIN_TINY_IN_REPO, "--steps", "1", "--out", "x"],
      "nosuchproto"),
-    (["run", "--checkpoint-every", "soon", "--", "python", str(TRAIN_TINY), "--steps", "1", "--out", "x"],
+    (["run", "--checkpoint-every", "soon", "--", "python", TRAIN_TINY_IN_REPO, "--steps", "1", "--out", "x"],
      "--checkpoint-every 'soon'"),
 ]
 
@@ -60,13 +60,14 @@ def test_embedded_default_runs_through_reclaims_and_vl_down_stops_it(cli_env, tm
     out = tmp_path / "w.pt"
     try:
         result = vl(cli_env, "run", "--reclaim-every", "6s", "--notice-seconds", "10", "--checkpoint-every", "25",
-                    "--", "python", str(TRAIN_TINY), "--steps", "150", "--step-time", "0.05", "--out", str(out),
+                    "--", "python", TRAIN_TINY_IN_REPO, "--steps", "150", "--step-time", "0.05", "--out", str(out),
                     timeout=300)
         assert result.returncode == 0, result.stdout + result.stderr
         lines = result.stdout.splitlines()
-        run_id = lines[0].removeprefix("run ")
-        assert lines[0].startswith("run r-")
-        assert lines[1] == (f"Temporal UI: http://localhost:{cli_env['VL_UI_PORT']}/namespaces/default/"
+        assert lines[0].startswith("code: ") and " (snapshot " in lines[0] and "gitignore (git) applied" in lines[0]
+        run_id = lines[1].removeprefix("run ")
+        assert lines[1].startswith("run r-")
+        assert lines[2] == (f"Temporal UI: http://localhost:{cli_env['VL_UI_PORT']}/namespaces/default/"
                             f"workflows/{run_id}")
         assert any(line.startswith("reclaimed at step ") and ", resuming on host h-2" in line for line in lines)
         assert "started temporal dev server" in result.stderr
@@ -128,11 +129,12 @@ def test_ctrl_c_detaches_and_cancel_releases_the_host(cli_env, tmp_path):
     import time
 
     run = subprocess.Popen(
-        [*FOREGROUND_VL, "run", "--checkpoint-every", "10", "--", "python", str(TRAIN_TINY),
+        [*FOREGROUND_VL, "run", "--checkpoint-every", "10", "--", "python", TRAIN_TINY_IN_REPO,
          "--steps", "5000", "--step-time", "0.05", "--out", str(tmp_path / "w.pt")],
         env=cli_env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
+        assert run.stdout.readline().startswith("code: ")
         run_id = run.stdout.readline().strip().removeprefix("run ")
         while "attempt 1 on host h-1" not in run.stdout.readline():
             pass

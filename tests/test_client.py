@@ -18,7 +18,7 @@ import pytest
 from temporalio.client import Client as TemporalClient
 
 from activities.attempt_logs import LogShipper
-from tests.conftest import REPO, TRAIN_TINY, assert_same_weights, group_alive, make_spec
+from tests.conftest import REPO, TRAIN_TINY_IN_REPO, assert_same_weights, group_alive, make_spec
 from tests.helpers import wait_until
 from vaultlayer import checkpoint, seed, ui
 from vaultlayer import client as vl_client
@@ -118,11 +118,12 @@ async def test_notebook_session_reads_status_checkpoints_and_logs_that_outlive_t
 async def test_cancel_keeps_checkpoints_and_vl_resume_continues_bit_identically(
         temporal_env, control, vl_env, vl_home, tmp_path, reference_weights):
     out = tmp_path / "w.pt"
-    command = ["python", str(TRAIN_TINY), "--steps", "150", "--step-time", "0.05", "--out", str(out)]
+    command = ["python", TRAIN_TINY_IN_REPO, "--steps", "150", "--step-time", "0.05", "--out", str(out)]
     result = await asyncio.to_thread(vl, vl_env, "run", "--detach", "--checkpoint-every", "10", "--notice-seconds",
                                      "10", "--heartbeat-timeout", "5s", "--", *command)
     assert result.returncode == 0, result.stderr
-    run_id = result.stdout.splitlines()[0].removeprefix("run ")
+    assert result.stdout.startswith("code: ")
+    run_id = result.stdout.splitlines()[1].removeprefix("run ")
     assert f"vl logs {run_id} -f" in result.stdout.splitlines()[-1]
     run = await AsyncClient(temporal_env.client, task_queue=control).get_run(run_id)
 
@@ -150,6 +151,8 @@ async def test_cancel_keeps_checkpoints_and_vl_resume_continues_bit_identically(
     assert lines[1].startswith(f"resuming {run_id} from step {kept[0].step} ")
     assert lines[-1].startswith("succeeded: 1 attempts")
     status = await vl_client.status(temporal_env.client, new_id)
+    old_code = (await vl_client.spec(temporal_env.client, run_id)).code
+    assert old_code is not None and (await vl_client.spec(temporal_env.client, new_id)).code == old_code
     assert status.attempts[0].start_step == kept[0].step
     assert status.attempts[0].resumed_from == checkpoint.checkpoint_name(kept[0].step, 0)
     assert_same_weights(out, reference_weights(150))

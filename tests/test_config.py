@@ -205,7 +205,8 @@ def test_the_file_alone_makes_the_spec_with_paths_relative_to_it(project):
     assert [(p.zone, p.market) for p in spec.pools] == [
         ("a", Market.SPOT), ("b", Market.SPOT), ("a", Market.ON_DEMAND), ("b", Market.ON_DEMAND)]
     assert (spec.checkpoint_every, spec.checkpoint_min, spec.checkpoint_max) == ("25", "30s", "30m")
-    assert spec.keep_checkpoints == 2 and spec.checkpoint_dir == str(project / "conf" / "ckpts")
+    # Inside the workdir: relative, so that it resolves inside the code snapshot on every host.
+    assert spec.keep_checkpoints == 2 and spec.checkpoint_dir == "conf/ckpts"
     assert spec.limits.max_cost == 3 and spec.limits.max_attempts == 4 and spec.total_steps == 100
     assert spec.limits.deadline - spec.submitted_at == pytest.approx(timedelta(hours=2), abs=timedelta(seconds=1))
 

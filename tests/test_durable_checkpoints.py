@@ -272,9 +272,14 @@ def test_zero_code_and_retention_flags_refuse_what_would_lose_data(flags, messag
         build_spec(request_from_args(args))
 
 
-def test_checkpoint_dir_is_made_absolute(monkeypatch):
+def test_checkpoint_dir_resolves_inside_the_code_that_travels(monkeypatch, tmp_path):
     monkeypatch.chdir(REPO)
-    args = parser().parse_args(["run", "--run-id", "r-test", "--checkpoint-dir", "ckpts", "--keep-checkpoints", "5",
-                                "--", sys.executable, "-c", "pass"])
-    spec = build_spec(request_from_args(args))
-    assert (spec.checkpoint_dir, spec.keep_checkpoints) == (str(REPO / "ckpts"), 5)
+    args = ["run", "--run-id", "r-test", "--checkpoint-dir", "ckpts", "--keep-checkpoints", "5"]
+    command = ["--", sys.executable, "-c", "pass"]
+    spec = build_spec(request_from_args(parser().parse_args([*args, *command])))
+    assert (spec.checkpoint_dir, spec.keep_checkpoints) == ("ckpts", 5)  # in the snapshot each host unpacks
+    unshipped = build_spec(request_from_args(parser().parse_args([*args, "--no-code", *command])))
+    assert unshipped.checkpoint_dir == str(REPO / "ckpts")  # the host's own workdir, as given
+    outside = build_spec(request_from_args(parser().parse_args(
+        ["run", "--checkpoint-dir", str(tmp_path / "ckpts"), *command])))
+    assert outside.checkpoint_dir == str(tmp_path / "ckpts")

@@ -21,7 +21,7 @@ import pytest
 
 from activities.attempt_logs import MaskedLog
 from cli.render import ended_line, exit_code_of
-from tests.conftest import REPO, TRAIN_TINY, make_spec
+from tests.conftest import REPO, TRAIN_TINY_IN_REPO, make_spec
 from tests.test_cli import cli_env, vl  # noqa: F401 - cli_env is a fixture
 from vaultlayer import checkpoint, protocol
 from vaultlayer import client as vl_client
@@ -226,7 +226,7 @@ def test_a_directory_that_cannot_be_made_is_refused(tmp_path):
 
 def test_vl_run_refuses_unwritable_storage_on_one_line_before_anything_starts(tmp_path, s3_server, cli_env):
     env = cli_env
-    done = vl(env, "run", "--storage", "s3://vl-no-such-bucket/x", "--detach", "--", "python", str(TRAIN_TINY),
+    done = vl(env, "run", "--storage", "s3://vl-no-such-bucket/x", "--detach", "--", "python", TRAIN_TINY_IN_REPO,
               "--steps", "5", "--out", "x.pt")
     assert done.returncode != 0 and done.stdout == ""
     [line] = done.stderr.strip().splitlines()
@@ -279,7 +279,8 @@ async def test_a_checkpoint_that_cannot_be_restored_fails_the_attempt_with_its_c
     inp = AttemptInput(run_id="r-1", attempt=2, command=["true"], workdir=str(tmp_path), checkpoint=ref,
                        storage_url=tmp_path.as_uri(), host=Host(host_id="h-1", provider="local", pool=Pool(),
                                                                  task_queue="q"))
-    ctx = AttemptContext(inp=inp, progress=AttemptProgress(start_step=3), restore=tmp_path / "restore",
+    ctx = AttemptContext(inp=inp, progress=AttemptProgress(start_step=3), workdir=tmp_path, checkpoint_dir=None,
+                         restore=tmp_path / "restore",
                          staging=tmp_path / "staging", control=tmp_path / "control", log_path=tmp_path / "a2.log",
                          log=structlog.get_logger())
     agent = HostAgentActivities("h-1", tmp_path, notices=None, run_id="r-1", task_queue="q")

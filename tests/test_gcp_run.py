@@ -13,7 +13,7 @@ import sys
 from temporalio.client import WorkflowFailureError
 
 from activities.providers.gcp import label_value
-from tests.conftest import REPO, assert_same_weights, make_spec
+from tests.conftest import REPO, assert_same_weights, make_spec, travelling_spec
 from tests.fakes.gce import stockout
 from tests.helpers import wait_until
 from vaultlayer import checkpoint
@@ -50,7 +50,8 @@ async def no_vm_left(gce, run_id: str | None = None) -> None:
 async def test_a_preempted_vm_fails_over_to_another_zone(temporal_env, control, gce, gce_hosts, tmp_path,
                                                          reference_weights):
     out = tmp_path / "w.pt"
-    spec = make_spec(tmp_path, steps=150, out=out, pools=[gcp_pool("us-central1-a"), gcp_pool("us-central1-b")])
+    # The script exists only in the run's code snapshot; the agents run in empty folders of their own.
+    spec = travelling_spec(tmp_path, steps=150, out=out, pools=[gcp_pool("us-central1-a"), gcp_pool("us-central1-b")])
     client = temporal_env.client
     await vl_client.submit(client, spec, queue=control)
     first = (await checkpointed(client, spec.run_id, 10)).current_host

@@ -126,6 +126,15 @@ class CheckpointConfig(ConfigModel):
         return str(value)
 
 
+class CodeConfig(ConfigModel):
+    ship: bool = Field(True, description="pack the workdir at submit and run every attempt in that snapshot; "
+                       "false: the command runs in workdir as each host has it (an image with the code)")
+    max_size: str | None = Field(None, description="refuse a workdir bigger than this, such as 500MB "
+                                 "(default 100MB)")
+    allow_secret_files: list[str] = Field(default_factory=list, description="workdir files shipped although "
+                                          "their names look like secrets (.env, *.pem, ...)")
+
+
 class LimitsConfig(ConfigModel):
     max_cost: float | None = Field(None, gt=0, description="stop once the run has cost this much, USD")
     deadline: str | datetime | None = Field(None, description="a duration from submission (36h) or a time "
@@ -181,7 +190,11 @@ class RunConfig(ConfigModel):
 
     command: str | list[str] | None = Field(None, description="the command, as one string (split like a shell "
                                             "does) or a list; the command after `--` overrides it")
-    workdir: str | None = Field(None, description="where the command runs (default: this file's folder)")
+    workdir: str | None = Field(None, description="the code that travels with the run; the command runs in its "
+                                "snapshot (default: this file's folder)")
+    code: CodeConfig = Field(default_factory=CodeConfig)
+    outputs: str | None = Field(None, description="a folder of the workdir the script writes its results to: "
+                                "stored when it succeeds, fetched with `vl pull`")
     env: dict[str, EnvValue] = Field(default_factory=dict, description="extra environment: a value, or "
                                      "{secret: REF} read on the host when an attempt starts")
     setup: list[str] = Field(default_factory=list, description="shell commands run on the host, in order, "
@@ -242,7 +255,9 @@ class LoadedConfig(BaseModel):
             "max_cost": limits.max_cost, "max_attempts": limits.max_attempts, "max_reclaims": limits.max_reclaims,
             "max_attempts_without_progress": limits.max_attempts_without_progress,
             "script_retries": limits.script_retries, "total_steps": limits.total_steps, "work": limits.work,
-            "deadline": self._deadline(), "on_demand_fallback": config.resources.on_demand_fallback}
+            "deadline": self._deadline(), "on_demand_fallback": config.resources.on_demand_fallback,
+            "output_dir": config.outputs, "code": None if config.code.ship else False,
+            "workdir_max_size": config.code.max_size, "allow_secret_files": config.code.allow_secret_files or None}
         values = {name: value for name, value in from_file.items() if value is not None and name not in chosen}
         values |= {name: getattr(given, name) for name in chosen}
 

@@ -20,6 +20,28 @@ class VLModel(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
+HEX_DIGEST = r"^[0-9a-f]{64}$"  # a BLAKE3 or SHA-256, lower-case hex
+
+
+class SnapshotRef(VLModel):
+    """A stored snapshot of a directory (vaultlayer/workdir): the run's code, as its spec carries it, or its
+    outputs. Where, which (the digest every host checks), how big."""
+
+    url: str  # <storage_url>/_code
+    digest: str = Field(pattern=HEX_DIGEST)
+    file_count: int
+    total_bytes: int
+    link_count: int = 0
+
+    @property
+    def manifest_url(self) -> str:
+        return f"{self.url}/snapshots/{self.digest}.json"
+
+    @property
+    def short(self) -> str:
+        return self.digest[:12]
+
+
 class Market(StrEnum):
     SPOT = "spot"
     ON_DEMAND = "on-demand"
@@ -64,7 +86,12 @@ class RunSpec(VLModel):
 
     run_id: str
     command: list[str]
-    workdir: str
+    workdir: str  # where the code was packed from, on the submitting machine
+    # The code that travels (docs/code-and-outputs.md): every host unpacks this snapshot, checks every digest and
+    # runs the command in it; relative paths of the command, checkpoint_dir and output_dir resolve there. None:
+    # the command runs in `workdir` as the host has it (`--no-code`: an image that holds the code).
+    code: SnapshotRef | None = None
+    output_dir: str | None = None  # relative to the code: stored when the script succeeds, for `vl pull`
     env: dict[str, str] = Field(default_factory=dict)
     # NAME -> a secret reference (env:, file:, aws-sm:, gcp-sm:; vaultlayer/secrets.py), read on the host.
     env_secrets: dict[str, str] = Field(default_factory=dict)
@@ -227,6 +254,8 @@ class FailureCause(StrEnum):
     SETUP = "setup"  # a setup command failed
     COMMAND = "command"  # the command is not found (or not executable) on the host
     RESTORE = "restore"  # the checkpoint to resume from could not be restored
+    CODE = "code"  # the run's code snapshot could not be unpacked or failed verification
+    OUTPUTS = "outputs"  # the script succeeded but its output directory could not be stored
 
 
 class AttemptInput(VLModel):
@@ -235,6 +264,8 @@ class AttemptInput(VLModel):
     host: Host
     command: list[str]
     workdir: str
+    code: SnapshotRef | None = None  # RunSpec.code: unpacked and verified before setup; None: run in `workdir`
+    output_dir: str | None = None  # RunSpec.output_dir
     env: dict[str, str] = Field(default_factory=dict)
     env_secrets: dict[str, str] = Field(default_factory=dict)  # RunSpec.env_secrets: references, never values
     setup: list[str] = Field(default_factory=list)  # RunSpec.setup
@@ -275,6 +306,7 @@ class AttemptResult(VLModel):
     cause: FailureCause | None = None  # when the outcome is failed: what failed
     host_gone: bool = False  # the provider confirmed the host terminated: it cannot publish anything more
     refusal: str | None = None  # a `Refusal` value when the outcome is refused
+    outputs: SnapshotRef | None = None  # the output directory, stored when the script succeeded
 
 
 class AttemptRecord(VLModel):
@@ -338,6 +370,7 @@ class RunStatus(VLModel):
     waiting_on: str = ""  # live, from heartbeats: AttemptProgress.waiting_on
     stop_reason: str = ""
     exit_code: int | None = None
+    outputs: SnapshotRef | None = None  # the run's outputs (RunSpec.output_dir), for `vl pull`
     started_at: datetime | None = None
     ended_at: datetime | None = None
     continued_as_new: int = 0

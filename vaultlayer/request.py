@@ -15,15 +15,19 @@ import warnings
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from vaultlayer.catalog import KNOWN_PROVIDERS, priced_pools, validate_pools
 from vaultlayer.durations import parse_duration, parse_interval
-from vaultlayer.home import default_storage_url
+from vaultlayer.home import default_storage_url, vl_home
 from vaultlayer.models import Limits, Market, Pool, RunSpec
 from vaultlayer.run_ids import new_run_id, run_id_problem
 from vaultlayer.secrets import ENV_NAME, looks_secret, parse_reference
+
+if TYPE_CHECKING:
+    from vaultlayer.workdir import Selection
 
 
 class RunRequestError(ValueError):
@@ -62,6 +66,10 @@ class RunRequest(BaseModel):
     run_id: str | None = None  # default: generated
     command: list[str] = Field(default_factory=list)
     workdir: str | None = None  # default: the current directory
+    code: bool = True  # pack the workdir and run every attempt in that snapshot (docs/code-and-outputs.md)
+    allow_secret_files: list[str] = Field(default_factory=list)  # likely secrets shipped on purpose (workdir paths)
+    workdir_max_size: str | None = None  # such as 500MB; default 100 MB
+    output_dir: str | None = None  # relative to the workdir: stored when the script succeeds, for `vl pull`
     env: dict[str, str] = Field(default_factory=dict)
     env_secrets: dict[str, str] = Field(default_factory=dict)  # NAME -> env:NAME, file:/path, aws-sm:ID, gcp-sm:...
     setup: list[str] = Field(default_factory=list)
@@ -132,6 +140,9 @@ def build_spec(request: RunRequest, warn: Warn = _python_warning) -> RunSpec:
         raise RunRequestError(f"--notice-seconds {request.notice_seconds}: must be zero (no notice) or more, "
                               "such as 30")
     checkpoint_dir = checkpoint_directory(request.checkpoint_dir, workdir)
+    if request.code and checkpoint_dir is not None and Path(checkpoint_dir).is_relative_to(workdir):
+        checkpoint_dir = Path(checkpoint_dir).relative_to(workdir).as_posix()  # inside the unpacked code
+    output_dir = _output_dir(request.output_dir, workdir)
     if request.keep_checkpoints < 1:
         raise RunRequestError(f"--keep-checkpoints {request.keep_checkpoints}: must be at least 1")
     env_secrets = _secret_references(request.env_secrets, request.env)
@@ -165,6 +176,7 @@ def build_spec(request: RunRequest, warn: Warn = _python_warning) -> RunSpec:
         run_id=run_id,
         command=command,
         workdir=str(workdir),
+        output_dir=output_dir,
         env=dict(request.env),
         env_secrets=env_secrets,
         setup=list(request.setup),
@@ -186,6 +198,77 @@ def build_spec(request: RunRequest, warn: Warn = _python_warning) -> RunSpec:
         changeover_seconds=_seconds("--changeover", request.changeover),
         reclaim_only_in=list(request.reclaim_in),
     )
+
+
+# ---------------------------------------------------------------- the code that travels with the run
+
+
+def select_code(request: RunRequest, spec: RunSpec, warn: Warn = _python_warning) -> Selection | None:
+    """What of the workdir travels with the run (None with `--no-code`): read and checked here (likely secrets,
+    size, links), before anything is written anywhere. RunRequestError says what to change. An argument naming
+    a shipped file by its absolute path would read the live directory (or nothing, on a cloud host) rather
+    than the snapshot: `warn` hears of it."""
+    if not request.code:
+        return None
+    from vaultlayer.workdir import DEFAULT_MAX_BYTES, MAX_SIZE_FLAG, WorkdirError, parse_size, select_files
+
+    max_bytes = DEFAULT_MAX_BYTES
+    if request.workdir_max_size is not None:
+        try:
+            max_bytes = parse_size(request.workdir_max_size)
+        except ValueError as err:
+            raise RunRequestError(f"{MAX_SIZE_FLAG} {request.workdir_max_size!r}: {err}") from None
+    workdir = Path(spec.workdir)
+    never = [vl_home()] + ([workdir / spec.checkpoint_dir] if spec.checkpoint_dir else [])
+    try:
+        selection = select_files(workdir, exclude_paths=never, allow_secret_files=[
+            workdir / path for path in request.allow_secret_files], max_bytes=max_bytes)
+    except WorkdirError as err:
+        raise RunRequestError(str(err)) from None
+    shipped = {entry.path for entry in selection.files}
+    for argument in spec.command[1:]:
+        if _shipped_path(argument, workdir, shipped):
+            warn(f"argument {argument} names a file of the workdir by its absolute path: the hosts run the code "
+                 f"snapshot, so give it relative to {workdir} ({_shipped_path(argument, workdir, shipped)})")
+    return selection
+
+
+def pack_code(selection: Selection | None, spec: RunSpec) -> RunSpec:
+    """The spec with its code stored in the run's storage (after check_storage): content-addressed, so a tree
+    stored before by any run costs one existence check."""
+    if selection is None:
+        return spec
+    from vaultlayer.workdir import WorkdirError, store_snapshot
+
+    try:
+        ref = store_snapshot(selection, spec.storage_url)
+    except WorkdirError as err:
+        raise RunRequestError(str(err)) from None
+    command = list(spec.command)
+    program = _shipped_path(command[0], Path(spec.workdir), {entry.path for entry in selection.files})
+    if program is not None:  # a program that travels runs from the snapshot (a venv's python stays as it is)
+        command[0] = f"./{program}"
+    return spec.model_copy(update={"code": ref, "command": command})
+
+
+def _shipped_path(text: str, workdir: Path, shipped: set[str]) -> str | None:
+    """The snapshot path of the shipped file `text` names by its absolute path, if it names one."""
+    if not text.startswith("/") or not Path(text).is_relative_to(workdir):
+        return None
+    relative = Path(text).relative_to(workdir).as_posix()
+    return relative if relative in shipped else None
+
+
+def _output_dir(text: str | None, workdir: Path) -> str | None:
+    """--output-dir, relative to the workdir and inside it: it names a place in the code the hosts run."""
+    if text is None:
+        return None
+    path = Path(text)
+    relative = path.relative_to(workdir) if path.is_absolute() and path.is_relative_to(workdir) else path
+    if relative.is_absolute() or ".." in relative.parts or relative == Path("."):
+        raise RunRequestError(f"--output-dir {text!r}: give a folder inside the workdir ({workdir}), such as "
+                              f"outputs; the hosts run the command there")
+    return relative.as_posix()
 
 
 # ---------------------------------------------------------------- the checks, one per kind of input

@@ -31,14 +31,15 @@ from temporalio.client import WorkflowExecutionStatus, WorkflowFailureError
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
-from vaultlayer import checkpoint, logs_store, seed
+from vaultlayer import checkpoint, logs_store, seed, workdir
 from vaultlayer import client as vl_client
 from vaultlayer.config import load_file, load_mapping
 from vaultlayer.home import default_storage_url
 from vaultlayer.models import CheckpointRef, RunInput, RunSpec, RunStatus
-from vaultlayer.request import RunRequest, RunRequestError, build_spec, check_storage
+from vaultlayer.request import RunRequest, RunRequestError, build_spec, check_storage, pack_code, select_code
 from vaultlayer.run_ids import new_run_id
 from vaultlayer.ui import ensure_search_attributes
+from vaultlayer.workdir import Selection
 
 T = TypeVar("T")
 Submittable = RunSpec | RunRequest | str | os.PathLike | Mapping[str, Any]
@@ -58,15 +59,22 @@ def spec_of(run: Submittable) -> RunSpec:
     """The RunSpec for `run`: a RunSpec as it is; a RunRequest, a config file's path or a mapping in the file's
     shape (relative paths from the current directory) checked by `build_spec`, as `vl run -f` checks them.
     Raises RunRequestError, one line per problem."""
+    return _prepared(run)[0]
+
+
+def _prepared(run: Submittable) -> tuple[RunSpec, Selection | None]:
+    """The spec, and the code that will travel with it (select_code: checked, nothing written yet). A RunSpec
+    is taken as it is: its `code` snapshot, or none."""
     if isinstance(run, RunSpec):
-        return run
+        return run, None
     if isinstance(run, RunRequest):
         request = run
     elif isinstance(run, Mapping):
         request = load_mapping(dict(run), "config", Path.cwd()).request()
     else:
         request = load_file(run).request()
-    return build_spec(request)
+    spec = build_spec(request)
+    return spec, select_code(request, spec)
 
 
 def run_spec(command: Sequence[str], **fields: Any) -> RunSpec:
@@ -102,11 +110,12 @@ class AsyncClient:
         """Start a run: a config file's path, a mapping in its shape, a RunRequest (all checked as `vl run`
         checks them; RunRequestError says what is wrong, and nothing starts) or a RunSpec
         (vaultlayer.run_spec makes one with `vl run`'s defaults)."""
-        spec = await asyncio.to_thread(spec_of, run)  # a provider's checks may ask its cloud
+        spec, code = await asyncio.to_thread(_prepared, run)  # a provider's checks may ask its cloud
         try:  # before anything is provisioned: a run that cannot save must not start
             await asyncio.to_thread(check_storage, spec.storage_url)
         except RunRequestError as err:
             raise ClientError(f"storage_url: {err}") from None
+        spec = await asyncio.to_thread(pack_code, code, spec)
         if not spec.search_attributes:  # as `vl run` does: the run's state and step searchable in the UI
             problem = await ensure_search_attributes(self.temporal)
             if problem:
@@ -137,11 +146,12 @@ class AsyncClient:
         """Runs, newest first."""
         return await vl_client.list_runs(self.temporal, limit=limit)
 
-    async def resume(self, run_id: str, new_id: str | None = None) -> AsyncRun:
+    async def resume(self, run_id: str, new_id: str | None = None, fresh_code: bool = False) -> AsyncRun:
         """A new run with the same spec that starts from this finished run's newest verified checkpoint.
 
         The checkpoint is copied into the new run and verified first (vaultlayer/seed.py); the old run's
-        checkpoints are only read."""
+        checkpoints are only read. The new run runs the old run's code snapshot, or with `fresh_code` the
+        old run's workdir packed again now (checked as `vl run` checks it)."""
         old = await self.get_run(run_id)
         status = await old.status()
         if not status.state.finished:
@@ -156,7 +166,11 @@ class AsyncClient:
         if source is None:
             raise ClientError(f"run {run_id} has no verified checkpoint in {spec.storage_url} to resume from; "
                               f"start it anew with vl run")
+        code = None
+        if fresh_code:
+            code = await asyncio.to_thread(select_code, RunRequest(), spec)  # the default checks and limit
         copied = await asyncio.to_thread(seed.copy_checkpoint, source, spec.storage_url, new_spec.run_id)
+        new_spec = await asyncio.to_thread(pack_code, code, new_spec)
         run = await self.submit(new_spec)
         run.resumed_from = copied
         return run
@@ -213,6 +227,32 @@ class AsyncRun:
         ended = [record.attempt for record in status.attempts if record.outcome is not None]
         return await asyncio.to_thread(checkpoint.describe_checkpoints, spec.storage_url, self.run_id,
                                        status.fences, ended, verify)
+
+    async def pull(self, dest: str | os.PathLike[str]) -> Path:
+        """Download the run's outputs (`--output-dir`, stored when its script succeeded) into `dest` (absent or
+        empty), every file checked against its digest. ClientError when the run stored none."""
+        spec = await self.spec()
+        ref = await asyncio.to_thread(workdir.stored_outputs, spec.storage_url, self.run_id)
+        if ref is None:
+            why = ("it was started without --output-dir" if spec.output_dir is None else
+                   f"its script has not succeeded with {spec.output_dir}/ yet")
+            raise ClientError(f"run {self.run_id} stored no outputs: {why}")
+        try:
+            await asyncio.to_thread(workdir.restore_snapshot, ref, dest)
+        except workdir.WorkdirError as err:
+            raise ClientError(f"cannot pull the outputs of {self.run_id}: {err}") from None
+        return Path(dest).resolve()
+
+    async def code(self) -> workdir.WorkdirManifest:
+        """The files of the code snapshot the run runs (each with its size and digest); ClientError without one."""
+        spec = await self.spec()
+        if spec.code is None:
+            raise ClientError(f"run {self.run_id} ships no code (submitted with --no-code): it runs in "
+                              f"{spec.workdir} as each host has it")
+        try:
+            return await asyncio.to_thread(workdir.read_manifest, spec.code)
+        except workdir.WorkdirError as err:
+            raise ClientError(f"cannot read the code of {self.run_id}: {err}") from None
 
     async def logs(self, attempt: int | None = None) -> str:
         """The script's output stored so far: one attempt's, or every attempt's under a header line each."""
@@ -277,8 +317,8 @@ class Client:
     def list_runs(self, limit: int = 100) -> list[RunStatus]:
         return self._loop.run(self.aio.list_runs(limit))
 
-    def resume(self, run_id: str, new_id: str | None = None) -> Run:
-        return Run(self._loop, self._loop.run(self.aio.resume(run_id, new_id)))
+    def resume(self, run_id: str, new_id: str | None = None, fresh_code: bool = False) -> Run:
+        return Run(self._loop, self._loop.run(self.aio.resume(run_id, new_id, fresh_code)))
 
     def close(self) -> None:
         self._loop.close()
@@ -325,6 +365,12 @@ class Run:
 
     def logs(self, attempt: int | None = None) -> str:
         return self._loop.run(self.aio.logs(attempt))
+
+    def pull(self, dest: str | os.PathLike[str]) -> Path:
+        return self._loop.run(self.aio.pull(dest))
+
+    def code(self) -> workdir.WorkdirManifest:
+        return self._loop.run(self.aio.code())
 
     def follow_logs(self, attempt: int | None = None) -> Iterator[str]:
         chunks = self.aio.follow_logs(attempt)

@@ -60,6 +60,8 @@ def close_attempt(status: RunStatus, attempt: int, result: AttemptResult, now: d
     if not result.host_gone:
         update["fences"] = {**status.fences,
                             attempt: result.durable_step if result.durable_step is not None else -1}
+    if result.outputs is not None:
+        update["outputs"] = result.outputs
     if result.outcome == AttemptOutcome.RECLAIMED:
         update["reclaims"] = status.reclaims + 1
     elif result.outcome == AttemptOutcome.HOST_FAULT:

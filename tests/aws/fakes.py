@@ -23,7 +23,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 MOTO_ACCOUNT = "123456789012"
-REPO = Path(__file__).resolve().parents[2]
 
 
 def serve(handler: type[BaseHTTPRequestHandler], owner) -> ThreadingHTTPServer:
@@ -296,7 +295,8 @@ class InstancePlayer:
         env = {**self.base_env, **exported, "VL_HOME": str(disk / "vl"),
                "AWS_EC2_METADATA_SERVICE_ENDPOINT": imds.url}
         with open(disk / "agent.log", "ab") as log:
-            agent = subprocess.Popen([sys.executable, "-m", "cli.main", *args], env=env, cwd=REPO,
+            # In the machine's own empty folder: the run's code reaches it from storage, or not at all.
+            agent = subprocess.Popen([sys.executable, "-m", "cli.main", *args], env=env, cwd=disk,
                                      stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
         threading.Thread(target=agent.wait, daemon=True).start()

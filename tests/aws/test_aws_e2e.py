@@ -16,7 +16,7 @@ import pytest
 from temporalio.client import WorkflowFailureError
 
 from tests.aws.conftest import MOTO_AMI, REGION, SECRET_NAME
-from tests.conftest import REPO, TRAIN_TINY, assert_same_weights, make_spec
+from tests.conftest import REPO, TRAIN_TINY, assert_same_weights, make_spec, travelling_spec
 from tests.helpers import wait_until
 from vaultlayer import client as vl_client
 from vaultlayer.models import AttemptOutcome, Limits, Market, Pool, Refusal, RunState, RunStatus
@@ -56,7 +56,8 @@ def zone_of(aws, status: RunStatus, attempt: int) -> str:
 async def test_spot_reclaim_with_notice_resumes_in_another_zone(temporal_env, control, aws, tmp_path,
                                                                  reference_weights):
     out = tmp_path / "w.pt"
-    spec = make_spec(tmp_path, steps=150, out=out, step_time=0.15, pools=zone_pools("us-east-1a", "us-east-1b"))
+    # The script exists only in the run's code snapshot; the agents run in empty folders of their own.
+    spec = travelling_spec(tmp_path, steps=150, out=out, step_time=0.15, pools=zone_pools("us-east-1a", "us-east-1b"))
     client = temporal_env.client
     await vl_client.submit(client, spec, queue=control)
     status = await on_host_with_checkpoint(client, spec.run_id, 1)

@@ -44,7 +44,6 @@ import google_crc32c
 import pytest
 
 API = "https://www.googleapis.com/compute/v1"
-REPO = Path(__file__).resolve().parents[2]
 HOST_SERVICE_ACCOUNT = "vaultlayer-host@vl-test.iam.gserviceaccount.com"
 
 
@@ -719,7 +718,8 @@ class GceHostPlayer:
         env.update(exports, GCE_METADATA_HOST=metadata.host, VL_GCP_EMULATOR_HOST=self.fake.url)
         env["VL_HOME"] = str(directory / exports["VL_HOME"].lstrip("/"))  # the VM's disk, under `root`
         with open(directory / "agent.log", "ab") as log:
-            process = subprocess.Popen([sys.executable, "-m", "cli.main", *agent[1:]], cwd=REPO, env=env,
+            # In the VM's own empty folder: the run's code reaches it from storage, or not at all.
+            process = subprocess.Popen([sys.executable, "-m", "cli.main", *agent[1:]], cwd=directory, env=env,
                                        stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                        start_new_session=True)
         self.played[name] = PlayedVm(zone, name, process, directory)

@@ -4,12 +4,14 @@ content-addressed, and unpacked and verified on every host (docs/code-and-output
     selection = select_files(root, exclude_paths=[checkpoint_dir, vl_home])   # reads the tree, writes nothing
     ref = store_snapshot(selection, storage_url)                              # -> SnapshotRef (the spec keeps it)
     restore_snapshot(ref, attempt_dir)                                        # on the host, before setup
+    store_outputs(output_dir, storage_url, run_id)                            # on the host, when the script succeeds
 
 One module per job: `ignore` (gitignore syntax), `selection` (what goes in, and the checks before anything
-is written), `snapshot` (manifest, content address, store, verified restore), `errors`. This module is the
-package's public API. Not wired into `vl run`, the agent or `vl pull` yet (issue 15).
+is written), `snapshot` (manifest, content address, store, verified restore), `outputs` (a run's output
+directory and its pointer), `errors`. This module is the package's public API.
 """
 
+from vaultlayer.models import SnapshotRef
 from vaultlayer.workdir.errors import (
     SecretsRefused,
     SnapshotCorrupt,
@@ -17,6 +19,7 @@ from vaultlayer.workdir.errors import (
     WorkdirError,
     WorkdirTooLarge,
 )
+from vaultlayer.workdir.outputs import OUTPUTS_POINTER, outputs_pointer_url, stored_outputs, store_outputs
 from vaultlayer.workdir.selection import (
     ALLOW_SECRET_FLAG,
     DEFAULT_EXCLUDES,
@@ -28,11 +31,12 @@ from vaultlayer.workdir.selection import (
     Selection,
     human_bytes,
     is_likely_secret,
+    parse_size,
     select_files,
+    select_outputs,
 )
 from vaultlayer.workdir.snapshot import (
     CODE_DIR,
-    SnapshotRef,
     WorkdirFile,
     WorkdirLink,
     WorkdirManifest,
@@ -48,6 +52,7 @@ __all__ = [
     "DEFAULT_EXCLUDES",
     "DEFAULT_MAX_BYTES",
     "MAX_SIZE_FLAG",
+    "OUTPUTS_POINTER",
     "SECRET_NAMES",
     "SecretsRefused",
     "SelectedFile",
@@ -64,8 +69,13 @@ __all__ = [
     "code_url",
     "human_bytes",
     "is_likely_secret",
+    "outputs_pointer_url",
+    "parse_size",
     "read_manifest",
     "restore_snapshot",
     "select_files",
+    "select_outputs",
+    "store_outputs",
     "store_snapshot",
+    "stored_outputs",
 ]

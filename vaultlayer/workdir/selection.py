@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -30,13 +31,15 @@ from vaultlayer.workdir.errors import (
 )
 from vaultlayer.workdir.ignore import IgnoreLayer, escape, parse_lines
 
-DEFAULT_MAX_BYTES = 100 * 2**20
+DEFAULT_MAX_BYTES = 100 * 10**6  # 100 MB, in the decimal units `vl` prints
 GITIGNORE = ".gitignore"
 VLIGNORE = ".vlignore"
 NEVER_SHIPPED_NAME = ".git"  # a directory, or a file in a worktree or submodule
 DEFAULT_EXCLUDES = (".venv/", "venv/", "__pycache__/", "*.pyc")
 VENV_MARKERS = ("pyvenv.cfg", "conda-meta")  # a directory holding one of these is an environment
 SECRET_NAMES = (".env*", "*.pem", "id_rsa*", "credentials*", ".netrc", "*.key")  # matched on the name
+# ... except templates, committed on purpose to show which values exist (.env.example, credentials.sample)
+TEMPLATE_SUFFIXES = (".example", ".sample", ".template", ".dist")
 # How `vl run` names these choices; the messages say them so that a person knows what to type.
 ALLOW_SECRET_FLAG = "--allow-secret-file"
 MAX_SIZE_FLAG = "--workdir-max-size"
@@ -76,12 +79,14 @@ class Selection:
     def total_bytes(self) -> int:
         return sum(entry.size for entry in self.files)
 
-    def summary(self) -> str:
-        """"38 files, 412.0 KB, .gitignore and .vlignore applied": the line `vl run` prints before submitting."""
+    def summary(self, snapshot: str | None = None) -> str:
+        """"38 files, 412.0 KB (snapshot 1f3a9c0d2e4b), .gitignore and .vlignore applied": what `vl run` prints
+        before anything is provisioned."""
         count = f"{self.file_count} file{'s' if self.file_count != 1 else ''}"
         links = f", {len(self.links)} link{'s' if len(self.links) != 1 else ''}" if self.links else ""
+        stored = f" (snapshot {snapshot})" if snapshot else ""
         sources = f", {_and(list(self.ignore_sources))} applied" if self.ignore_sources else ""
-        return f"{count}{links}, {human_bytes(self.total_bytes)}{sources}"
+        return f"{count}{links}, {human_bytes(self.total_bytes)}{stored}{sources}"
 
 
 def select_files(
@@ -128,6 +133,39 @@ def select_files(
         [VLIGNORE] if rules.vlignore.sources else [])
     return Selection(root=root_path, files=tuple(files), links=tuple(links), ignore_sources=tuple(sources),
                      skipped=tuple(skipped))
+
+
+def select_outputs(root: str | os.PathLike[str]) -> Selection:
+    """Every file of an output directory, for `vl pull`: no ignore rules, no refusals (the script wrote them on
+    purpose, and they stay in the run's own storage). A link is kept when it stays inside the directory and
+    points at something kept; any other link, and special files, are skipped and listed in `skipped`."""
+    root_path = Path(root).resolve()
+    if not root_path.is_dir():
+        raise WorkdirError(f"output directory {root} is not a directory")
+    files: list[SelectedFile] = []
+    link_paths: list[str] = []
+    skipped: list[str] = []
+    for folder, dirnames, filenames in os.walk(root_path):
+        for name in sorted([*dirnames, *filenames]):
+            path = (Path(folder) / name).relative_to(root_path).as_posix()
+            info = os.lstat(root_path / path)
+            if stat.S_ISLNK(info.st_mode):
+                link_paths.append(path)
+            elif stat.S_ISREG(info.st_mode):
+                files.append(SelectedFile(path=path, size=info.st_size, executable=bool(info.st_mode & stat.S_IXUSR)))
+            elif not stat.S_ISDIR(info.st_mode):
+                skipped.append(f"{path} ({_special_kind(info.st_mode)})")
+    _check_names(root_path, [entry.path for entry in files] + link_paths)
+    while True:  # a link to a dropped link is dropped in turn
+        try:
+            links = _check_links(root_path, link_paths, files)
+            break
+        except UnsafeLinks as err:
+            dropped = {path for path, _ in err.links}
+            skipped += [f"{path} (link {why})" for path, why in err.links]
+            link_paths = [path for path in link_paths if path not in dropped]
+    return Selection(root=root_path, files=tuple(sorted(files, key=lambda entry: entry.path)), links=tuple(links),
+                     ignore_sources=(), skipped=tuple(skipped))
 
 
 class _Rules:
@@ -337,7 +375,7 @@ def _check_readable(root: Path, files: list[SelectedFile]) -> None:
 
 def is_likely_secret(path: str) -> bool:
     name = PurePosixPath(path).name.lower()
-    return any(fnmatch.fnmatchcase(name, pattern) for pattern in SECRET_NAMES)
+    return not name.endswith(TEMPLATE_SUFFIXES) and any(fnmatch.fnmatchcase(name, pattern) for pattern in SECRET_NAMES)
 
 
 def _check_secrets(root: Path, paths: list[str], allowed: set[str]) -> None:
@@ -406,6 +444,21 @@ def _check_size(root: Path, files: list[SelectedFile], max_bytes: int) -> None:
         f" limit ({MAX_SIZE_FLAG}):\n" + "\n".join(lines),
         total, max_bytes, largest_files, largest_folders,
     )
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """Bytes from "500MB", "1.5 GB", "200MiB" or a plain number of bytes."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if match is None or match.group(2).lower() not in _SIZE_UNITS:
+        raise ValueError("not a size; write a number with a unit, such as 500MB or 2GB")
+    size = int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+    if size <= 0:
+        raise ValueError("must be more than zero, such as 500MB")
+    return size
 
 
 def human_bytes(size: float) -> str:

@@ -28,7 +28,7 @@ from pydantic import Field, ValidationError, field_validator
 from vaultlayer.checkpoint import storage
 from vaultlayer.checkpoint.format import first_error, local_blake3
 from vaultlayer.checkpoint.transfer import part_bytes
-from vaultlayer.models import VLModel
+from vaultlayer.models import HEX_DIGEST, SnapshotRef, VLModel
 from vaultlayer.workdir.errors import SnapshotCorrupt, WorkdirError
 from vaultlayer.workdir.selection import SelectedFile, Selection, unsafe_path
 
@@ -37,7 +37,6 @@ MANIFEST_FORMAT_VERSION = 1
 READABLE_MANIFEST_FORMATS = (1,)
 EXECUTABLE_MODE = 0o755
 REGULAR_MODE = 0o644
-_HEX_DIGEST = r"^[0-9a-f]{64}$"
 
 
 class WorkdirFile(VLModel):
@@ -46,7 +45,7 @@ class WorkdirFile(VLModel):
     # Only the executable bit travels, as in git: 0o755 or 0o644 whatever the packing machine's umask was,
     # so the same tree has the same digest everywhere.
     mode: int
-    blake3: str = Field(pattern=_HEX_DIGEST)
+    blake3: str = Field(pattern=HEX_DIGEST)
 
     @field_validator("mode")
     @classmethod
@@ -84,24 +83,6 @@ class WorkdirManifest(VLModel):
     @property
     def total_bytes(self) -> int:
         return sum(entry.size for entry in self.files)
-
-
-class SnapshotRef(VLModel):
-    """A stored snapshot, as a run spec carries it: where, which (the digest every host checks), how big."""
-
-    url: str  # <storage_url>/_code
-    digest: str = Field(pattern=_HEX_DIGEST)
-    file_count: int
-    total_bytes: int
-    link_count: int = 0
-
-    @property
-    def manifest_url(self) -> str:
-        return f"{self.url}/snapshots/{self.digest}.json"
-
-    @property
-    def short(self) -> str:
-        return self.digest[:12]
 
 
 def code_url(storage_url: str) -> str:
