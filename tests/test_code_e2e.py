@@ -170,3 +170,20 @@ def select_blake3(path: Path) -> str:
     from vaultlayer.checkpoint.format import local_blake3
 
     return local_blake3(path)
+
+
+def test_a_config_file_says_what_travels_and_what_comes_back(tmp_path):
+    from vaultlayer.config import load_mapping
+
+    (tmp_path / "train.py").write_text("print('hi')\n")
+    loaded = load_mapping({"command": "python train.py", "outputs": "results",
+                           "code": {"max_size": "1MB", "allow_secret_files": [".env"]}}, "vl.yaml", tmp_path)
+    request = loaded.request()
+    assert (request.output_dir, request.workdir_max_size, request.allow_secret_files, request.code) == (
+        "results", "1MB", [".env"], True)
+    assert build_spec(request).output_dir == "results"
+    assert load_mapping({"command": "python train.py", "code": {"ship": False}}, "vl.yaml", tmp_path
+                        ).request().code is False
+    flagged = load_mapping({"command": "python train.py", "outputs": "results"}, "vl.yaml", tmp_path).request(
+        RunRequest(output_dir="elsewhere"))
+    assert flagged.output_dir == "elsewhere"  # the flag wins, as everywhere
