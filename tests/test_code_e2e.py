@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import structlog
+from temporalio.client import WorkflowFailureError
 
 from tests.conftest import TRAIN_TINY, assert_same_weights, make_spec
 from tests.helpers import wait_for_progress
@@ -98,6 +99,16 @@ async def test_a_run_keeps_the_code_it_was_submitted_with_and_vl_pull_brings_its
     assert f"code: snapshot {spec.code.short}, 3 files" in shown.stdout and "outputs: 1 files" in shown.stdout
     assert json.loads((await asyncio.to_thread(vl_in, vl_env, tmp_path, "status", run_id, "--json")).stdout)[
         "code"]["digest"] == spec.code.digest
+
+    # `vl resume --fresh-code` packs the workdir again: the edited script is what the new run runs.
+    resumed = await asyncio.to_thread(vl_in, vl_env, project, "resume", run_id, "--fresh-code", "--detach")
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    new_id = resumed.stdout.splitlines()[0].removeprefix("run ")
+    assert (await vl_client.spec(temporal_env.client, new_id)).code.digest != spec.code.digest
+    with pytest.raises(WorkflowFailureError):
+        await asyncio.wait_for(temporal_env.client.get_workflow_handle(new_id).result(), 120)
+    edited = await vl_client.status(temporal_env.client, new_id)
+    assert edited.state == RunState.FAILED and "the edited script ran" in edited.attempts[-1].log_tail
 
     # The same tree submitted again is stored once: only a new manifest would be written, and none is.
     (project / "train.py").write_bytes(TRAIN_TINY.read_bytes())
