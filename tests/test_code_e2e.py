@@ -198,3 +198,24 @@ def test_a_config_file_says_what_travels_and_what_comes_back(tmp_path):
     flagged = load_mapping({"command": "python train.py", "outputs": "results"}, "vl.yaml", tmp_path).request(
         RunRequest(output_dir="elsewhere"))
     assert flagged.output_dir == "elsewhere"  # the flag wins, as everywhere
+
+
+def test_outputs_keep_every_file_and_drop_links_that_leave_the_folder(tmp_path):
+    from vaultlayer.workdir import restore_snapshot, store_outputs, stored_outputs
+
+    out, storage_url = tmp_path / "outputs", (tmp_path / "storage").as_uri()
+    (out / "sub").mkdir(parents=True)
+    (out / "sub" / "model.pt").write_bytes(b"weights")
+    (out / ".env").write_text("not refused: the script wrote it into the run's own storage")
+    os.symlink("sub/model.pt", out / "best.pt")
+    os.symlink("/etc/hostname", out / "escape")
+    os.symlink("escape", out / "via")  # to a link that is dropped: dropped in turn
+    assert stored_outputs(storage_url, "r-1") is None
+    ref, skipped = store_outputs(out, storage_url, "r-1")
+    assert (ref.file_count, ref.link_count) == (2, 1)
+    assert [entry.split(" ")[0] for entry in skipped] == ["escape", "via"]
+    assert stored_outputs(storage_url, "r-1") == ref
+    restore_snapshot(ref, tmp_path / "back")
+    assert (tmp_path / "back" / "sub" / "model.pt").read_bytes() == b"weights"
+    assert os.readlink(tmp_path / "back" / "best.pt") == "sub/model.pt"
+    assert not (tmp_path / "back" / "escape").exists() and not (tmp_path / "back" / "via").is_symlink()

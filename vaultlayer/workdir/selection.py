@@ -108,21 +108,7 @@ def select_files(
     in_git = _inside_git_work_tree(root_path)
     kept = _git_candidates(root_path, rules) if in_git else _walk(root_path, "", rules, ignored_by_git=False)
 
-    files: list[SelectedFile] = []
-    link_paths: list[str] = []
-    skipped: list[str] = []
-    for path in sorted(set(kept)):
-        try:
-            info = os.lstat(root_path / path)
-        except FileNotFoundError:  # deleted since git listed it
-            continue
-        if stat.S_ISLNK(info.st_mode):
-            link_paths.append(path)
-        elif stat.S_ISREG(info.st_mode):
-            files.append(SelectedFile(path=path, size=info.st_size, executable=bool(info.st_mode & stat.S_IXUSR)))
-        elif not stat.S_ISDIR(info.st_mode):
-            skipped.append(f"{path} ({_special_kind(info.st_mode)})")
-
+    files, link_paths, skipped = _by_kind(root_path, sorted(set(kept)))
     _check_names(root_path, [entry.path for entry in files] + link_paths)
     _check_readable(root_path, files)
     _check_secrets(root_path, [entry.path for entry in files] + link_paths,
@@ -142,19 +128,9 @@ def select_outputs(root: str | os.PathLike[str]) -> Selection:
     root_path = Path(root).resolve()
     if not root_path.is_dir():
         raise WorkdirError(f"output directory {root} is not a directory")
-    files: list[SelectedFile] = []
-    link_paths: list[str] = []
-    skipped: list[str] = []
-    for folder, dirnames, filenames in os.walk(root_path):
-        for name in sorted([*dirnames, *filenames]):
-            path = (Path(folder) / name).relative_to(root_path).as_posix()
-            info = os.lstat(root_path / path)
-            if stat.S_ISLNK(info.st_mode):
-                link_paths.append(path)
-            elif stat.S_ISREG(info.st_mode):
-                files.append(SelectedFile(path=path, size=info.st_size, executable=bool(info.st_mode & stat.S_IXUSR)))
-            elif not stat.S_ISDIR(info.st_mode):
-                skipped.append(f"{path} ({_special_kind(info.st_mode)})")
+    found = [(Path(folder) / name).relative_to(root_path).as_posix()
+             for folder, dirnames, filenames in os.walk(root_path) for name in [*dirnames, *filenames]]
+    files, link_paths, skipped = _by_kind(root_path, sorted(found))
     _check_names(root_path, [entry.path for entry in files] + link_paths)
     while True:  # a link to a dropped link is dropped in turn
         try:
@@ -164,8 +140,27 @@ def select_outputs(root: str | os.PathLike[str]) -> Selection:
             dropped = {path for path, _ in err.links}
             skipped += [f"{path} (link {why})" for path, why in err.links]
             link_paths = [path for path in link_paths if path not in dropped]
-    return Selection(root=root_path, files=tuple(sorted(files, key=lambda entry: entry.path)), links=tuple(links),
-                     ignore_sources=(), skipped=tuple(skipped))
+    return Selection(root=root_path, files=tuple(files), links=tuple(links), ignore_sources=(), skipped=tuple(skipped))
+
+
+def _by_kind(root: Path, paths: list[str]) -> tuple[list[SelectedFile], list[str], list[str]]:
+    """(regular files, links, special files as "path (kind)") among `paths`; directories and paths gone since
+    they were listed are neither."""
+    files: list[SelectedFile] = []
+    link_paths: list[str] = []
+    skipped: list[str] = []
+    for path in paths:
+        try:
+            info = os.lstat(root / path)
+        except FileNotFoundError:  # deleted since it was listed
+            continue
+        if stat.S_ISLNK(info.st_mode):
+            link_paths.append(path)
+        elif stat.S_ISREG(info.st_mode):
+            files.append(SelectedFile(path=path, size=info.st_size, executable=bool(info.st_mode & stat.S_IXUSR)))
+        elif not stat.S_ISDIR(info.st_mode):
+            skipped.append(f"{path} ({_special_kind(info.st_mode)})")
+    return files, link_paths, skipped
 
 
 class _Rules:
