@@ -30,7 +30,7 @@ from tests.fakes.gce import (
     stockout,
 )
 from vaultlayer.catalog.gcp import priced
-from vaultlayer.models import HostState, Market, Placement, Pool, ProvisionInput
+from vaultlayer.models import AgentRef, HostState, Market, Placement, Pool, ProvisionInput
 from vaultlayer.request import RunRequestError, build_spec
 
 ZONE = "us-central1-a"
@@ -92,7 +92,11 @@ def test_on_demand_and_attached_gpus(gce, provider, vl_home):
         f'project = "vl-test"\nservice_account = "{HOST_SERVICE_ACCOUNT}"\nexternal_ip = false\n'
         'setup = ["git clone https://example.com/code /opt/code"]\n'
         '[prices."us-central1/nvidia-tesla-t4"]\nspot = 0.1\non_demand = 0.3\n')
-    host = provider.provision(ask("t-t4", pool(gpu="T4", count=2, market=Market.ON_DEMAND))).host
+    # No `package` set: the host installs the run's own agent wheel, fetched with the VM's own token.
+    agent = AgentRef(url="gs://vl-runs/_code/agents/" + "ab" * 32 + "/vaultlayer-0.1.0-py3-none-any.whl",
+                     sha256="ab" * 32, pins=["temporalio==1.35.0"])
+    request = ask("t-t4", pool(gpu="T4", count=2, market=Market.ON_DEMAND)).model_copy(update={"agent": agent})
+    host = provider.provision(request).host
 
     [vm] = gce.instances()
     assert vm["machineType"].endswith("/machineTypes/n1-standard-16")
@@ -101,7 +105,11 @@ def test_on_demand_and_attached_gpus(gce, provider, vl_home):
     assert vm["scheduling"] == {"provisioningModel": "STANDARD", "onHostMaintenance": "TERMINATE",
                                 "automaticRestart": False}
     assert "accessConfigs" not in vm["networkInterfaces"][0]
-    assert "git clone https://example.com/code /opt/code" in metadata_of(vm)["startup-script"]
+    script = metadata_of(vm)["startup-script"]
+    assert "git clone https://example.com/code /opt/code" in script
+    assert "storage/v1/b/vl-runs/o/_code%2Fagents%2F" in script and "Metadata-Flavor: Google" in script
+    assert f"{'ab' * 32}  /opt/vaultlayer/vaultlayer-0.1.0-py3-none-any.whl' | sha256sum --check" in script
+    assert "'/opt/vaultlayer/vaultlayer-0.1.0-py3-none-any.whl[gcp]'" in script and "vaultlayer[gcp]==" not in script
     # n1-standard-16 from the bundled table, plus two T4 at the price gcp.toml sets for the region
     assert host.price_per_hour == host.on_demand_price_per_hour == round(0.76 + 2 * 0.3, 4)
     assert priced(pool(gpu="T4", count=2)).price_per_hour == round(0.1604 + 2 * 0.1, 4)

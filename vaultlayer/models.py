@@ -42,6 +42,19 @@ class SnapshotRef(VLModel):
         return self.digest[:12]
 
 
+class AgentRef(VLModel):
+    """The VaultLayer a run was submitted with, as a wheel in its storage (vaultlayer/workdir/agent.py): what a
+    cloud host's bootstrap installs, checked against `sha256`, with the dependencies pinned as `pins`."""
+
+    url: str  # <storage_url>/_code/agents/<sha256>/vaultlayer-<version>-py3-none-any.whl
+    sha256: str = Field(pattern=HEX_DIGEST)
+    pins: list[str] = Field(default_factory=list)  # name==version
+
+    @property
+    def filename(self) -> str:
+        return self.url.rsplit("/", 1)[-1]
+
+
 class Market(StrEnum):
     SPOT = "spot"
     ON_DEMAND = "on-demand"
@@ -92,6 +105,7 @@ class RunSpec(VLModel):
     # the command runs in `workdir` as the host has it (`--no-code`: an image that holds the code).
     code: SnapshotRef | None = None
     output_dir: str | None = None  # relative to the code: stored when the script succeeds, for `vl pull`
+    agent: AgentRef | None = None  # what cloud hosts install; None: the provider's `package` setting
     env: dict[str, str] = Field(default_factory=dict)
     # NAME -> a secret reference (env:, file:, aws-sm:, gcp-sm:; vaultlayer/secrets.py), read on the host.
     env_secrets: dict[str, str] = Field(default_factory=dict)
@@ -146,6 +160,7 @@ class ProvisionInput(VLModel):
     run_id: str
     placement: Placement
     notice_seconds: float = 30.0
+    agent: AgentRef | None = None  # RunSpec.agent
 
 
 class ProvisionResult(VLModel):

@@ -99,6 +99,7 @@ class RunRequest(BaseModel):
 
 
 Warn = Callable[[str], None]
+HOSTS_ON_THIS_MACHINE = ("local", "harness")  # providers whose hosts run this very installation
 
 
 def _python_warning(message: str) -> None:
@@ -235,20 +236,25 @@ def select_code(request: RunRequest, spec: RunSpec, warn: Warn = _python_warning
 
 def pack_code(selection: Selection | None, spec: RunSpec) -> RunSpec:
     """The spec with its code stored in the run's storage (after check_storage): content-addressed, so a tree
-    stored before by any run costs one existence check."""
-    if selection is None:
-        return spec
+    stored before by any run costs one existence check. A run that may place hosts in a cloud also carries
+    the agent they install: this VaultLayer, as a wheel beside the code (vaultlayer/workdir/agent.py)."""
     from vaultlayer.workdir import WorkdirError, store_snapshot
+    from vaultlayer.workdir.agent import store_agent
 
+    update: dict = {}
+    if any(pool.provider not in HOSTS_ON_THIS_MACHINE for pool in spec.pools) and spec.agent is None:
+        update["agent"] = store_agent(spec.storage_url)
+    if selection is None:
+        return spec.model_copy(update=update)
     try:
-        ref = store_snapshot(selection, spec.storage_url)
+        update["code"] = store_snapshot(selection, spec.storage_url)
     except WorkdirError as err:
         raise RunRequestError(str(err)) from None
     command = list(spec.command)
     program = _shipped_path(command[0], Path(spec.workdir), {entry.path for entry in selection.files})
     if program is not None:  # a program that travels runs from the snapshot (a venv's python stays as it is)
         command[0] = f"./{program}"
-    return spec.model_copy(update={"code": ref, "command": command})
+    return spec.model_copy(update=update | {"command": command})
 
 
 def _shipped_path(text: str, workdir: Path, shipped: set[str]) -> str | None:

@@ -217,7 +217,8 @@ class TrainingRun:
         waits = workflow.patched(PROVISION_CANCEL_PATCH)
         provisioning = workflow.start_activity_method(
             ControlActivities.provision, ProvisionInput(run_id=self.spec.run_id, placement=placement,
-                                                        notice_seconds=self.spec.notice_seconds),
+                                                        notice_seconds=self.spec.notice_seconds,
+                                                        agent=self.spec.agent),
             **PROVISION)
         try:
             provisioned = await (asyncio.shield(provisioning) if waits else provisioning)

@@ -15,11 +15,20 @@ import shlex
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
+from urllib.parse import quote
 
 from activities.notices import NoticeSource
 from vaultlayer.codec import KEY_ENV
 from vaultlayer.home import HOME_VARIABLE
-from vaultlayer.models import Host, HostDescription, InjectReclaimInput, ProvisionInput, ProvisionResult, Refusal
+from vaultlayer.models import (
+    AgentRef,
+    Host,
+    HostDescription,
+    InjectReclaimInput,
+    ProvisionInput,
+    ProvisionResult,
+    Refusal,
+)
 
 # What a cloud host's bootstrap exports for its agent: where to read the Temporal connection settings
 # (`<store>:<name>`, read with the host's own role) and which notice source to watch.
@@ -90,13 +99,64 @@ def host_queue(run_id: str, host_id: str) -> str:
     return f"vl-host-{run_id}-{host_id}"
 
 
-def bootstrap_script(*, temporal_settings: str, notice_source: str, package: str, setup: list[str],
+def agent_install(*, agent: AgentRef | None, package: str | None, extra: str,
+                  fetch: Callable[[AgentRef], list[str]], home: str = HOST_HOME) -> list[str]:
+    """The bootstrap lines that install VaultLayer on a host: the run's own wheel (`fetch` brings it to
+    `agent_wheel_path(agent)`), its SHA-256 checked, its dependencies held to the submitter's versions; or,
+    only when a provider's settings name one deliberately, `package` from an index. Into `home`/venv."""
+    venv = f"{home}/venv"
+    if package:
+        return [f"{venv}/bin/pip install --quiet {shlex.quote(package)}"]
+    if agent is None:
+        raise ProviderConfigError("this run carries no agent wheel (its spec was not packed by `vl run` or the "
+                                  "client) and the provider's settings name no `package`; submit it with vl run, "
+                                  "or set package in the provider's settings (docs/code-and-outputs.md)")
+    wheel, constraints = agent_wheel_path(agent, home), f"{home}/constraints.txt"
+    return [
+        *fetch(agent),
+        f"echo {shlex.quote(f'{agent.sha256}  {wheel}')} | sha256sum --check --strict -",
+        f"cat > {constraints} <<'VL_PINS'",
+        *agent.pins,
+        "VL_PINS",
+        f"{venv}/bin/pip install --quiet --constraint {constraints} {shlex.quote(f'{wheel}[{extra}]')}",
+    ]
+
+
+def agent_wheel_path(agent: AgentRef, home: str = HOST_HOME) -> str:
+    return f"{home}/{agent.filename}"
+
+
+def fetch_lines(url: str, dest: str, *, presign: Callable[[str], str] | None = None,
+                google_token: bool = False) -> list[str]:
+    """Shell lines that download a storage object to `dest` before VaultLayer (and fsspec) is installed: a
+    copy for file:// (a host sharing this machine's disk), a pre-signed HTTPS URL for s3:// (`presign`, made
+    by the control plane), the instance's own token for gs:// on Compute Engine (`google_token`)."""
+    scheme, _, rest = url.partition("://")
+    if scheme == "file":
+        return [f"cp {shlex.quote(rest)} {shlex.quote(dest)}"]
+    if scheme == "s3" and presign is not None:
+        return [f"curl -fsS --retry 5 -o {shlex.quote(dest)} {shlex.quote(presign(url))}"]
+    if scheme == "gs" and google_token:
+        bucket, _, key = rest.partition("/")
+        token_url = "http://metadata.google.internal/computeMetadata/v1/instance/service-accounts/default/token"
+        object_url = f"https://storage.googleapis.com/storage/v1/b/{bucket}/o/{quote(key, safe='')}?alt=media"
+        return [
+            f"VL_TOKEN=$(curl -fsS -H 'Metadata-Flavor: Google' {token_url} | "
+            "python3 -c 'import json, sys; print(json.load(sys.stdin)[\"access_token\"])')",
+            f"curl -fsS --retry 5 -H \"Authorization: Bearer $VL_TOKEN\" -o {shlex.quote(dest)} "
+            f"{shlex.quote(object_url)}",
+        ]
+    raise ProviderConfigError(f"a host of this provider cannot fetch the agent wheel from {scheme}:// storage; use "
+                              f"storage of its own cloud, or set package in the provider's settings")
+
+
+def bootstrap_script(*, temporal_settings: str, notice_source: str, install: list[str], setup: list[str],
                      task_queue: str, host_id: str, run_id: str, exports: dict[str, str] | None = None) -> str:
-    """A cloud host's boot script (run once as root): install the run's version of VaultLayer, run the
-    user's setup lines, start the host agent. It holds no secret: the agent reads the Temporal connection
-    settings with the host's own role from the `temporal_settings` reference exported here. However it ends
-    (a failed step, the agent exiting) the host powers off: it stops costing GPU time, and the provider
-    reads it as failed."""
+    """A cloud host's boot script (run once as root): install the run's version of VaultLayer (`install`,
+    from agent_install), run the user's setup lines, start the host agent. It holds no secret: the agent reads
+    the Temporal connection settings with the host's own role from the `temporal_settings` reference exported
+    here. However it ends (a failed step, the agent exiting) the host powers off: it stops costing GPU time,
+    and the provider reads it as failed."""
     venv = f"{HOST_HOME}/venv"
     return "\n".join([
         "#!/bin/bash",
@@ -111,7 +171,7 @@ def bootstrap_script(*, temporal_settings: str, notice_source: str, package: str
         f"export {NOTICE_SOURCE_VARIABLE}={notice_source}",
         f"python3 -m venv {venv} || "
         f"{{ apt-get update -q && apt-get install -y -q python3-venv && python3 -m venv {venv}; }}",
-        f"{venv}/bin/pip install --quiet {shlex.quote(package)}",
+        *install,
         *setup,
         f"{venv}/bin/vl agent --task-queue {shlex.quote(task_queue)} --host-id {shlex.quote(host_id)} "
         f"--host-dir {HOST_HOME}/host --run-id {shlex.quote(run_id)}",

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import ast
 import base64
+import hashlib
 import json
+import shlex
+import urllib.request
 from pathlib import Path
 
 import boto3
@@ -21,7 +24,8 @@ from vaultlayer.catalog import priced_pools
 from tests.aws.conftest import DLAMI_PARAMETER, MOTO_AMI, REGION, SECRET_NAME
 from tests.aws.fakes import parse_user_data
 from tests.conftest import REPO
-from vaultlayer.models import HostState, Market, Placement, Pool, ProvisionInput, Refusal
+from vaultlayer.models import AgentRef, HostState, Market, Placement, Pool, ProvisionInput, Refusal
+from vaultlayer.workdir.agent import build_agent_wheel
 
 
 def pool(zone: str | None = None, market: Market = Market.SPOT) -> Pool:
@@ -223,3 +227,33 @@ def test_iam_policies_grant_exactly_the_calls_made():
     # Beyond the calls: tagging at launch and passing the instance role are authorised separately.
     assert actions("worker-policy.json") == calls["worker"] | {"ec2:CreateTags", "iam:PassRole"}
     assert actions("instance-policy.json") == calls["host"] | {"kms:Decrypt"}  # settings under a customer key
+
+
+def test_an_aws_host_fetches_the_wheel_by_a_presigned_url(aws, tmp_path):
+    """The user-data of a host of a run that carries its wheel (in S3): no index name, a pre-signed URL that
+    serves exactly the stored wheel."""
+    settings = aws.settings_file.read_text()
+    aws.settings_file.write_text("\n".join(line for line in settings.splitlines() if not line.startswith("package")))
+    name, data = build_agent_wheel()
+    digest = hashlib.sha256(data).hexdigest()
+    s3 = boto3.client("s3", endpoint_url=aws.moto_url, region_name=REGION)
+    s3.create_bucket(Bucket="vl-wheels")
+    s3.put_object(Bucket="vl-wheels", Key=f"runs/_code/agents/{digest}/{name}", Body=data)
+    agent = AgentRef(url=f"s3://vl-wheels/runs/_code/agents/{digest}/{name}", sha256=digest, pins=["pydantic==2.14.4"])
+    provider = AwsProvider(aws.settings_file.parent, {})
+    try:
+        host = provider.provision(ProvisionInput(run_id="r-wheel", placement=Placement(pool=pool("us-east-1a", Market.SPOT), attempt=1),
+                                                 agent=agent)).host
+        encoded = aws.ec2.describe_instance_attribute(InstanceId=host.handle["instance_id"], Attribute="userData")
+        user_data = base64.b64decode(encoded["UserData"]["Value"]).decode()
+    finally:
+        provider.reap("r-wheel")
+    assert "pip install --quiet --constraint /opt/vaultlayer/constraints.txt " \
+           f"'/opt/vaultlayer/{name}[aws]'" in user_data
+    assert f"{digest}  /opt/vaultlayer/{name}" in user_data and "\npydantic==2.14.4\n" in user_data
+    assert "vaultlayer[aws]==" not in user_data
+    [fetch] = [line for line in user_data.splitlines() if line.startswith("curl ")]
+    with urllib.request.urlopen(shlex.split(fetch)[-1], timeout=30) as response:  # what the host's curl gets
+        assert hashlib.sha256(response.read()).hexdigest() == digest
+    assert parse_user_data(user_data)[1][:1] == ["agent"]  # and the agent starts after it
+    aws.assert_nothing_left()

@@ -741,7 +741,10 @@ def _kill_group(process: subprocess.Popen) -> None:
 def gce(vl_home: Path, monkeypatch) -> Iterator[FakeGce]:
     """A fresh fake project; `gcp.toml` in VL_HOME and VL_GCP_EMULATOR_HOST point the provider at it."""
     fake = FakeGce().start()
-    (vl_home / "gcp.toml").write_text(f'project = "{fake.project}"\nservice_account = "{HOST_SERVICE_ACCOUNT}"\n')
+    # `package` set deliberately: the played VMs start the agent of this checkout whatever the bootstrap installs,
+    # and specs made by hand carry no agent wheel (tests/test_agent_wheel.py checks the wheel's install).
+    (vl_home / "gcp.toml").write_text(f'project = "{fake.project}"\nservice_account = "{HOST_SERVICE_ACCOUNT}"\n'
+                                      'package = "vaultlayer[gcp]==0.1.0"\n')
     monkeypatch.setenv("VL_GCP_EMULATOR_HOST", fake.url)
     yield fake
     fake.release_holds()  # a failed test's holds: let its requests and operations finish

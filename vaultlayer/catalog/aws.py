@@ -18,7 +18,7 @@ from pathlib import Path
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from vaultlayer.catalog.settings import load_toml_settings, package_requirement
+from vaultlayer.catalog.settings import load_toml_settings
 from vaultlayer.home import vl_home as default_vl_home
 from vaultlayer.models import Market, Pool, Refusal
 
@@ -93,7 +93,8 @@ class AwsSettings(BaseModel):
     security_groups: list[str] = Field(default_factory=list)
     key_name: str | None = None
     ami: str | None = None  # default: the region's latest Deep Learning Base AMI
-    package: str = Field(default_factory=lambda: package_requirement("aws"))  # what hosts pip-install
+    # What hosts pip-install from an index, set deliberately; by default they install the run's own agent wheel.
+    package: str | None = None
     setup: list[str] = Field(default_factory=list)  # shell lines run before the agent (your code, its deps)
     instance_types: dict[str, list[str]] = Field(default_factory=dict)  # "A10G:1" -> types
     # Where runs may launch, and so where the reaper looks for their hosts; []: every enabled region.

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from vaultlayer.catalog.settings import load_toml_settings, package_requirement
+from vaultlayer.catalog.settings import load_toml_settings
 from vaultlayer.home import vl_home as default_vl_home
 from vaultlayer.models import Market, Pool
 
@@ -143,7 +143,8 @@ class GcpSettings(BaseModel):
     external_ip: bool = True  # hosts reach PyPI and Temporal through it; set false behind Cloud NAT
     image: str = DEFAULT_IMAGE  # a Deep Learning VM image: NVIDIA driver and CUDA included
     boot_disk_gb: int = Field(default=200, ge=10)
-    package: str = Field(default_factory=lambda: package_requirement("gcp"))  # what hosts pip-install
+    # What hosts pip-install from an index, set deliberately; by default they install the run's own agent wheel.
+    package: str | None = None
     setup: list[str] = Field(default_factory=list)  # shell lines run before the agent (your code, its deps)
     prices: dict[str, PriceOverride] = Field(default_factory=dict)  # "[region/]machine-or-gpu" -> USD per hour
 

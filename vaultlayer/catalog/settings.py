@@ -1,9 +1,8 @@
-"""What every cloud's settings file shares: TOML read into a pydantic model, and the package hosts install."""
+"""What every cloud's settings file shares: TOML read into a pydantic model."""
 
 from __future__ import annotations
 
 import tomllib
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TypeVar
 
@@ -23,11 +22,3 @@ def load_toml_settings(path: Path, model: type[SettingsT], missing: str) -> Sett
     except ValidationError as err:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
         raise ValueError(f"{path}: {problems}") from None
-
-
-def package_requirement(extra: str) -> str:
-    """What a cloud host pip-installs: this very version of VaultLayer, with the cloud's extra."""
-    try:
-        return f"vaultlayer[{extra}]=={version('vaultlayer')}"
-    except PackageNotFoundError:
-        return f"vaultlayer[{extra}]"

@@ -22,7 +22,15 @@ from pathlib import Path
 import structlog
 
 from activities.providers.aws.host import NOTICE_SOURCE
-from activities.providers.base import NoCapacityError, ProviderConfigError, bootstrap_script, host_queue
+from activities.providers.base import (
+    NoCapacityError,
+    ProviderConfigError,
+    agent_install,
+    agent_wheel_path,
+    bootstrap_script,
+    fetch_lines,
+    host_queue,
+)
 from vaultlayer.catalog.aws import (
     REFUSALS,
     AwsSettings,
@@ -40,6 +48,7 @@ from vaultlayer.models import Host, HostDescription, HostState, Market, Pool, Pr
 log = structlog.get_logger(__name__)
 
 RUN_TAG, ATTEMPT_TAG, HOST_TAG = "vaultlayer:run-id", "vaultlayer:attempt", "vaultlayer:host"
+AGENT_URL_SECONDS = 6 * 3600  # a host's bootstrap fetches the agent wheel minutes after launch; hours is ample
 ALIVE_STATES = ["pending", "running", "stopping", "stopped"]
 
 # The latest Deep Learning Base OSS Nvidia Driver AMI (Ubuntu 24.04, Python 3.12) of each region.
@@ -88,6 +97,12 @@ class AwsProvider:
                 self._clients[service, region] = new_client(service, region)
             return self._clients[service, region]
 
+    def _presign(self, url: str, region: str) -> str:
+        """A time-limited HTTPS URL the host's bootstrap downloads the agent wheel from, before boto3 is there."""
+        bucket, _, key = url.removeprefix("s3://").partition("/")
+        return self.client("s3", region).generate_presigned_url(
+            "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=AGENT_URL_SECONDS)
+
     # ------------------------------------------------------------ provision
 
     def provision(self, request: ProvisionInput) -> ProvisionResult:
@@ -116,8 +131,10 @@ class AwsProvider:
 
         candidates = self._candidates(ec2, settings, pool, region, last_zone)
         host_id = f"h-{attempt}"
+        install = agent_install(agent=request.agent, package=settings.package, extra="aws", fetch=lambda agent: (
+            fetch_lines(agent.url, agent_wheel_path(agent), presign=lambda url: self._presign(url, region))))
         user_data = bootstrap_script(
-            temporal_settings=settings.temporal_settings, notice_source=NOTICE_SOURCE, package=settings.package,
+            temporal_settings=settings.temporal_settings, notice_source=NOTICE_SOURCE, install=install,
             setup=settings.setup, task_queue=host_queue(request.run_id, host_id), host_id=host_id,
             run_id=request.run_id, exports={"AWS_DEFAULT_REGION": region})
         refusals: list[tuple[Refusal, str]] = []

@@ -28,7 +28,10 @@ from activities.providers.base import (
     NoCapacityError,
     ProviderConfigError,
     ProviderError,
+    agent_install,
+    agent_wheel_path,
     bootstrap_script,
+    fetch_lines,
     host_queue,
 )
 from activities.providers.gcp.api import client_kwargs, error_reasons, retry_policy
@@ -199,8 +202,10 @@ class GcpProvider:
         from google.cloud import compute_v1
 
         settings, pool, zone = self.settings, request.placement.pool, request.placement.pool.zone
+        install = agent_install(agent=request.agent, package=settings.package, extra="gcp", fetch=lambda agent: (
+            fetch_lines(agent.url, agent_wheel_path(agent), google_token=True)))
         script = bootstrap_script(
-            temporal_settings=settings.temporal_settings(), notice_source=NOTICE_SOURCE, package=settings.package,
+            temporal_settings=settings.temporal_settings(), notice_source=NOTICE_SOURCE, install=install,
             setup=settings.setup, task_queue=host_queue(request.run_id, name), host_id=name, run_id=request.run_id)
         interface = {"network": settings.network}
         if settings.subnetwork:
