@@ -80,10 +80,13 @@ def test_embedded_default_runs_through_reclaims_and_vl_down_stops_it(cli_env, tm
         assert "started" not in status.stderr, "the second call must reuse the server and worker"
         document = json.loads(status.stdout)
         assert document["run_id"] == run_id and document["state"] == "succeeded"
-        assert document["steps_lost"] == 0 and document["durable_step"] >= 25
-        assert len(document["attempts"]) >= 2
+        assert document["durable_step"] >= 25 and len(document["attempts"]) >= 2
         for attempt in document["attempts"]:
             assert {"host", "outcome", "start_step", "end_step"} <= attempt.keys()
+            # A 6 s host that a loaded machine spends importing torch may reach its first step too near the
+            # notice's deadline to save it (or be heard from): steps are lost only where no emergency save was stored.
+            assert attempt["steps_lost"] == 0 or attempt["emergency_save"] != "saved", attempt
+        assert document["steps_lost"] == sum(attempt["steps_lost"] for attempt in document["attempts"])
         assert document["attempts"][0]["outcome"] == "reclaimed"
 
         listing = vl(cli_env, "ls", "--json")
