@@ -61,11 +61,12 @@ async def cmd_status(args: argparse.Namespace) -> int:
     from temporalio.service import RPCError
 
     from vaultlayer import client as vl_client
+    from vaultlayer.runs import AsyncClient, AsyncRun
 
     conn = await connect()
     try:
         status = await vl_client.status(conn.client, args.run_id)
-        spec = await vl_client.spec(conn.client, args.run_id)
+        spec = await AsyncRun(AsyncClient(conn.client), args.run_id).spec()  # from history when no worker answers
     except RPCError as err:
         fail(f"no run {args.run_id!r} ({err.message}); list runs with: vl ls", code=1)
     if args.json:
