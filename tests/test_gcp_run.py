@@ -126,8 +126,19 @@ async def test_an_agent_that_cannot_start_is_a_host_fault(temporal_env, control,
     spec = make_spec(tmp_path, steps=20, out=tmp_path / "w.pt", pools=[gcp_pool("us-central1-a")],
                      start_timeout_seconds=10.0, limits=Limits(max_host_faults=0))
     client = temporal_env.client
+    # The workflow's delete of the VM (after the 10 s start timeout) waits until the VM powered itself off: on
+    # a loaded machine the failing agent may take longer than that to start and exit.
+    delete = gce.hold_next("DELETE", r"/zones/[^/]+/instances/[^/]+$")
     await vl_client.submit(client, spec, queue=control)
 
+    def powered_off():
+        return any(op["operationType"] == "compute.instances.guestTerminate" for op in list(gce.operations.values()))
+
+    try:
+        await asyncio.to_thread(delete.wait_held)
+        await wait_until(lambda: asyncio.to_thread(powered_off), 120, "the VM to power itself off")
+    finally:
+        delete.release()
     status = await result_of(client, spec.run_id)
     assert status.state == RunState.FAILED and "max_host_faults" in status.stop_reason
     [attempt] = status.attempts
