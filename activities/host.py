@@ -32,7 +32,6 @@ from activities.env_secrets import SecretUnavailable, handed_over, resolve_secre
 from activities.notices import NoticeSource
 from activities.snapshots import SETTLE_SECONDS, DirectorySnapshots, restore_directory
 from vaultlayer import checkpoint, failpoints, protocol
-from vaultlayer.workdir import WorkdirError, restore_snapshot, store_outputs
 from vaultlayer.models import (
     AttemptInput,
     AttemptOutcome,
@@ -42,6 +41,7 @@ from vaultlayer.models import (
     Notice,
     SnapshotRef,
 )
+from vaultlayer.workdir import WorkdirError, restore_snapshot, store_outputs
 
 log = structlog.get_logger(__name__)
 

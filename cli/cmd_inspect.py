@@ -200,12 +200,11 @@ async def cmd_pull(args: argparse.Namespace) -> int:
     try:
         run = await AsyncClient(conn.client).get_run(args.run_id)
         dest = await run.pull(args.dest or args.run_id)
+        pulled = await run.outputs()
     except ClientError as err:
         fail(str(err), code=1)
-    outputs = (await run.status()).outputs
-    size = f", {human_bytes(outputs.total_bytes)}" if outputs else ""
-    print(f"pulled the outputs of {args.run_id} into {dest} ({sum(1 for p in dest.rglob('*') if p.is_file())}"
-          f" files{size}, every file checked)")
+    print(f"pulled the outputs of {args.run_id} into {dest} ({pulled.file_count} files,"
+          f" {human_bytes(pulled.total_bytes)}, every file checked)")
     return 0
 
 

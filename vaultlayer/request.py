@@ -228,9 +228,9 @@ def select_code(request: RunRequest, spec: RunSpec, warn: Warn = _python_warning
         raise RunRequestError(str(err)) from None
     shipped = {entry.path for entry in selection.files}
     for argument in spec.command[1:]:
-        if _shipped_path(argument, workdir, shipped):
+        if relative := _shipped_path(argument, workdir, shipped):
             warn(f"argument {argument} names a file of the workdir by its absolute path: the hosts run the code "
-                 f"snapshot, so give it relative to {workdir} ({_shipped_path(argument, workdir, shipped)})")
+                 f"snapshot, so give it relative to {workdir} ({relative})")
     return selection
 
 

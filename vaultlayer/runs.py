@@ -35,7 +35,7 @@ from vaultlayer import checkpoint, logs_store, seed, workdir
 from vaultlayer import client as vl_client
 from vaultlayer.config import load_file, load_mapping
 from vaultlayer.home import default_storage_url
-from vaultlayer.models import CheckpointRef, RunInput, RunSpec, RunStatus
+from vaultlayer.models import CheckpointRef, RunInput, RunSpec, RunStatus, SnapshotRef
 from vaultlayer.request import RunRequest, RunRequestError, build_spec, check_storage, pack_code, select_code
 from vaultlayer.run_ids import new_run_id
 from vaultlayer.ui import ensure_search_attributes
@@ -231,8 +231,7 @@ class AsyncRun:
     async def pull(self, dest: str | os.PathLike[str]) -> Path:
         """Download the run's outputs (`--output-dir`, stored when its script succeeded) into `dest` (absent or
         empty), every file checked against its digest. ClientError when the run stored none."""
-        spec = await self.spec()
-        ref = await asyncio.to_thread(workdir.stored_outputs, spec.storage_url, self.run_id)
+        spec, ref = await self.spec(), await self.outputs()
         if ref is None:
             why = ("it was started without --output-dir" if spec.output_dir is None else
                    f"its script has not succeeded with {spec.output_dir}/ yet")
@@ -242,6 +241,11 @@ class AsyncRun:
         except workdir.WorkdirError as err:
             raise ClientError(f"cannot pull the outputs of {self.run_id}: {err}") from None
         return Path(dest).resolve()
+
+    async def outputs(self) -> SnapshotRef | None:
+        """The run's stored outputs (what `pull` downloads), from its storage; None when it stored none."""
+        spec = await self.spec()
+        return await asyncio.to_thread(workdir.stored_outputs, spec.storage_url, self.run_id)
 
     async def code(self) -> workdir.WorkdirManifest:
         """The files of the code snapshot the run runs (each with its size and digest); ClientError without one."""
@@ -371,6 +375,9 @@ class Run:
 
     def code(self) -> workdir.WorkdirManifest:
         return self._loop.run(self.aio.code())
+
+    def outputs(self) -> SnapshotRef | None:
+        return self._loop.run(self.aio.outputs())
 
     def follow_logs(self, attempt: int | None = None) -> Iterator[str]:
         chunks = self.aio.follow_logs(attempt)

@@ -74,11 +74,9 @@ def dependency_pins() -> list[str]:
         extra = re.search(r"""extra\s*==\s*["']([\w-]+)["']""", requirement)
         if extra is not None and extra.group(1) not in HOST_EXTRAS:
             continue
-        name = requirement.split(";")[0].split("[")[0]
-        for stop in "<>=!~ (":
-            name = name.split(stop)[0]
+        name = re.match(r"\s*([A-Za-z0-9._-]+)", requirement).group(1)  # PEP 508: the name comes first
         try:
-            pins.add(f"{name.strip()}=={metadata.version(name.strip())}")
+            pins.add(f"{name}=={metadata.version(name)}")
         except metadata.PackageNotFoundError:
             continue  # an extra this machine does not have: the host resolves it under the others' pins
     return sorted(pins, key=str.lower)
