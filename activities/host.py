@@ -58,6 +58,10 @@ OUTPUT_DRAIN_SECONDS = 5.0
 MARGIN_SHARE = 0.25
 MIN_MARGIN_SECONDS = 0.5
 MAX_MARGIN_SECONDS = 3.0
+# A cancelled run (`vl cancel`): the script gets SIGTERM and this long to exit before SIGKILL, then its outputs are
+# stored (best effort) for as long as the second bound allows, while the workflow waits for the attempt to end.
+CANCEL_GRACE_SECONDS = 5.0
+OUTPUTS_ON_CANCEL_SECONDS = 60.0
 # Waits between tries of a failing upload: a storage outage delays checkpoints, it never loses them.
 UPLOAD_BACKOFF_SECONDS = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
 
@@ -383,6 +387,9 @@ class HostAgentActivities:
         try:
             reclaimed = await self._watch(ctx, run)
             return reclaimed if reclaimed is not None else await self._exited(ctx, run)
+        except asyncio.CancelledError:
+            await self._cancelled(ctx, run)
+            raise
         finally:
             run.uploads.cancel()
             if run.process.returncode is None and run.notice is None:
@@ -511,6 +518,29 @@ class HostAgentActivities:
             return ended.model_copy(update={"outcome": AttemptOutcome.FAILED, "cause": FailureCause.OUTPUTS,
                                             "reason": f"the script succeeded, but its outputs were not stored: {err}"})
         return ended.model_copy(update={"outputs": outputs, "reason": note})
+
+    @staticmethod
+    async def _cancelled(ctx: AttemptContext, run: RunningScript) -> None:
+        """The run was cancelled: stop the script (SIGTERM, then SIGKILL after a grace), then store what it wrote
+        to its output directory so far, best effort and bounded: a cancel must not lose the outputs it could keep."""
+        if run.process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                run.process.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(run.process.wait(), CANCEL_GRACE_SECONDS)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    run.process.send_signal(signal.SIGKILL)
+                await run.process.wait()
+        if not ctx.inp.output_dir:
+            return
+        try:
+            _, note = await asyncio.wait_for(_store_outputs(ctx), OUTPUTS_ON_CANCEL_SECONDS)
+        except (WorkdirError, OSError, TimeoutError) as err:
+            ctx.log.warning("outputs not stored on cancel", error=str(err) or type(err).__name__)
+            return
+        if note:
+            ctx.log.info("outputs on cancel", note=note)
 
     @staticmethod
     def _forward_notice(control: Path, notice: Notice, notice_id: str) -> None:

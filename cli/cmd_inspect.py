@@ -14,10 +14,15 @@ import asyncio
 import json
 import sys
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 from cli.context import UsageError, connect, fail
 from cli.render import attempt_line, cost_line, format_seconds, no_progress_line, status_json
 from vaultlayer.workdir import human_bytes
+
+if TYPE_CHECKING:
+    from vaultlayer.models import RunState, SnapshotRef
+    from vaultlayer.runs import AsyncRun
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -57,6 +62,20 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     ui.set_defaults(handler=cmd_ui)
 
 
+async def cancelled_outputs(run: AsyncRun, output_dir: str | None, state: RunState) -> SnapshotRef | None:
+    """The outputs a cancelled attempt stored on its way out: only its storage knows them (the attempt ended
+    as cancelled, with no result). None when there are none or storage cannot be read from here."""
+    from vaultlayer.models import RunState
+
+    if output_dir is None or state != RunState.CANCELLED:
+        return None
+    try:
+        return await run.outputs()
+    except Exception as err:  # noqa: BLE001 - a status line is not worth failing `vl status` over
+        print(f"warning: cannot read the run's outputs from its storage: {err}", file=sys.stderr)
+        return None
+
+
 async def cmd_status(args: argparse.Namespace) -> int:
     from temporalio.service import RPCError
 
@@ -64,22 +83,25 @@ async def cmd_status(args: argparse.Namespace) -> int:
     from vaultlayer.runs import AsyncClient, AsyncRun
 
     conn = await connect()
+    run = AsyncRun(AsyncClient(conn.client), args.run_id)
     try:
         status = await vl_client.status(conn.client, args.run_id)
-        spec = await AsyncRun(AsyncClient(conn.client), args.run_id).spec()  # from history when no worker answers
+        spec = await run.spec()  # from history when no worker answers
     except RPCError as err:
         fail(f"no run {args.run_id!r} ({err.message}); list runs with: vl ls", code=1)
+    outputs = status.outputs or await cancelled_outputs(run, spec.output_dir, status.state)
     if args.json:
         code = spec.code.model_dump(mode="json") if spec.code else None
-        print(json.dumps(status_json(status) | {"code": code}, indent=2))
+        print(json.dumps(status_json(status) | {"code": code,
+                                                "outputs": outputs.model_dump(mode="json") if outputs else None},
+                         indent=2))
         return 0
     print(f"run {status.run_id}: {status.state.value}")
     if spec.code:
         print(f"code: snapshot {spec.code.short}, {spec.code.file_count} files, {human_bytes(spec.code.total_bytes)}"
               f" (vl code {status.run_id} lists them)")
-    if status.outputs:
-        print(f"outputs: {status.outputs.file_count} files, {human_bytes(status.outputs.total_bytes)}"
-              f" (vl pull {status.run_id})")
+    if outputs:
+        print(f"outputs: {outputs.file_count} files, {human_bytes(outputs.total_bytes)} (vl pull {status.run_id})")
     if status.current_host:
         print(f"host {status.current_host.host_id}, step {status.step}, durable step {status.durable_step}")
     print(f"durable step {status.durable_step}, reclaims {status.reclaims}, steps lost {status.steps_lost}")

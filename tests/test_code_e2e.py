@@ -20,15 +20,16 @@ import pytest
 import structlog
 from temporalio.client import WorkflowFailureError
 
-from tests.conftest import TRAIN_TINY, assert_same_weights, make_spec
-from tests.helpers import wait_for_progress
+from tests.conftest import TRAIN_TINY, assert_same_weights, group_alive, make_spec
+from tests.helpers import wait_for_progress, wait_until
 from tests.test_client import vl_env  # noqa: F401 - fixture: `vl` against this test's server and worker
-from tests.test_run_e2e import result_of
+from tests.test_run_e2e import live_status, result_of
 from vaultlayer import client as vl_client
 from vaultlayer.models import AttemptOutcome, FailureCause, Host, Pool, RunState
 from vaultlayer.request import RunRequest, RunRequestError, build_spec, pack_code, select_code
 from vaultlayer.checkpoint.format import local_blake3
-from vaultlayer.workdir import CODE_DIR, select_files
+from vaultlayer.runs import AsyncClient, AsyncRun
+from vaultlayer.workdir import CODE_DIR, select_files, stored_outputs
 from vaultlayer.workdir.snapshot import blob_path
 
 STEPS = 150
@@ -219,3 +220,54 @@ def test_outputs_keep_every_file_and_drop_links_that_leave_the_folder(tmp_path):
     assert (tmp_path / "back" / "sub" / "model.pt").read_bytes() == b"weights"
     assert os.readlink(tmp_path / "back" / "best.pt") == "sub/model.pt"
     assert not (tmp_path / "back" / "escape").exists() and not (tmp_path / "back" / "via").is_symlink()
+
+
+# Writes its outputs as it goes, as a real script writes a checkpoint of its model per epoch, then trains until
+# stopped. On SIGTERM it writes one more file: the agent's grace before SIGKILL is what lets it.
+CANCELLED_SCRIPT = """
+import signal, sys, time
+from pathlib import Path
+
+def stop(*_):
+    Path("outputs/stopped.txt").write_text("stopped on SIGTERM")
+    sys.exit(143)
+
+signal.signal(signal.SIGTERM, stop)
+Path("outputs/epoch-1.pt").write_bytes(b"weights after one epoch")
+while True:
+    time.sleep(0.05)
+"""
+
+
+async def test_a_cancelled_run_stores_its_outputs_on_the_way_out_and_vl_pull_brings_them(
+        temporal_env, control, vl_home, tmp_path):
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "train.py").write_text(CANCELLED_SCRIPT)
+    spec = make_spec(tmp_path, steps=1, out=tmp_path / "unused", workdir=str(project),
+                     command=[sys.executable, "train.py"], output_dir="outputs")
+    spec = pack_code(select_files(project), spec)
+    client = temporal_env.client
+    await vl_client.submit(client, spec, queue=control)
+
+    async def wrote_an_epoch():
+        status = await live_status(client, spec.run_id)
+        if status.current_host is None:
+            return None
+        written = vl_home / "hosts" / spec.run_id / status.current_host.host_id / "a1" / "code" / "outputs"
+        return status if (written / "epoch-1.pt").exists() else None
+
+    status = await wait_until(wrote_an_epoch, 90, "the script's first output")
+    assert stored_outputs(spec.storage_url, spec.run_id) is None, "outputs are stored on the way out, not before"
+    await vl_client.cancel(client, spec.run_id)
+    with pytest.raises(WorkflowFailureError):
+        await asyncio.wait_for(client.get_workflow_handle(spec.run_id).result(), 90)
+    ended = await live_status(client, spec.run_id)
+    assert ended.state == RunState.CANCELLED
+    assert not group_alive(int(status.current_host.handle["pgid"])), "the host is released after the outputs"
+
+    run = AsyncRun(AsyncClient(client), spec.run_id)
+    assert (await run.outputs()).file_count == 2
+    back = await run.pull(tmp_path / "back")
+    assert (back / "epoch-1.pt").read_bytes() == b"weights after one epoch"
+    assert (back / "stopped.txt").read_text() == "stopped on SIGTERM", "the script had its grace before SIGKILL"

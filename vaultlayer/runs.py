@@ -229,12 +229,12 @@ class AsyncRun:
                                        status.fences, ended, verify)
 
     async def pull(self, dest: str | os.PathLike[str]) -> Path:
-        """Download the run's outputs (`--output-dir`, stored when its script succeeded) into `dest` (absent or
+        """Download the run's outputs (`--output-dir`, stored when its script succeeded or was cancelled) into `dest` (absent or
         empty), every file checked against its digest. ClientError when the run stored none."""
         spec, ref = await self.spec(), await self.outputs()
         if ref is None:
             why = ("it was started without --output-dir" if spec.output_dir is None else
-                   f"its script has not succeeded with {spec.output_dir}/ yet")
+                   f"its script has not succeeded with {spec.output_dir}/ yet, nor been cancelled")
             raise ClientError(f"run {self.run_id} stored no outputs: {why}")
         try:
             await asyncio.to_thread(workdir.restore_snapshot, ref, dest)

@@ -13,6 +13,7 @@ from datetime import timedelta
 from typing import Any
 
 from temporalio import workflow
+from temporalio.workflow import ActivityCancellationType
 from temporalio.common import RetryPolicy
 from temporalio.exceptions import (
     ActivityError,
@@ -68,6 +69,9 @@ SEARCH_ATTRIBUTES_PATCH = "search-attributes"
 # A cancel lets a provision in flight return first, so that the reap that follows finds the host it made.
 PROVISION_CANCEL_PATCH = "provision-finishes-before-cancel"
 NO_PROGRESS_PATCH = "max-attempts-without-progress"
+# A cancel asks the attempt to stop and waits for it (bounded by its heartbeat timeout), so the agent can store
+# the script's outputs before the host is released.
+OUTPUTS_ON_CANCEL_PATCH = "attempt-stops-before-cancel"
 
 
 def control_options(start_to_close: timedelta, retry: RetryPolicy = CONTROL_RETRY) -> dict[str, Any]:
@@ -138,6 +142,9 @@ class TrainingRun:
         self._show()
         try:
             while True:
+                if workflow.cancellation_reason() is not None and workflow.patched(OUTPUTS_ON_CANCEL_PATCH):
+                    # The cancel came as an attempt ended on its own (it waits for the attempt): it ends the run.
+                    raise asyncio.CancelledError
                 if self.moved is not None:
                     await self._run_moved()
                     continue
@@ -285,6 +292,7 @@ class TrainingRun:
     async def _run_on_host(self, host: Host, record: AttemptRecord,
                            checkpoint: CheckpointRef | None) -> AttemptResult:
         spec = self.spec
+        waits_on_cancel = workflow.patched(OUTPUTS_ON_CANCEL_PATCH)
         attempt = workflow.start_activity(
             "run_attempt",
             AttemptInput(
@@ -305,13 +313,22 @@ class TrainingRun:
             start_to_close_timeout=timedelta(days=30),
             heartbeat_timeout=timedelta(seconds=spec.heartbeat_timeout_seconds),
             retry_policy=RetryPolicy(maximum_attempts=1),
+            cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED if waits_on_cancel
+            else ActivityCancellationType.TRY_CANCEL,
             summary=ui.attempt_summary(record) if workflow.patched(SEARCH_ATTRIBUTES_PATCH) else None,
         )
         if spec.reclaim_every_seconds and reclaims_in(spec, host.pool):
             self.injections.append(asyncio.create_task(self._reclaim_on_schedule(host)))
         pruning = asyncio.create_task(self._prune_while_running(attempt, record)) \
             if workflow.patched(RETENTION_PATCH) else None
-        vacated = await self._review_until_done(attempt, host)
+        try:
+            vacated = await self._review_until_done(attempt, host)
+        except asyncio.CancelledError:
+            if waits_on_cancel and not attempt.done():  # the agent stores the outputs, then the host is released
+                attempt.cancel()
+                with contextlib.suppress(ActivityError):
+                    await attempt
+            raise
         try:
             result = await attempt
         except ActivityError as err:
