@@ -58,6 +58,7 @@ OUTPUT_DRAIN_SECONDS = 5.0
 MARGIN_SHARE = 0.25
 MIN_MARGIN_SECONDS = 0.5
 MAX_MARGIN_SECONDS = 3.0
+SETUP_CACHE_DIR = "setup-cache"  # in the host's directory: what setup's package managers cache (setup_commands.py)
 # A cancelled run (`vl cancel`): the script gets SIGTERM and this long to exit before SIGKILL, then its outputs are
 # stored (best effort) for as long as the second bound allows, while the workflow waits for the attempt to end.
 CANCEL_GRACE_SECONDS = 5.0
@@ -211,6 +212,7 @@ class AttemptContext:
     control: Path  # notices to the SDK, progress from it
     log_path: Path  # the script's output
     log: structlog.typing.FilteringBoundLogger  # bound to the run, the attempt and the host
+    setup: setup_commands.SetupOnHost | None = None  # the run's setup commands on this host, once prepared
 
 
 @dataclass
@@ -352,7 +354,8 @@ class HostAgentActivities:
     def _script_env(ctx: AttemptContext) -> dict[str, str]:
         inp = ctx.inp
         # The agent's Temporal connection (an API key, a client key) is not the script's: it never talks to Temporal.
-        env = {name: value for name, value in os.environ.items() if not name.startswith("TEMPORAL_")} | inp.env
+        env = {name: value for name, value in os.environ.items() if not name.startswith("TEMPORAL_")}
+        env |= (ctx.setup.env() if ctx.setup else {}) | inp.env  # the run's own PIP_CACHE_DIR, say, wins
         if ctx.checkpoint_dir is not None:  # zero-code mode: the script keeps its own checkpoints; the SDK is inactive
             contract = protocol.ScriptEnv(run_id=inp.run_id, attempt=inp.attempt,
                                           checkpoint_dir=str(ctx.checkpoint_dir))
@@ -379,6 +382,7 @@ class HostAgentActivities:
             # It came while the host was restoring: in place before the script starts, its first save check
             # sees it, however fast the script's steps are.
             self._forward_notice(ctx.control, early, notice_id)
+        ctx.setup = await setup_commands.prepare(ctx.inp, self.host_dir / SETUP_CACHE_DIR, ctx.log)
         try:
             run = await self._start(ctx, secrets, notice_id)
         except OSError as err:
@@ -386,7 +390,11 @@ class HostAgentActivities:
                                                            f"({err.strerror}); fix: install it there or with --setup")
         try:
             reclaimed = await self._watch(ctx, run)
-            return reclaimed if reclaimed is not None else await self._exited(ctx, run)
+            ended = reclaimed if reclaimed is not None else await self._exited(ctx, run)
+            if ctx.setup is None:
+                return ended
+            ctx.setup.observe(ctx.control, ctx.inp, ctx.log, store=False)  # a script that ended at once
+            return ended.model_copy(update=ctx.setup.result_fields())
         except asyncio.CancelledError:
             await self._cancelled(ctx, run)
             raise
@@ -415,7 +423,7 @@ class HostAgentActivities:
         masker = await _start_masker(ctx.log_path, secret_values(script_env, secrets.values()), output_read)
         try:
             process = await asyncio.create_subprocess_exec(  # OSError: the command cannot start on this host
-                *setup_commands.wrap(inp.setup, inp.command, ctx.control / protocol.SETUP_FAILED_FILE),
+                *setup_commands.wrap(inp.setup, inp.command, ctx.control),
                 cwd=ctx.workdir,
                 env=script_env,
                 stdin=asyncio.subprocess.DEVNULL,
@@ -428,7 +436,7 @@ class HostAgentActivities:
         shipper = LogShipper(inp.storage_url, inp.run_id, inp.attempt, ctx.log_path, start=start)
         output = asyncio.create_task(masker.wait())
         shipper.start(script_env, secrets.values())  # the output goes to storage too, so it outlives the host
-        ctx.progress.phase = "running"
+        ctx.progress.phase = "setup" if ctx.setup else "running"
         uploader = Uploader(inp, ctx.staging, ctx.progress.durable_step)
         stop_uploads = asyncio.Event()
         return RunningScript(process=process, output=output, shipper=shipper, snapshots=snapshots,
@@ -459,6 +467,8 @@ class HostAgentActivities:
         """The script's step, its checkpoint interval and the durable step into the heartbeat; in zero-code mode,
         a snapshot of the directory once it settled."""
         progress = ctx.progress
+        if ctx.setup is not None and ctx.setup.observe(ctx.control, ctx.inp, ctx.log) and progress.phase == "setup":
+            progress.phase = "running"
         step = read_progress(ctx.control)
         if step is not None:
             progress.step = step
@@ -504,7 +514,7 @@ class HostAgentActivities:
                               end_step=step if step is not None else ctx.progress.step,
                               durable_step=run.uploader.durable_step, exit_code=exit_code)
         if exit_code != 0:
-            cause, reason = setup_commands.failure(ctx.control / protocol.SETUP_FAILED_FILE) or (
+            cause, reason = setup_commands.failure(ctx.control) or (
                 FailureCause.SCRIPT, f"the script exited with code {exit_code}")
             # The tail goes into history: masked like the stored log, so a secret printed is not kept.
             log_tail = mask(tail(ctx.log_path).encode(), run.shipper.secrets).decode(errors="replace")

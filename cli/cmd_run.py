@@ -78,6 +78,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                           "gcp-sm:projects/P/secrets/S; only the reference is stored")
     run.add_argument("--setup", action="append", metavar="CMD", help="a shell command run on the host before the "
                                                                     "command in each attempt (repeatable)")
+    run.add_argument("--no-setup-cache", dest="setup_cache", action="store_false",
+                     help="keep no setup cache: setup uses the host's own caches (default: what setup leaves "
+                          "in pip's and uv's caches is stored once and restored on later hosts)")
     run.add_argument("--workdir", help="the code that travels with the run: packed once at submit, every attempt "
                                        "runs in it (default: here, or the config file's folder)")
     run.add_argument("--no-code", dest="code", action="store_false",

@@ -55,7 +55,15 @@ def attempt_line(record: AttemptRecord) -> str:
     cost = f" ${record.cost_usd:.2f}" if record.cost_usd is not None else ""
     return (f"  attempt {record.attempt} {record.pool} host {record.host or '-'} {outcome}: steps {record.start_step}"
             f"..{record.end_step if record.end_step is not None else '?'} durable {record.durable_step} "
-            f"lost {record.steps_lost}{cost} {record.reason}")
+            f"lost {record.steps_lost}{cost}{setup_part(record)} {record.reason}")
+
+
+def setup_part(record: AttemptRecord) -> str:
+    """How long the attempt's setup took, and what the run's setup cache did for it."""
+    if record.setup_seconds is None:
+        return ""
+    cache = f", cache {record.setup_cache}" if record.setup_cache else ""
+    return f" setup {record.setup_seconds:.1f}s{cache}"
 
 
 def ended_line(record: AttemptRecord) -> str:

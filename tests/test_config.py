@@ -327,3 +327,10 @@ def test_the_no_progress_limit_from_the_file_and_the_flag_and_a_scheduled_reclai
     for bad in (["--max-attempts-without-progress", "0"], ["--notice-seconds", "-1"]):
         with pytest.raises(RunRequestError, match=bad[0]):
             spec_from(["run", "-f", "project/conf/vl.yaml", *bad])
+
+
+def test_the_setup_cache_is_on_unless_the_file_or_the_flag_turns_it_off(project):
+    assert spec_from(["run", "-f", "project/conf/vl.yaml"]).setup_cache is True
+    assert spec_from(["run", "-f", "project/conf/vl.yaml", "--no-setup-cache"]).setup_cache is False
+    (project / "conf" / "vl.yaml").write_text(FULL.replace("workdir: .", "workdir: ..") + "setup_cache: false\n")
+    assert spec_from(["run", "-f", "project/conf/vl.yaml"]).setup_cache is False

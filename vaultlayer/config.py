@@ -199,6 +199,8 @@ class RunConfig(ConfigModel):
                                      "{secret: REF} read on the host when an attempt starts")
     setup: list[str] = Field(default_factory=list, description="shell commands run on the host, in order, "
                              "before the command in every attempt; one that fails fails the attempt")
+    setup_cache: bool = Field(True, description="store what setup leaves in pip's and uv's caches once, and "
+                              "restore it on every later host; false: setup uses the host's own caches")
     resources: Resources = Field(default_factory=Resources)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
@@ -250,7 +252,8 @@ class LoadedConfig(BaseModel):
         config, folder, source = self.config, self.folder, self.source
         saving, limits = config.checkpoint, config.limits
         from_file: dict[str, object] = {
-            "setup": config.setup or None, "storage": saving.storage, "checkpoint_every": saving.every,
+            "setup": config.setup or None, "setup_cache": None if config.setup_cache else False,
+            "storage": saving.storage, "checkpoint_every": saving.every,
             "checkpoint_min": saving.min, "checkpoint_max": saving.max, "keep_checkpoints": saving.keep,
             "max_cost": limits.max_cost, "max_attempts": limits.max_attempts, "max_reclaims": limits.max_reclaims,
             "max_attempts_without_progress": limits.max_attempts_without_progress,

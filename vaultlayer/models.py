@@ -110,6 +110,8 @@ class RunSpec(VLModel):
     # NAME -> a secret reference (env:, file:, aws-sm:, gcp-sm:; vaultlayer/secrets.py), read on the host.
     env_secrets: dict[str, str] = Field(default_factory=dict)
     setup: list[str] = Field(default_factory=list)  # shell commands run on the host before each attempt's command
+    # What setup leaves in pip's and uv's caches is stored once and restored on every later host (vaultlayer/workdir).
+    setup_cache: bool = True
     pools: list[Pool] = Field(default_factory=lambda: [Pool()])
     storage_url: str
     checkpoint_every: str | None = None  # None: Young/Daly from the measured save cost and the pool's MTBF
@@ -284,6 +286,7 @@ class AttemptInput(VLModel):
     env: dict[str, str] = Field(default_factory=dict)
     env_secrets: dict[str, str] = Field(default_factory=dict)  # RunSpec.env_secrets: references, never values
     setup: list[str] = Field(default_factory=list)  # RunSpec.setup
+    setup_cache: bool = False  # RunSpec.setup_cache
     storage_url: str
     checkpoint: CheckpointRef | None = None
     checkpoint_every: str | None = None
@@ -322,6 +325,8 @@ class AttemptResult(VLModel):
     host_gone: bool = False  # the provider confirmed the host terminated: it cannot publish anything more
     refusal: str | None = None  # a `Refusal` value when the outcome is refused
     outputs: SnapshotRef | None = None  # the output directory, stored when the script succeeded
+    setup_seconds: float | None = None  # from the host's start on setup (its cache restore included) to its end
+    setup_cache: str = ""  # "restored" from the run's storage, "stored" there by this attempt, or ""
 
 
 class AttemptRecord(VLModel):
@@ -348,6 +353,8 @@ class AttemptRecord(VLModel):
     on_demand_price_per_hour: float | None = None  # of the same capacity on demand
     on_demand_cost_usd: float | None = None  # what the same host-hours would have cost on demand
     resumed_from: str | None = None  # the checkpoint's name; retention never removes it while the attempt runs
+    setup_seconds: float | None = None  # AttemptResult.setup_seconds
+    setup_cache: str = ""  # AttemptResult.setup_cache
 
 
 class RunState(StrEnum):

@@ -40,6 +40,7 @@ STAGING_PREFIX = ".tmp-"  # a staged save being written; renamed without it when
 PROGRESS_FILE = "progress.json"  # in the control directory, written by the SDK
 NOTICE_FILE = "notice.json"  # in the control directory, written by the agent
 SETUP_FAILED_FILE = "setup-failed"  # in the control directory: why the run's setup commands failed
+SETUP_DONE_FILE = "setup-done"  # in the control directory: written when every setup command succeeded
 
 # --- Handed over by the submitter to a local host (never through Temporal) ---------------------------------------
 # The values of a run's `env:` secrets, read from the environment of the `vl run` (or client) that submitted it:

@@ -73,6 +73,7 @@ class RunRequest(BaseModel):
     env: dict[str, str] = Field(default_factory=dict)
     env_secrets: dict[str, str] = Field(default_factory=dict)  # NAME -> env:NAME, file:/path, aws-sm:ID, gcp-sm:...
     setup: list[str] = Field(default_factory=list)
+    setup_cache: bool = True  # store what setup leaves in pip's and uv's caches once; restore it on later hosts
     pools: list[PoolRequest] | None = None  # default: one local pool
     on_demand_fallback: bool = False
     storage: str | None = None  # default: file://$VL_HOME/storage
@@ -181,6 +182,7 @@ def build_spec(request: RunRequest, warn: Warn = _python_warning) -> RunSpec:
         env=dict(request.env),
         env_secrets=env_secrets,
         setup=list(request.setup),
+        setup_cache=request.setup_cache,
         pools=pools,
         storage_url=storage_url,
         checkpoint_every=request.checkpoint_every,

@@ -48,7 +48,7 @@ def close_attempt(status: RunStatus, attempt: int, result: AttemptResult, now: d
         "outcome": result.outcome, "reason": result.reason, "refusal": result.refusal or record.refusal,
         "end_step": result.end_step, "durable_step": result.durable_step, "exit_code": result.exit_code,
         "ended_at": now, "log_tail": result.log_tail, "emergency_save": result.emergency_save,
-        "cause": result.cause,
+        "cause": result.cause, "setup_seconds": result.setup_seconds, "setup_cache": result.setup_cache,
     })
     update: dict = {}
     if record.running_at is not None:

@@ -298,7 +298,8 @@ class TrainingRun:
             AttemptInput(
                 run_id=spec.run_id, attempt=record.attempt, host=host, command=spec.command,
                 workdir=spec.workdir, code=spec.code, output_dir=spec.output_dir, env=spec.env,
-                env_secrets=spec.env_secrets, setup=spec.setup, storage_url=spec.storage_url,
+                env_secrets=spec.env_secrets, setup=spec.setup, setup_cache=spec.setup_cache,
+                storage_url=spec.storage_url,
                 checkpoint=checkpoint, checkpoint_every=spec.checkpoint_every,
                 checkpoint_min=spec.checkpoint_min, checkpoint_max=spec.checkpoint_max,
                 mtbf_seconds=estimate_mtbf_seconds(self.status, host.pool.key, workflow.now()),

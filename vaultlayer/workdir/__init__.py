@@ -5,10 +5,12 @@ content-addressed, and unpacked and verified on every host (docs/code-and-output
     ref = store_snapshot(selection, storage_url)                              # -> SnapshotRef (the spec keeps it)
     restore_snapshot(ref, attempt_dir)                                        # on the host, before setup
     store_outputs(output_dir, storage_url, run_id)                            # on the host, when the script succeeds
+    store_setup_cache(cache_dir, storage_url, run_id)                         # on the host, once setup finished
 
 One module per job: `ignore` (gitignore syntax), `selection` (what goes in, and the checks before anything
 is written), `snapshot` (manifest, content address, store, verified restore), `outputs` (a run's output
-directory and its pointer), `errors`. This module is the package's public API.
+directory and its pointer), `setup_cache` (what setup's package managers cached, and its pointer), `errors`.
+This module is the package's public API.
 """
 
 from vaultlayer.models import SnapshotRef
@@ -35,6 +37,13 @@ from vaultlayer.workdir.selection import (
     select_files,
     select_outputs,
 )
+from vaultlayer.workdir.setup_cache import (
+    MAX_SETUP_CACHE_BYTES,
+    SETUP_CACHE_POINTER,
+    setup_cache_env,
+    store_setup_cache,
+    stored_setup_cache,
+)
 from vaultlayer.workdir.snapshot import (
     CODE_DIR,
     WorkdirFile,
@@ -51,9 +60,11 @@ __all__ = [
     "CODE_DIR",
     "DEFAULT_EXCLUDES",
     "DEFAULT_MAX_BYTES",
+    "MAX_SETUP_CACHE_BYTES",
     "MAX_SIZE_FLAG",
     "OUTPUTS_POINTER",
     "SECRET_NAMES",
+    "SETUP_CACHE_POINTER",
     "SecretsRefused",
     "SelectedFile",
     "SelectedLink",
@@ -75,7 +86,10 @@ __all__ = [
     "restore_snapshot",
     "select_files",
     "select_outputs",
+    "setup_cache_env",
     "store_outputs",
+    "store_setup_cache",
     "store_snapshot",
     "stored_outputs",
+    "stored_setup_cache",
 ]

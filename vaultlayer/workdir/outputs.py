@@ -6,12 +6,10 @@ from __future__ import annotations
 
 import os
 
-from fsspec.core import url_to_fs
-
 from vaultlayer.checkpoint import storage
 from vaultlayer.models import SnapshotRef
 from vaultlayer.workdir.selection import select_outputs
-from vaultlayer.workdir.snapshot import store_snapshot
+from vaultlayer.workdir.snapshot import read_pointer, store_snapshot, write_pointer
 
 OUTPUTS_POINTER = "OUTPUTS.json"
 
@@ -25,18 +23,10 @@ def store_outputs(directory: str | os.PathLike[str], storage_url: str, run_id: s
     Returns the snapshot and what was skipped (special files, links that leave the directory)."""
     selection = select_outputs(directory)
     ref = store_snapshot(selection, storage_url)
-    fs, path = url_to_fs(outputs_pointer_url(storage_url, run_id))
-    storage.retry(lambda: storage.write_atomically(fs, path, ref.model_dump_json(indent=1).encode()),
-                  "write the outputs pointer")
+    write_pointer(outputs_pointer_url(storage_url, run_id), ref, "the outputs pointer")
     return ref, list(selection.skipped)
 
 
 def stored_outputs(storage_url: str, run_id: str) -> SnapshotRef | None:
     """The run's stored outputs, or None when it stored none."""
-    fs, path = url_to_fs(outputs_pointer_url(storage_url, run_id))
-    fs.invalidate_cache()
-    try:
-        data = storage.retry(lambda: fs.cat_file(path), "read the outputs pointer")
-    except FileNotFoundError:
-        return None
-    return SnapshotRef.model_validate_json(data)
+    return read_pointer(outputs_pointer_url(storage_url, run_id), "the outputs pointer")

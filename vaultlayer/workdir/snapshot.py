@@ -173,6 +173,25 @@ def _put(fs: fsspec.AbstractFileSystem, local: Path, remote: str, size: int) -> 
     fs.mv(partial, remote)
 
 
+def write_pointer(url: str, ref: SnapshotRef, what: str) -> None:
+    """Name a stored snapshot from a run's own storage (its outputs, its setup cache): written whole, after
+    the snapshot is complete, so a reader finds the old pointer, none, or this one."""
+    fs, path = url_to_fs(url)
+    storage.retry(lambda: storage.write_atomically(fs, path, ref.model_dump_json(indent=1).encode()),
+                  f"write {what}")
+
+
+def read_pointer(url: str, what: str) -> SnapshotRef | None:
+    """The snapshot a pointer names, or None when there is no pointer."""
+    fs, path = url_to_fs(url)
+    fs.invalidate_cache()
+    try:
+        data = storage.retry(lambda: fs.cat_file(path), f"read {what}")
+    except FileNotFoundError:
+        return None
+    return SnapshotRef.model_validate_json(data)
+
+
 def read_manifest(ref: SnapshotRef) -> WorkdirManifest:
     """The snapshot's manifest, checked against the ref's digest and for paths that could not be unpacked
     safely. Raises SnapshotCorrupt."""
