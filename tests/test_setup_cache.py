@@ -39,7 +39,7 @@ def attempt_log(vl_home, run_id: str, host: str, attempt: int) -> str:
 async def test_a_second_host_restores_what_the_first_hosts_setup_cached(
         temporal_env, control, vl_home, tmp_path, cache):
     client = temporal_env.client
-    spec = travelling_spec(tmp_path, steps=120, out=tmp_path / "w.pt", setup=[BUILD_ONCE], setup_cache=cache)
+    spec = travelling_spec(tmp_path, steps=300, out=tmp_path / "w.pt", setup=[BUILD_ONCE], setup_cache=cache)
     await vl_client.submit(client, spec, queue=control)
     await wait_for_progress(client, spec.run_id, steps=10, durable=10, attempt=1)
     if cache:  # the first host stores it beside the training; reclaiming before then would test nothing
