@@ -9,13 +9,18 @@ import os
 import shutil
 import subprocess
 import sys
+import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
 import fsspec
 import pytest
+from temporalio import workflow
 from temporalio.client import Client as TemporalClient
+from temporalio.client import WorkflowQueryFailedError
+from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 
 from activities.attempt_logs import LogShipper
 from tests.conftest import REPO, TRAIN_TINY_IN_REPO, assert_same_weights, group_alive, make_spec
@@ -23,7 +28,7 @@ from tests.helpers import wait_until
 from vaultlayer import checkpoint, seed, ui
 from vaultlayer import client as vl_client
 from vaultlayer.logs_store import LogCursor, read_logs, write_chunk
-from vaultlayer.models import AttemptOutcome, RunState
+from vaultlayer.models import AttemptOutcome, RunInput, RunSpec, RunState, RunStatus
 from vaultlayer.runs import AsyncClient, Client, ClientError, RunNotFound
 
 T = TypeVar("T")
@@ -285,3 +290,58 @@ async def test_connect_waits_out_a_server_that_is_starting_and_fails_at_once_oth
     with pytest.raises(RuntimeError, match="Connection refused"):
         await vl_client.connect(target)
     assert not answers
+
+
+STALLED_QUERIES = {"left": 0}
+
+
+@workflow.defn(name=vl_client.WORKFLOW_NAME)
+class StallingRun:
+    """A stand-in for TrainingRun whose worker is starved of CPU for the first query (the thread spins past the
+    SDK's 2 s deadlock detector, as a loaded machine's worker did), then answers as usual."""
+
+    def __init__(self) -> None:
+        self.finished = False
+
+    @workflow.run
+    async def run(self, started: RunInput) -> None:
+        self.spec = started.spec
+        await workflow.wait_condition(lambda: self.finished)
+
+    @workflow.query(name="status")
+    def status(self) -> RunStatus:
+        if STALLED_QUERIES["left"] > 0:
+            STALLED_QUERIES["left"] -= 1
+            began = time.monotonic()
+            while time.monotonic() - began < 2.5:
+                pass
+        return RunStatus(run_id=self.spec.run_id, started_at=workflow.now(), state=RunState.RUNNING)
+
+    @workflow.query(name="spec")
+    def run_spec(self) -> RunSpec:
+        return self.spec
+
+    @workflow.signal
+    def finish(self) -> None:
+        self.finished = True
+
+
+async def test_status_asks_again_when_a_starved_worker_answered_too_late(temporal_env, tmp_path, monkeypatch):
+    client = temporal_env.client
+    queue = f"vl-stall-{uuid.uuid4().hex[:8]}"
+    spec = make_spec(tmp_path, steps=1, out=tmp_path / "w.pt")
+    async with Worker(client, task_queue=queue, workflows=[StallingRun], workflow_runner=UnsandboxedWorkflowRunner()):
+        handle = await client.start_workflow(vl_client.WORKFLOW_NAME, RunInput(spec=spec), id=spec.run_id,
+                                             task_queue=queue)
+        assert (await vl_client.spec(client, spec.run_id)).run_id == spec.run_id  # the run is up, its worker too
+        STALLED_QUERIES["left"] = 1
+        status = await vl_client.status(client, spec.run_id)
+        assert STALLED_QUERIES["left"] == 0, "the query did not reach the stalling handler"
+        assert status.run_id == spec.run_id and status.state == RunState.RUNNING
+
+        monkeypatch.setattr(vl_client, "QUERY_STALL_RETRIES", 1)
+        STALLED_QUERIES["left"] = 2  # a worker that stays starved still fails, after its retries
+        with pytest.raises(WorkflowQueryFailedError, match="TMPRL1101"):
+            await vl_client.status(client, spec.run_id)
+        await handle.signal(StallingRun.finish)
+        await asyncio.wait_for(handle.result(), 30)

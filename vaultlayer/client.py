@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 
 from pydantic import ValidationError
-from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
+from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle, WorkflowQueryFailedError
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.envconfig import ClientConfig
 from temporalio.service import RPCError
@@ -26,6 +26,11 @@ from vaultlayer.secrets import hand_over
 
 WORKFLOW_NAME = "TrainingRun"
 DEFAULT_TASK_QUEUE = "vaultlayer"
+
+# The Python SDK's code for a workflow thread that did not yield within its fixed 2 s. A query that a worker
+# starved of CPU answers too late fails with it, although the run and its worker are sound: ask again.
+_WORKER_STALLED = "TMPRL1101"
+QUERY_STALL_RETRIES = 3
 
 
 def task_queue() -> str:
@@ -101,6 +106,21 @@ _CLOSED_STATES = {
 }
 
 
+async def query(handle: WorkflowHandle, name: str, result_type: type, rpc_timeout: timedelta | None = None):
+    """`handle.query`, asked again (a few times) when the worker answered late because it was starved of CPU.
+
+    Any other failure is the caller's: a query that no worker answers is an RPCError as before.
+    """
+    for attempt in range(QUERY_STALL_RETRIES + 1):
+        try:
+            return await handle.query(name, result_type=result_type, rpc_timeout=rpc_timeout)
+        except WorkflowQueryFailedError as failure:
+            if _WORKER_STALLED not in str(failure) or attempt == QUERY_STALL_RETRIES:
+                raise
+            await asyncio.sleep(0.5 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
 async def status(client: Client, run_id: str, query_timeout: float = 10.0) -> RunStatus:
     """The run's state, with the live step and durable step read from the attempt's heartbeats.
 
@@ -110,8 +130,7 @@ async def status(client: Client, run_id: str, query_timeout: float = 10.0) -> Ru
     handle = client.get_workflow_handle(run_id)
     description = await handle.describe()
     try:
-        current = await handle.query("status", result_type=RunStatus,
-                                     rpc_timeout=timedelta(seconds=query_timeout))
+        current = await query(handle, "status", RunStatus, rpc_timeout=timedelta(seconds=query_timeout))
     except RPCError:
         current = None
     if current is None:
@@ -137,7 +156,7 @@ async def status(client: Client, run_id: str, query_timeout: float = 10.0) -> Ru
 
 async def spec(client: Client, run_id: str) -> RunSpec:
     """What the run was submitted with (its storage URL, command, limits)."""
-    return await client.get_workflow_handle(run_id).query("spec", result_type=RunSpec)
+    return await query(client.get_workflow_handle(run_id), "spec", RunSpec)
 
 
 async def list_runs(client: Client, limit: int = 100) -> list[RunStatus]:

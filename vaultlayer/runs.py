@@ -197,8 +197,8 @@ class AsyncRun:
         if self._spec is None:
             handle = self.client.temporal.get_workflow_handle(self.run_id)
             try:
-                self._spec = await handle.query("spec", result_type=RunSpec,
-                                                rpc_timeout=timedelta(seconds=SPEC_QUERY_SECONDS))
+                self._spec = await vl_client.query(handle, "spec", RunSpec,
+                                                   rpc_timeout=timedelta(seconds=SPEC_QUERY_SECONDS))
             except RPCError:
                 async for event in handle.fetch_history_events():
                     payloads = event.workflow_execution_started_event_attributes.input.payloads
