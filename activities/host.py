@@ -75,6 +75,7 @@ class StagedSave:
         self.step = record.step
         self.emergency = record.emergency
         self.notice_id = record.notice_id
+        self.world_size = record.world_size
 
 
 def staged_saves(staging: Path) -> list[StagedSave]:
@@ -140,6 +141,7 @@ class Uploader:
                 self.inp.run_id,
                 self.inp.attempt,
                 save.step,
+                world_size=save.world_size,
             )
         except checkpoint.CheckpointError as err:  # the save itself is unusable: no retry can store it
             log.error("checkpoint cannot be stored; dropped", step=save.step, error=str(err))
@@ -213,6 +215,7 @@ class AttemptContext:
     log_path: Path  # the script's output
     log: structlog.typing.FilteringBoundLogger  # bound to the run, the attempt and the host
     setup: setup_commands.SetupOnHost | None = None  # the run's setup commands on this host, once prepared
+    restore_world_size: int = 1  # how many ranks wrote the restored checkpoint (its manifest says)
 
 
 @dataclass
@@ -344,7 +347,8 @@ class HostAgentActivities:
             if ctx.checkpoint_dir is not None:
                 await asyncio.to_thread(restore_directory, ref, ctx.checkpoint_dir)
             else:
-                await asyncio.to_thread(checkpoint.restore_checkpoint, ref, ctx.restore)
+                manifest = await asyncio.to_thread(checkpoint.restore_checkpoint, ref, ctx.restore)
+                ctx.restore_world_size = manifest.world_size
         except checkpoint.CheckpointError as err:
             return self._failed(ctx, FailureCause.RESTORE, f"restore of {ref.name} failed: {err}")
         ctx.log.info("checkpoint restored", step=ref.step)
@@ -363,7 +367,7 @@ class HostAgentActivities:
             contract = protocol.ScriptEnv(
                 run_id=inp.run_id, attempt=inp.attempt, staging_dir=ctx.staging, control_dir=ctx.control,
                 restore_dir=ctx.restore if inp.checkpoint else None,
-                restore_step=inp.checkpoint.step if inp.checkpoint else None,
+                restore_step=inp.checkpoint.step if inp.checkpoint else None, restore_world_size=ctx.restore_world_size,
                 checkpoint_every=inp.checkpoint_every or "auto", checkpoint_min=inp.checkpoint_min,
                 checkpoint_max=inp.checkpoint_max, mtbf_seconds=inp.mtbf_seconds,
                 shortest_host_life_seconds=inp.shortest_host_life_seconds,

@@ -73,7 +73,7 @@ def test_an_emergency_save_preempts_a_periodic_one_in_flight(agent):
     assert vaultlayer.save_async(12, lambda: {"step": 12}, emergency_write) == "saved"
     [emergency] = committed(staging)
     assert save_record(emergency) | {"created_at": 0, "files": {}} == {
-        "step": 12, "emergency": True, "notice_id": "n-1", "created_at": 0, "files": {}}
+        "step": 12, "emergency": True, "notice_id": "n-1", "created_at": 0, "files": {}, "world_size": 1}
     periodic.release.set()
     vaultlayer.wait_for_saves()
     assert committed(staging) == [emergency], "the preempted periodic save must not land after the emergency one"

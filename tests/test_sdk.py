@@ -209,6 +209,7 @@ def test_notice_makes_the_next_save_an_emergency_that_waits_out_the_deadline(age
         "emergency": True,
         "notice_id": "notice-1",
         "created_at": None,
+        "world_size": 1,
     }
     assert save_record(checkpoint)["created_at"] < deadline + 5.0, "committed before the wait, not after"
     # A false alarm: the host is still here, training goes on and the same notice asks for nothing more.

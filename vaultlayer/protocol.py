@@ -24,6 +24,7 @@ ENV_STAGING_DIR = "VL_STAGING_DIR"  # where the SDK stages saves; without it the
 ENV_CONTROL_DIR = "VL_CONTROL_DIR"  # notices from the agent, progress from the SDK
 ENV_RESTORE_DIR = "VL_RESTORE_DIR"  # the restored checkpoint's files, when there is one
 ENV_RESTORE_STEP = "VL_RESTORE_STEP"
+ENV_RESTORE_WORLD_SIZE = "VL_RESTORE_WORLD_SIZE"  # how many ranks wrote the restored checkpoint (1 when absent)
 ENV_CHECKPOINT_EVERY = "VL_CHECKPOINT_EVERY"  # "auto", "<n>" steps or a duration
 ENV_CHECKPOINT_MIN = "VL_CHECKPOINT_MIN"  # bounds of the automatic interval
 ENV_CHECKPOINT_MAX = "VL_CHECKPOINT_MAX"
@@ -36,6 +37,11 @@ ENV_HOST_SINCE = "VL_HOST_SINCE"  # when this host was handed over (epoch second
 
 # --- Files ---------------------------------------------------------------------------------------------------
 SAVE_RECORD = "vl-save.json"  # in a staged save, written last before the commit rename; never uploaded
+# A save written by many ranks (torchrun) holds, beside their files, one part record per rank written when that rank's
+# files are complete, and the claim of the rank that commits the save. Like the save record, never uploaded.
+SAVE_BOOKKEEPING_PREFIX = "vl-save"
+PART_RECORD_PREFIX = "vl-save.rank-"
+COMMIT_CLAIM = "vl-save.commit"
 STAGING_PREFIX = ".tmp-"  # a staged save being written; renamed without it when complete
 PROGRESS_FILE = "progress.json"  # in the control directory, written by the SDK
 NOTICE_FILE = "notice.json"  # in the control directory, written by the agent
@@ -65,6 +71,7 @@ class ScriptEnv:
     control_dir: Path | None = None
     restore_dir: Path | None = None  # with restore_step, when there is a checkpoint to resume from
     restore_step: int | None = None
+    restore_world_size: int = 1
     checkpoint_every: str = "auto"
     checkpoint_min: str = "60s"
     checkpoint_max: str = "30m"
@@ -78,7 +85,8 @@ class ScriptEnv:
             return env | {ENV_CHECKPOINT_DIR: self.checkpoint_dir}
         env |= {ENV_STAGING_DIR: str(self.staging_dir), ENV_CONTROL_DIR: str(self.control_dir)}
         if self.restore_dir is not None:
-            env |= {ENV_RESTORE_DIR: str(self.restore_dir), ENV_RESTORE_STEP: str(self.restore_step)}
+            env |= {ENV_RESTORE_DIR: str(self.restore_dir), ENV_RESTORE_STEP: str(self.restore_step),
+                    ENV_RESTORE_WORLD_SIZE: str(self.restore_world_size)}
         env |= {ENV_CHECKPOINT_EVERY: self.checkpoint_every, ENV_CHECKPOINT_MIN: self.checkpoint_min,
                 ENV_CHECKPOINT_MAX: self.checkpoint_max}
         if self.mtbf_seconds:
@@ -110,16 +118,27 @@ def is_being_written(name: str) -> bool:
     return name.startswith(STAGING_PREFIX)
 
 
+def is_save_bookkeeping(name: str) -> bool:
+    """A top-level file of a staged save that is the SDK's, not the checkpoint's: never uploaded."""
+    return name.startswith(SAVE_BOOKKEEPING_PREFIX)
+
+
+def part_record_name(rank: int) -> str:
+    return f"{PART_RECORD_PREFIX}{rank:05d}.json"
+
+
 @dataclass(frozen=True)
 class SaveRecord:
     """`vl-save.json`: what a staged save is. `files` (path -> size, mtime_ns, blake3) are the digests the
-    writer took, which the uploader uses for a file that has not changed since."""
+    writer took, which the uploader uses for a file that has not changed since. `world_size`: how many ranks
+    wrote it (each its own files, in the one directory)."""
 
     step: int
     emergency: bool = False
     notice_id: str | None = None
     created_at: float | None = None
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
+    world_size: int = 1
 
 
 def write_save_record(directory: Path, record: SaveRecord) -> None:
@@ -130,7 +149,21 @@ def read_save_record(directory: Path) -> SaveRecord:
     """The save's record; raises OSError, ValueError, KeyError or TypeError when it is missing or malformed."""
     data = json.loads((directory / SAVE_RECORD).read_text())
     return SaveRecord(step=int(data["step"]), emergency=bool(data.get("emergency")), notice_id=data.get("notice_id"),
-                      created_at=data.get("created_at"), files=data.get("files") or {})
+                      created_at=data.get("created_at"), files=data.get("files") or {},
+                      world_size=int(data.get("world_size") or 1))
+
+
+def write_part_record(directory: Path, rank: int, record: SaveRecord) -> None:
+    """One rank's part of a save is complete. Written then renamed: a part record is never half there."""
+    partial = directory / f"{part_record_name(rank)}.tmp"
+    partial.write_text(json.dumps(asdict(record)))
+    partial.replace(directory / part_record_name(rank))
+
+
+def read_part_record(directory: Path, rank: int) -> SaveRecord:
+    data = json.loads((directory / part_record_name(rank)).read_text())
+    return SaveRecord(step=int(data["step"]), emergency=bool(data.get("emergency")), notice_id=data.get("notice_id"),
+                      created_at=data.get("created_at"), world_size=int(data.get("world_size") or 1))
 
 
 # --- Progress (SDK -> agent) ---------------------------------------------------------------------------------

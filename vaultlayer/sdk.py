@@ -3,14 +3,22 @@
 It talks to the host agent only through environment variables and local files (vaultlayer/protocol.py),
 so a save never waits on the network. Without a staging directory it is inactive and the script runs plainly.
 Standard library only: `import vaultlayer` must stay light in a training environment.
+
+Under torchrun (a torch.distributed process group initialized, more than one rank) every rank calls the same
+functions at the same steps, and the SDK makes them agree: `should_save` answers the same on every rank at the
+same step (one all-reduce of three integers), and a save is one directory that every rank writes its own files
+into, committed by the last rank to finish, so it is a checkpoint only when every rank's part is in
+(docs/distributed.md). The SDK never imports torch: it uses torch.distributed only when the script has.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -37,18 +45,55 @@ class Restored:
 
     step: int
     path: Path
+    world_size: int = 1  # how many ranks wrote it: a restore into another number of ranks must reshard
 
 
 @dataclass
 class _Slot:
-    """A save being written: its temporary directory becomes a checkpoint on commit."""
+    """A save being written: its temporary directory becomes a checkpoint on commit (by the last of its ranks)."""
 
     step: int
     path: Path
     final: Path
     notice: protocol.NoticeDocument | None
+    rank: int = 0
+    world_size: int = 1
     abandon: threading.Event = field(default_factory=threading.Event)
     done: threading.Event = field(default_factory=threading.Event)
+
+
+class _Ranks:
+    """The torch.distributed world of this process: its rank, the world's size and the one collective the SDK uses.
+
+    Found in `sys.modules`, never imported: a script that did not import torch.distributed has no world.
+    """
+
+    def __init__(self, dist: Any, torch: Any) -> None:
+        self.dist = dist
+        self.torch = torch
+        self.group = dist.group.WORLD
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+        nccl = "nccl" in str(dist.get_backend())
+        self.device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+
+    def agree(self, *values: int) -> list[int]:
+        """The largest of each value over every rank: one all-reduce of a few integers, so it cannot deadlock as
+        long as every rank calls it at the same point (every rank calls `should_save` at every step)."""
+        flags = self.torch.tensor(values, dtype=self.torch.int64, device=self.device)
+        self.dist.all_reduce(flags, op=self.dist.ReduceOp.MAX)
+        return [int(value) for value in flags.tolist()]
+
+
+def _find_ranks(known: _Ranks | None) -> _Ranks | None:
+    """The world this process trains in now, or None outside torchrun (or with a world of one)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return None
+    if known is not None and known.group is dist.group.WORLD:
+        return known
+    ranks = _Ranks(dist, sys.modules["torch"])
+    return ranks if ranks.world_size > 1 else None
 
 
 class _Session:
@@ -86,17 +131,31 @@ class _Session:
         self.saved_notice_ids: set[str] = set()
         self.notice_stat: tuple[int, int, int] | None = None
         self.notice: protocol.NoticeDocument | None = None
+        self.known_ranks: _Ranks | None = None
         self.staging_dir.mkdir(parents=True, exist_ok=True)
         if self.control_dir:
             self.control_dir.mkdir(parents=True, exist_ok=True)
 
+    def ranks(self) -> _Ranks | None:
+        self.known_ranks = _find_ranks(self.known_ranks)
+        return self.known_ranks
+
     def should_save(self, step: int) -> bool:
         if _monotonic() - self.last_progress_time >= _PROGRESS_EVERY_SECONDS:
             self.write_progress(step)
-        if self.pending_notice() is not None:
-            return True
-        if self.interval is None or self.saving():
-            return False  # one save at a time: requests while one is in flight are coalesced into it
+        notice = self.pending_notice() is not None
+        ranks = self.ranks()
+        if ranks is None:
+            # One save at a time: requests while one is in flight are coalesced into it; a notice never waits.
+            return notice or (not self.saving() and self.interval_due(step))
+        # Every rank's view at once: a notice seen by any rank, the interval reached on any, a save in flight on
+        # any. So all ranks save at this step, or none does.
+        due, notice_seen, busy = ranks.agree(int(self.interval_due(step)), int(notice), int(self.saving()))
+        return bool(notice_seen) or (bool(due) and not busy)
+
+    def interval_due(self, step: int) -> bool:
+        if self.interval is None:
+            return False
         unit, amount = self.interval
         if unit == "steps":
             return step - self.last_save_step >= amount
@@ -114,24 +173,44 @@ class _Session:
     def saving(self) -> bool:
         return self.in_flight is not None and not self.in_flight.done.is_set()
 
-    def begin(self, step: int) -> _Slot:
+    def agree_on_save(self, ranks: _Ranks | None) -> tuple[bool, bool, str]:
+        """What every rank must agree on before a save: a notice pending on any rank, a save in flight on any,
+        and the save's directory name (rank 0's)."""
+        notice = self.pending_notice() is not None
+        if ranks is None:
+            return notice, self.saving(), uuid.uuid4().hex[:12]
+        token = int.from_bytes(os.urandom(6), "big") | 1 if ranks.rank == 0 else 0
+        notice_seen, busy, token = ranks.agree(int(notice), int(self.saving()), token)
+        return bool(notice_seen), bool(busy), f"{token:012x}"
+
+    def begin(self, step: int, ranks: _Ranks | None, nonce: str, notice_seen: bool) -> _Slot:
         self.write_progress(step)
-        nonce = uuid.uuid4().hex[:12]
+        notice = self.pending_notice()
+        if notice is None and notice_seen:  # another rank read it first: it is there, or saved for already
+            self.notice_stat = None
+            notice = self.pending_notice()
         slot = _Slot(step=step, path=self.staging_dir / protocol.staging_name(step, nonce),
-                     final=self.staging_dir / protocol.committed_name(step, nonce), notice=self.pending_notice())
-        slot.path.mkdir()
+                     final=self.staging_dir / protocol.committed_name(step, nonce), notice=notice,
+                     rank=ranks.rank if ranks else 0, world_size=ranks.world_size if ranks else 1)
+        slot.path.mkdir(exist_ok=ranks is not None)  # many ranks, one directory
         return slot
 
     def commit(self, slot: _Slot) -> None:
         record = protocol.SaveRecord(step=slot.step, emergency=slot.notice is not None,
                                      notice_id=slot.notice.id if slot.notice else None, created_at=time.time(),
-                                     files=_digests(slot.path))
-        protocol.write_save_record(slot.path, record)
-        slot.path.rename(slot.final)
+                                     world_size=slot.world_size)
+        if slot.world_size == 1:
+            protocol.write_save_record(slot.path, dataclasses.replace(record, files=_digests(slot.path)))
+            slot.path.rename(slot.final)
+        else:
+            _commit_part(slot, record)
         slot.done.set()
 
     def abort(self, slot: _Slot) -> None:
-        shutil.rmtree(slot.path, ignore_errors=True)
+        if slot.world_size == 1:
+            shutil.rmtree(slot.path, ignore_errors=True)
+        # With many ranks the others may still write into the directory: this rank's part record never comes, so
+        # the save is never committed, and the agent removes the attempt's staging directory with the attempt.
         slot.done.set()
 
     def accepted(self, slot: _Slot, blocked_seconds: float) -> None:
@@ -143,7 +222,9 @@ class _Session:
     @contextlib.contextmanager
     def save(self, step: int) -> Iterator[Path]:
         began = _monotonic()
-        slot = self.begin(step)
+        ranks = self.ranks()
+        notice_seen, _, nonce = self.agree_on_save(ranks)
+        slot = self.begin(step, ranks, nonce, notice_seen)
         if slot.notice is not None and self.in_flight is not None:
             self.in_flight.abandon.set()  # the emergency save goes first; a periodic one in flight is dropped
         try:
@@ -159,16 +240,18 @@ class _Session:
             _wait_until(slot.notice.deadline + EMERGENCY_GRACE_SECONDS)
 
     def save_async(self, step: int, snapshot: Callable[[], Any], write: Callable[[Any, Path], None]) -> str:
-        if self.pending_notice() is not None:
+        ranks = self.ranks()
+        notice_seen, busy, nonce = self.agree_on_save(ranks)
+        if notice_seen:
             with self.save(step) as directory:
                 write(snapshot(), directory)
             return "saved"
-        if self.saving():
+        if busy:
             self.coalesced += 1
             return "coalesced"
         began = _monotonic()
         state = snapshot()
-        slot = self.begin(step)
+        slot = self.begin(step, ranks, nonce, notice_seen=False)
         self.in_flight = slot
         self.accepted(slot, _monotonic() - began)
         self.write_progress(step)
@@ -211,13 +294,33 @@ class _Session:
 
     def write_progress(self, step: int) -> None:
         self.last_progress_time = _monotonic()
-        if self.control_dir is None:
-            return
+        if self.control_dir is None or (self.known_ranks is not None and self.known_ranks.rank != 0):
+            return  # the ranks step together: rank 0 speaks for them
         every, why = self.interval_seconds()
         progress = protocol.Progress(step=step, time=time.time(), save_blocked_seconds=self.save_cost,
                                      interval_seconds=every or None, interval_reason=why,
                                      saves_coalesced=self.coalesced)
         protocol.write_progress(self.control_dir, progress, f".progress-{os.getpid()}-{threading.get_ident()}.tmp")
+
+
+def _commit_part(slot: _Slot, record: protocol.SaveRecord) -> None:
+    """This rank's part of a save is complete: record it, and commit the save if it was the last part in.
+
+    Each part record is written then renamed, so a part counts only once its files are in. Two ranks that both
+    see every part race for the commit claim (O_EXCL); the one that wins writes the save record and renames.
+    """
+    protocol.write_part_record(slot.path, slot.rank, record)
+    if not all((slot.path / protocol.part_record_name(rank)).exists() for rank in range(slot.world_size)):
+        return
+    try:
+        os.close(os.open(slot.path / protocol.COMMIT_CLAIM, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return
+    parts = [protocol.read_part_record(slot.path, rank) for rank in range(slot.world_size)]
+    emergency = [part for part in parts if part.emergency]
+    protocol.write_save_record(slot.path, dataclasses.replace(
+        record, emergency=bool(emergency), notice_id=emergency[0].notice_id if emergency else None))
+    slot.path.rename(slot.final)
 
 
 def _digests(directory: Path) -> dict[str, dict[str, Any]]:
@@ -246,7 +349,10 @@ def _restored_from(environ: Mapping[str, str]) -> Restored | None:
     if not step.isdigit():
         raise ValueError(f"{protocol.ENV_RESTORE_DIR} is set but {protocol.ENV_RESTORE_STEP} is {step!r},"
                          f" not a step number")
-    return Restored(step=int(step), path=Path(restore_dir))
+    world_size = environ.get(protocol.ENV_RESTORE_WORLD_SIZE, "1")
+    if not world_size.isdigit() or int(world_size) < 1:
+        raise ValueError(f"{protocol.ENV_RESTORE_WORLD_SIZE} is {world_size!r}, not a number of ranks")
+    return Restored(step=int(step), path=Path(restore_dir), world_size=int(world_size))
 
 
 def _wait_until(epoch_seconds: float) -> None:

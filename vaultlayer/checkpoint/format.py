@@ -13,7 +13,7 @@ from datetime import datetime
 from pathlib import Path
 
 import blake3
-from pydantic import ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from vaultlayer.models import VLModel
 
@@ -63,6 +63,7 @@ class Manifest(VLModel):
     step: int
     created_at: datetime
     files: list[ManifestFile]
+    world_size: int = Field(default=1, ge=1)  # how many ranks wrote it (torchrun); a restore checks it
     copied_from: str | None = None  # attempt 0: the URL of the other run's checkpoint these files were copied from
 
 

@@ -75,9 +75,11 @@ def upload_checkpoint(
     run_id: str,
     attempt: int,
     step: int,
-    skip: Iterable[str] = (protocol.SAVE_RECORD,),
+    skip: Iterable[str] = (),
+    world_size: int = 1,
 ) -> CheckpointRef:
-    """Upload every file of `local_dir` (but the top-level names in `skip`), then the manifest, last.
+    """Upload every file of `local_dir` (but the top-level names in `skip` and the SDK's save records), then the
+    manifest, last. `world_size`: how many ranks wrote the files, recorded in the manifest.
 
     A file's digest is the one the SDK's writer recorded in its save record when the file is unchanged since
     (same size and mtime), else computed alongside the upload; either way the file must not change while it
@@ -86,7 +88,8 @@ def upload_checkpoint(
     local_dir = Path(local_dir)
     recorded = _recorded_digests(local_dir)
     skipped = set(skip)
-    relative_paths = [path for path in _local_files(local_dir) if path not in skipped]
+    relative_paths = [path for path in _local_files(local_dir)
+                      if path not in skipped and not ("/" not in path and protocol.is_save_bookkeeping(path))]
     for relative in relative_paths:
         reason = unsafe_path_reason(relative)
         if reason is not None:
@@ -103,15 +106,16 @@ def upload_checkpoint(
 
     files = storage.in_threads(send, relative_paths)
     files.sort(key=lambda entry: entry.path)
-    manifest = Manifest(run_id=run_id, attempt=attempt, step=step, created_at=datetime.now(UTC), files=files)
+    manifest = Manifest(run_id=run_id, attempt=attempt, step=step, created_at=datetime.now(UTC), files=files,
+                        world_size=world_size)
     manifest_bytes = manifest.model_dump_json(indent=2).encode()
     storage.retry(lambda: storage.write_atomically(fs, f"{remote_dir}/{MANIFEST_NAME}", manifest_bytes),
                   "write the manifest")
     return CheckpointRef(name=name, step=step, attempt=attempt, url=url, manifest_sha256=sha256(manifest_bytes))
 
 
-def restore_checkpoint(ref: CheckpointRef, dest_dir: Path) -> None:
-    """Download a verified checkpoint into `dest_dir`, checking every byte against the manifest.
+def restore_checkpoint(ref: CheckpointRef, dest_dir: Path) -> Manifest:
+    """Download a verified checkpoint into `dest_dir`, checking every byte against the manifest; returns it.
 
     The manifest must be the very one that was verified (same sha256), and every path in it must stay
     inside `dest_dir`; both are checked before anything is written.
@@ -148,6 +152,7 @@ def restore_checkpoint(ref: CheckpointRef, dest_dir: Path) -> None:
         storage.retry(lambda: _fetch_file(fs, remote, targets[entry.path], entry), f"download {entry.path}")
 
     storage.in_threads(fetch, manifest.files)
+    return manifest
 
 
 def _local_files(local_dir: Path) -> list[str]:
