@@ -138,9 +138,7 @@ def test_a_sharded_save_of_two_ranks_resumes_on_one(tmp_path, torchrun_reference
     assert_same_weights(out, torchrun_reference("fsdp", 20))  # the 2-rank model at step 20, gathered on 1
 
 
-def test_a_replicated_checkpoint_does_not_load_into_a_sharded_model(tmp_path):
-    from torch.distributed.checkpoint.state_dict import get_state_dict  # noqa: F401 - torch.distributed present
-
+def test_a_sharded_checkpoint_does_not_load_into_a_replicated_model(tmp_path):
     import vaultlayer.sdk
     from vaultlayer.pytorch import Checkpointer, RestoreError
 
@@ -205,3 +203,46 @@ async def test_a_rank_that_crashes_fails_the_attempt_and_stops_the_other_ranks(t
     assert status.exit_code not in (None, 0) and "exited with code" in status.stop_reason, status.stop_reason
     assert not out.exists()
     assert not any(group_alive(pgid) for pgid in host_pgids(vl_home)), "a rank outlived the failed attempt"
+
+
+OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+FRAMEWORKS = {"hf": "hf_trainer.py", "lightning": "lightning_fit.py"}
+
+
+@pytest.mark.parametrize("framework", list(FRAMEWORKS))
+def test_framework_callbacks_agree_on_the_save_step_across_two_ranks_and_resume_identically(framework, tmp_path):
+    """The HF Trainer and Lightning samples with the lines `vl init` inserts, under torchrun (DDP, gloo)."""
+    from vaultlayer.snippet import propose
+
+    sample = REPO / "tests" / "samples" / FRAMEWORKS[framework]
+    script = tmp_path / sample.name
+    script.write_text(propose(sample.read_text(), sample.name).source)
+    steps = "24"
+    reference = tmp_path / "plain.pt"
+    run_torchrun(2, sample, "--steps", steps, "--out", str(reference), **OFFLINE)
+
+    first = tmp_path / "first"
+    (first / "work").mkdir(parents=True)
+    done = subprocess.run(torchrun(2, script, "--steps", steps, "--out", str(tmp_path / "first.pt")),
+                          env=plain_env(**OFFLINE, **sdk_contract(first, every="5")), cwd=first / "work",
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    saves = committed(first / "staging")
+    records = [protocol.read_save_record(save) for save in saves]
+    assert [r.step for r in records][:3] == [5, 10, 15] and all(r.world_size == 2 for r in records), records
+    middle = saves[1]  # step 10: both ranks' parts in one save
+    files = {p.relative_to(middle).as_posix() for p in middle.rglob("*") if p.is_file()}
+    if framework == "hf":
+        assert {"rng_state_0.pth", "rng_state_1.pth", "model.safetensors", "optimizer.pt"} <= files, files
+    else:
+        assert {"lightning.ckpt", "rng/rank-00000.pt", "rng/rank-00001.pt"} <= files, files
+
+    second = tmp_path / "second"
+    (second / "work").mkdir(parents=True)
+    out = tmp_path / "resumed.pt"
+    done = subprocess.run(torchrun(2, script, "--steps", steps, "--out", str(out)),
+                          env=plain_env(**OFFLINE, **sdk_contract(second, every="1000"), **restore_contract(middle)),
+                          cwd=second / "work", capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "at step 10" in done.stdout, done.stdout[-2000:]
+    assert_same_weights(out, reference)

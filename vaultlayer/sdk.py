@@ -23,6 +23,7 @@ import tempfile
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,7 +72,9 @@ class _Ranks:
     def __init__(self, dist: Any, torch: Any) -> None:
         self.dist = dist
         self.torch = torch
-        self.group = dist.group.WORLD
+        # Weakly: a process group the SDK kept alive would be destroyed at interpreter exit, after the threads its
+        # destructor joins, which aborts the process ("terminate called without an active exception").
+        self.group = weakref.ref(dist.group.WORLD)
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
         nccl = "nccl" in str(dist.get_backend())
@@ -90,7 +93,7 @@ def _find_ranks(known: _Ranks | None) -> _Ranks | None:
     dist = sys.modules.get("torch.distributed")
     if dist is None or not dist.is_available() or not dist.is_initialized():
         return None
-    if known is not None and known.group is dist.group.WORLD:
+    if known is not None and known.group() is dist.group.WORLD:
         return known
     ranks = _Ranks(dist, sys.modules["torch"])
     return ranks if ranks.world_size > 1 else None
@@ -376,7 +379,15 @@ def active() -> bool:
 def resume() -> Restored | None:
     """The checkpoint the agent restored for this attempt, or None on a fresh start (or without `vl`)."""
     session = _session()
-    return session.restored if session else None
+    if session is None:
+        return None
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0) > 0:
+        # torchrun restarted its workers inside the attempt: they start again from the attempt's checkpoint, not
+        # from the saves made since (docs/distributed.md: leave restarts to vl, --max-restarts 0).
+        print("vaultlayer: torchrun restarted this worker; it resumes from the attempt's checkpoint at step "
+              f"{session.restored.step if session.restored else 0}, not from later saves: run torchrun with "
+              "--max-restarts 0 under vl", flush=True)
+    return session.restored
 
 
 def should_save(step: int) -> bool:

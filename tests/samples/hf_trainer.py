@@ -1,6 +1,7 @@
 """A plain Hugging Face Trainer script, with no VaultLayer in it: `vl init` makes it resumable.
 
-A tiny model built here (no download), shuffled batches, dropout and a learning-rate schedule.
+A tiny model built here (no download), shuffled batches, dropout and a learning-rate schedule. Under torchrun
+the Trainer runs DDP (gloo, CPU).
 """
 
 import argparse
@@ -47,10 +48,11 @@ def main():
     training_args = TrainingArguments(output_dir=args.output_dir, max_steps=args.steps, per_device_train_batch_size=8,
                                       learning_rate=1e-2, lr_scheduler_type="linear", save_strategy="no",
                                       logging_strategy="no", report_to="none", use_cpu=True, seed=0,
-                                      disable_tqdm=True)
+                                      disable_tqdm=True, ddp_backend="gloo")
     trainer = Trainer(model=Regression(args.step_time), args=training_args, train_dataset=Pairs())
     trainer.train()
-    torch.save(trainer.model.state_dict(), args.out)
+    if trainer.is_world_process_zero():  # under torchrun, one writer
+        torch.save(trainer.model.state_dict(), args.out)
 
 
 if __name__ == "__main__":

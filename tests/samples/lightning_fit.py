@@ -4,6 +4,7 @@ Shuffled batches, dropout and a scheduler: a resume that replayed any of them di
 """
 
 import argparse
+import os
 import time
 
 import lightning as L
@@ -40,10 +41,13 @@ def main():
     inputs = torch.randn(64, 8)
     data = DataLoader(TensorDataset(inputs, inputs.sum(dim=1, keepdim=True).sin()), batch_size=8, shuffle=True)
     model = Regression(args.step_time)
-    trainer = L.Trainer(max_steps=args.steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+    ranks = int(os.environ.get("WORLD_SIZE", "1"))  # under torchrun: DDP on gloo, one process per rank
+    trainer = L.Trainer(max_steps=args.steps, accelerator="cpu", devices=ranks,
+                        strategy="ddp" if ranks > 1 else "auto", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(model, data)
-    torch.save(model.state_dict(), args.out)
+    if trainer.is_global_zero:
+        torch.save(model.state_dict(), args.out)
 
 
 if __name__ == "__main__":

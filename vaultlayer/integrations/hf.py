@@ -12,11 +12,17 @@ and handed to `vaultlayer.save_async`, which moves them into the checkpoint in t
 trained on and restores the RNGs, so the run goes on as if never interrupted. A checkpoint the Trainer wrote
 only for VaultLayer is removed from `output_dir` once linked. Without `vl` around it the callback does nothing
 and `restored_checkpoint()` is None.
+
+Under torchrun (DDP) every rank runs the callback: the SDK makes the ranks agree on the save step, and each rank
+hands over its own part of the Trainer's checkpoint (rank 0 everything but the other ranks' RNG files, rank r
+its `rng_state_r.pth`), so the save is complete only when every rank's part is in.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -61,19 +67,51 @@ class VaultLayerCallback(TrainerCallback):
         if not local.is_dir():  # a hyperparameter search saves under a run folder of its own
             print(f"vaultlayer: no Trainer checkpoint at {local}; step {state.global_step} not saved", flush=True)
             return
-        vaultlayer.save_async(state.global_step, lambda: _link_copy(local), _move_files)
+        mine = rank_files(local, args.process_index, args.world_size)
+        vaultlayer.save_async(state.global_step, lambda: _link_copy(local, mine), _move_files)
         if self.requested_only:
-            shutil.rmtree(local, ignore_errors=True)
+            _remove(local, mine)
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs) -> None:
         vaultlayer.wait_for_saves()
 
 
-def _link_copy(source: Path) -> Path:
-    """A copy of `source` beside it made of hard links (a plain copy where links are refused)."""
+_RANK_RNG_FILE = re.compile(r"rng_state_(\d+)\.pth")
+
+
+def rank_files(checkpoint: Path, rank: int, world_size: int) -> list[Path]:
+    """The files of the Trainer's checkpoint that this rank hands over: all of them in one process; with many
+    ranks, rank r its own RNG file, rank 0 also everything that is not another rank's RNG file."""
+    files = sorted(path.relative_to(checkpoint) for path in checkpoint.rglob("*") if path.is_file())
+    if world_size == 1:
+        return files
+
+    def owner(path: Path) -> int:
+        match = _RANK_RNG_FILE.fullmatch(path.name) if len(path.parts) == 1 else None
+        return int(match[1]) if match else 0
+
+    return [path for path in files if owner(path) == rank]
+
+
+def _link_copy(source: Path, files: list[Path]) -> Path:
+    """A copy of `files` of `source` beside it made of hard links (a plain copy where links are refused)."""
     target = source.with_name(f".vl-{source.name}-{uuid.uuid4().hex[:8]}")
-    shutil.copytree(source, target, copy_function=_link_or_copy)
+    for relative in files:
+        (target / relative).parent.mkdir(parents=True, exist_ok=True)
+        _link_or_copy(str(source / relative), str(target / relative))
+    target.mkdir(exist_ok=True)
     return target
+
+
+def _remove(checkpoint: Path, files: list[Path]) -> None:
+    """Remove this rank's files of a checkpoint written only for VaultLayer; the last rank removes the folder."""
+    for relative in files:
+        (checkpoint / relative).unlink(missing_ok=True)
+    for directory in sorted((p for p in checkpoint.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+        with contextlib.suppress(OSError):
+            directory.rmdir()
+    with contextlib.suppress(OSError):
+        checkpoint.rmdir()  # not empty while another rank's files are still there
 
 
 def _link_or_copy(source: str, target: str) -> None:
@@ -84,6 +122,8 @@ def _link_or_copy(source: str, target: str) -> None:
 
 
 def _move_files(snapshot: Path, directory: Path) -> None:
-    for item in snapshot.iterdir():
-        shutil.move(item, directory / item.name)
-    snapshot.rmdir()
+    for item in snapshot.rglob("*"):
+        if item.is_file():
+            (directory / item.relative_to(snapshot)).parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(item, directory / item.relative_to(snapshot))
+    shutil.rmtree(snapshot, ignore_errors=True)

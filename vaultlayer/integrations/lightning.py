@@ -12,19 +12,23 @@ callback makes the resumed run draw the same batches as the uninterrupted one. I
 state (python, numpy, torch, CUDA) as it was when the epoch's batches were drawn, and as it was at the save;
 on resume it draws the epoch again from the first, skips the batches already trained on, then puts the RNGs
 back where the save left them. Without `vl` around it the callback does nothing.
+
+Under torchrun (DDP) every rank runs the callback and the SDK makes them agree on the save step: rank 0 writes
+the checkpoint (the model and optimizers are the same on every rank), and every rank its own RNG states and
+place in the epoch (rng/rank-NNNNN.pt), which it takes back on resume.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.fabric.utilities.data import _set_sampler_epoch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
 
 import vaultlayer
-from vaultlayer.pytorch import Snapshotter, rng_state, set_rng_state
+from vaultlayer.pytorch import Snapshotter, World, rng_state, set_rng_state, write_state
 
 CHECKPOINT_FILE = "lightning.ckpt"
 
@@ -55,6 +59,9 @@ class VaultLayerCallback(Callback):
             # Lightning restores the optimizers, schedulers and loops from this right after this hook.
             trainer._checkpoint_connector._restore_modules_and_callbacks(  # noqa: SLF001 - no public hook
                 restored.path / CHECKPOINT_FILE, weights_only=True)
+            if restored.world_size > 1:  # this rank's own RNGs and place, not rank 0's from the checkpoint
+                saved = World(rank=trainer.global_rank % restored.world_size, size=restored.world_size)
+                self.loaded = torch.load(restored.path / saved.rng_file, weights_only=True)
             print(f"vaultlayer: resuming Lightning at step {restored.step}", flush=True)
         if self.loaded is not None:
             set_rng_state(self.loaded["epoch_rng"])  # the epoch's batches are drawn again, as they were
@@ -63,6 +70,10 @@ class VaultLayerCallback(Callback):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.loaded is None:
             return
+        # A DistributedSampler (DDP) orders each epoch by its epoch number, which Lightning sets only after this
+        # hook: set it first, or the batches skipped would be epoch 0's.
+        for loader in trainer.fit_loop._combined_loader.flattened:  # noqa: SLF001
+            _set_sampler_epoch(loader, trainer.fit_loop.epoch_progress.current.processed)
         iterator = trainer.fit_loop._data_fetcher.iterator  # noqa: SLF001 - the epoch's batches, drawn again
         for _ in range(self.loaded["batches"]):
             next(iterator)
@@ -85,12 +96,16 @@ class VaultLayerCallback(Callback):
         if (batch_idx + 1) % trainer.accumulate_grad_batches or batch_idx + 1 >= trainer.num_training_batches:
             return
         connector = trainer._checkpoint_connector  # noqa: SLF001 - Lightning's own full checkpoint dict
-        vaultlayer.save_async(step, lambda: self.snapshotter(connector.dump_checkpoint(weights_only=False)),
-                              _write)
+        world = World(rank=trainer.global_rank, size=trainer.world_size)
+
+        def snapshot() -> dict[str, Any]:
+            parts = {world.rng_file: self.state_dict()} if world.size > 1 else {}
+            if world.rank == 0:
+                parts[CHECKPOINT_FILE] = connector.dump_checkpoint(weights_only=False)
+            return self.snapshotter(parts)
+
+        vaultlayer.save_async(step, snapshot, write_state)
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         vaultlayer.wait_for_saves()
 
-
-def _write(checkpoint: dict[str, Any], directory: Path) -> None:
-    torch.save(checkpoint, directory / CHECKPOINT_FILE)
