@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 import sys
 from pathlib import Path
 
@@ -56,12 +57,46 @@ def test_bad_input_is_one_clear_line_and_starts_nothing(cli_env, args, expected)
     assert not (home / "hosts").exists(), "no host may be provisioned for bad input"
 
 
+def reclaim_first_host_once_it_trained(env: dict[str, str], following: subprocess.Popen, timeout: float = 240) -> None:
+    """`vl reclaim` the run's first host once it has stored a checkpoint and trained past it (read with `vl ls` and
+    `vl status --json`, as a user would)."""
+    deadline = time.monotonic() + timeout
+    started = [Path(env["VL_HOME"]) / "run" / f"{name}.json" for name in ("server", "worker")]
+    while time.monotonic() < deadline:
+        assert following.poll() is None, "vl run ended before its first host was reclaimed"
+        if not all(path.exists() for path in started):  # `vl run` starts them: this test must not, first
+            time.sleep(0.2)
+            continue
+        listing = vl(env, "ls", "--json")
+        runs = json.loads(listing.stdout) if listing.returncode == 0 and listing.stdout.strip() else []
+        if runs:
+            status = vl(env, "status", runs[0]["run_id"], "--json")
+            document = json.loads(status.stdout) if status.returncode == 0 else {}
+            if (len(document.get("attempts", [])) == 1 and (document.get("durable_step") or 0) >= 25
+                    and (document.get("step") or 0) >= 30):
+                reclaimed = vl(env, "reclaim", runs[0]["run_id"])
+                assert reclaimed.returncode == 0, reclaimed.stderr
+                return
+        time.sleep(0.5)
+    raise AssertionError(f"the first host did not store a checkpoint and train past it within {timeout} s")
+
+
 def test_embedded_default_runs_through_reclaims_and_vl_down_stops_it(cli_env, tmp_path, reference_weights):
     out = tmp_path / "w.pt"
     try:
-        result = vl(cli_env, "run", "--reclaim-every", "6s", "--notice-seconds", "10", "--checkpoint-every", "25",
-                    "--", "python", TRAIN_TINY_IN_REPO, "--steps", "150", "--step-time", "0.05", "--out", str(out),
-                    timeout=300)
+        # `vl run` follows the run in the foreground while this test reclaims its first host once it has stored a
+        # checkpoint and trained on: an event, where a schedule (--reclaim-every) may take every host of a loaded
+        # machine before its first step.
+        following = subprocess.Popen(
+            [sys.executable, "-m", "cli.main", "run", "--notice-seconds", "10", "--checkpoint-every", "25", "--",
+             "python", TRAIN_TINY_IN_REPO, "--steps", "150", "--step-time", "0.05", "--out", str(out)],
+            env=cli_env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            reclaim_first_host_once_it_trained(cli_env, following)
+            stdout, stderr = following.communicate(timeout=300)
+        finally:
+            following.kill()
+        result = subprocess.CompletedProcess(following.args, following.returncode, stdout, stderr)
         assert result.returncode == 0, result.stdout + result.stderr
         lines = result.stdout.splitlines()
         assert lines[0].startswith("code: ") and " (snapshot " in lines[0] and "gitignore (git) applied" in lines[0]

@@ -5,6 +5,7 @@ the Trainer runs DDP (gloo, CPU).
 """
 
 import argparse
+import os
 import time
 
 import torch
@@ -48,7 +49,8 @@ def main():
     training_args = TrainingArguments(output_dir=args.output_dir, max_steps=args.steps, per_device_train_batch_size=8,
                                       learning_rate=1e-2, lr_scheduler_type="linear", save_strategy="no",
                                       logging_strategy="no", report_to="none", use_cpu=True, seed=0,
-                                      disable_tqdm=True, ddp_backend="gloo")
+                                      disable_tqdm=True,
+                                      ddp_backend="gloo" if "WORLD_SIZE" in os.environ else None)
     trainer = Trainer(model=Regression(args.step_time), args=training_args, train_dataset=Pairs())
     trainer.train()
     if trainer.is_world_process_zero():  # under torchrun, one writer
