@@ -298,3 +298,29 @@ def test_restore_directory_refuses_an_unsafe_manifest_and_leaves_the_directory_a
     assert [p.name for p in directory.iterdir()] == ["last.ckpt"]
     assert sorted(p.name for p in (tmp_path / "work").iterdir()) == ["ckpts"]
     assert not Path("/tmp/vl-zero-code-outside.ckpt").exists()
+
+
+def test_a_directory_many_ranks_write_is_snapshotted_only_once_every_rank_has_settled(tmp_path, monkeypatch):
+    """Zero-code mode under torchrun: rank 0's shard is complete while rank 1 still writes its own; no snapshot is
+    taken until rank 1's file has stopped changing too, and then one holds both (docs/distributed.md)."""
+    import activities.snapshots
+
+    clock = [100.0]
+    monkeypatch.setattr(activities.snapshots.time, "monotonic", lambda: clock[0])
+    directory, staging = tmp_path / "ckpts", tmp_path / "staging"
+    (directory / "step-10").mkdir(parents=True)
+    staging.mkdir()
+    snapshots = DirectorySnapshots(directory, staging, step=0, restored=False)
+    (directory / "step-10" / "rank-0.distcp").write_bytes(b"shard 0")
+    rank_1 = directory / "step-10" / "rank-1.distcp"
+    for chunk in range(5):  # rank 1 writes on, a chunk per second of the settle time
+        with rank_1.open("ab") as file:
+            file.write(b"shard 1 part %d " % chunk)
+        assert not snapshots.snapshot_if_settled(1.0), "rank 1's file is still being written"
+        clock[0] += 0.9
+    assert not snapshots.snapshot_if_settled(1.0)
+    clock[0] += 1.0
+    assert snapshots.snapshot_if_settled(1.0)
+    [save] = list(staging.iterdir())
+    assert (save / "step-10" / "rank-0.distcp").read_bytes() == b"shard 0"
+    assert (save / "step-10" / "rank-1.distcp").read_bytes() == rank_1.read_bytes()
