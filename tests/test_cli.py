@@ -3,17 +3,19 @@ and bad input that is refused on one line before anything starts."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
-import time
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import REPO, TRAIN_TINY_IN_REPO, assert_same_weights, group_alive
-from tests.helpers import FOREGROUND_VL, free_port
+from tests.helpers import FOREGROUND_VL, control_dir, free_port, hold_script, thaw, wait_until
+from vaultlayer import protocol
 
 
 @pytest.fixture
@@ -58,27 +60,40 @@ def test_bad_input_is_one_clear_line_and_starts_nothing(cli_env, args, expected)
 
 
 def reclaim_first_host_once_it_trained(env: dict[str, str], following: subprocess.Popen, timeout: float = 240) -> None:
-    """`vl reclaim` the run's first host once it has stored a checkpoint and trained past it (read with `vl ls` and
-    `vl status --json`, as a user would)."""
+    """`vl reclaim` the run's first host once it has stored a checkpoint and trained past it, as a user would (`vl
+    ls`, `vl status`, `vl reclaim`). The script is frozen from step 30 until the notice has reached it, so the run
+    cannot end before the reclaim however slow each `vl` call is (tests/helpers.py `reclaim_after_checkpoint`)."""
     deadline = time.monotonic() + timeout
     started = [Path(env["VL_HOME"]) / "run" / f"{name}.json" for name in ("server", "worker")]
-    while time.monotonic() < deadline:
+    runs = []
+    while not runs:
+        assert time.monotonic() < deadline, f"no run listed within {timeout} s"
         assert following.poll() is None, "vl run ended before its first host was reclaimed"
-        if not all(path.exists() for path in started):  # `vl run` starts them: this test must not, first
-            time.sleep(0.2)
-            continue
-        listing = vl(env, "ls", "--json")
-        runs = json.loads(listing.stdout) if listing.returncode == 0 and listing.stdout.strip() else []
-        if runs:
-            status = vl(env, "status", runs[0]["run_id"], "--json")
-            document = json.loads(status.stdout) if status.returncode == 0 else {}
-            if (len(document.get("attempts", [])) == 1 and (document.get("durable_step") or 0) >= 25
-                    and (document.get("step") or 0) >= 30):
-                reclaimed = vl(env, "reclaim", runs[0]["run_id"])
-                assert reclaimed.returncode == 0, reclaimed.stderr
-                return
-        time.sleep(0.5)
-    raise AssertionError(f"the first host did not store a checkpoint and train past it within {timeout} s")
+        if all(path.exists() for path in started):  # `vl run` starts them: this test must not, first
+            listing = vl(env, "ls", "--json")
+            runs = json.loads(listing.stdout) if listing.returncode == 0 and listing.stdout.strip() else []
+        time.sleep(0.2)
+    asyncio.run(reclaim_held(env, runs[0]["run_id"]))
+
+
+async def reclaim_held(env: dict[str, str], run_id: str) -> None:
+    control = control_dir(Path(env["VL_HOME"]), run_id, "h-1", 1)
+    held = await hold_script(control, 30, timeout=240)  # --checkpoint-every 25: the save at 25 is committed
+    try:
+        async def stored():
+            status = await asyncio.to_thread(vl, env, "status", run_id, "--json")
+            return status.returncode == 0 and (json.loads(status.stdout).get("durable_step") or 0) >= 25
+
+        await wait_until(stored, 120, "the checkpoint at step 25 to be stored")
+        reclaimed = await asyncio.to_thread(vl, env, "reclaim", run_id)
+        assert reclaimed.returncode == 0, reclaimed.stderr
+
+        async def notice_forwarded():
+            return (control / protocol.NOTICE_FILE).exists()
+
+        await wait_until(notice_forwarded, 60, "the notice to reach the script")
+    finally:
+        thaw(held.pids)
 
 
 def test_embedded_default_runs_through_reclaims_and_vl_down_stops_it(cli_env, tmp_path, reference_weights):
@@ -143,8 +158,6 @@ def test_embedded_default_runs_through_reclaims_and_vl_down_stops_it(cli_env, tm
 
 async def test_with_temporal_address_vl_starts_nothing(cli_env, temporal_env, temporal_address, tmp_path):
     """`vl` uses the configured cluster, starts nothing, and lists a run whose worker is gone without hanging."""
-    import asyncio
-
     from tests.conftest import make_spec
     from vaultlayer import client as vl_client
 
