@@ -39,10 +39,17 @@ def plain_env(**contract: str) -> dict[str, str]:
     return protocol.without_contract_variables(os.environ) | {"OMP_NUM_THREADS": "1"} | contract
 
 
+def rank_errors(stderr: str) -> str:
+    """Each rank's own traceback lines first (torchrun prefixes them), then the tail: the first rank to fail is
+    the one to read, and its lines may sit far above torchrun's summary."""
+    ranks = [line for line in stderr.splitlines() if line.startswith("[rank") and "Warning" not in line]
+    return "\n".join(ranks[-80:]) + "\n...\n" + stderr[-2000:]
+
+
 def run_torchrun(ranks: int, script: Path, *args: str, **contract: str) -> subprocess.CompletedProcess:
     done = subprocess.run(torchrun(ranks, script, *args), env=plain_env(**contract), cwd=REPO, capture_output=True,
                           text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    assert done.returncode == 0, done.stdout[-2000:] + rank_errors(done.stderr)
     return done
 
 
@@ -226,7 +233,7 @@ def test_framework_callbacks_agree_on_the_save_step_across_two_ranks_and_resume_
     done = subprocess.run(torchrun(2, script, "--steps", steps, "--out", str(tmp_path / "first.pt")),
                           env=plain_env(**OFFLINE, **sdk_contract(first, every="5")), cwd=first / "work",
                           capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.returncode == 0, rank_errors(done.stderr)
     saves = committed(first / "staging")
     records = [protocol.read_save_record(save) for save in saves]
     assert [r.step for r in records][:3] == [5, 10, 15] and all(r.world_size == 2 for r in records), records
@@ -243,6 +250,6 @@ def test_framework_callbacks_agree_on_the_save_step_across_two_ranks_and_resume_
     done = subprocess.run(torchrun(2, script, "--steps", steps, "--out", str(out)),
                           env=plain_env(**OFFLINE, **sdk_contract(second, every="1000"), **restore_contract(middle)),
                           cwd=second / "work", capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.returncode == 0, rank_errors(done.stderr)
     assert "at step 10" in done.stdout, done.stdout[-2000:]
     assert_same_weights(out, reference)

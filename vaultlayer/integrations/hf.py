@@ -81,7 +81,11 @@ _RANK_RNG_FILE = re.compile(r"rng_state_(\d+)\.pth")
 
 def rank_files(checkpoint: Path, rank: int, world_size: int) -> list[Path]:
     """The files of the Trainer's checkpoint that this rank hands over: all of them in one process; with many
-    ranks, rank r its own RNG file, rank 0 also everything that is not another rank's RNG file."""
+    ranks, rank r its own RNG file, rank 0 also everything that is not another rank's RNG file. Only rank 0
+    walks the folder: another rank may be removing its own file from it meanwhile, never a folder."""
+    if rank != 0:
+        own = Path(f"rng_state_{rank}.pth")
+        return [own] if (checkpoint / own).is_file() else []
     files = sorted(path.relative_to(checkpoint) for path in checkpoint.rglob("*") if path.is_file())
     if world_size == 1:
         return files
@@ -107,9 +111,10 @@ def _remove(checkpoint: Path, files: list[Path]) -> None:
     """Remove this rank's files of a checkpoint written only for VaultLayer; the last rank removes the folder."""
     for relative in files:
         (checkpoint / relative).unlink(missing_ok=True)
-    for directory in sorted((p for p in checkpoint.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
-        with contextlib.suppress(OSError):
-            directory.rmdir()
+    with contextlib.suppress(OSError):  # the folder may be gone: another rank removed it once it was empty
+        for directory in sorted((p for p in checkpoint.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+            with contextlib.suppress(OSError):
+                directory.rmdir()
     with contextlib.suppress(OSError):
         checkpoint.rmdir()  # not empty while another rank's files are still there
 
