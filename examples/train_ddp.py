@@ -59,13 +59,8 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def main() -> None:
-    args = parse_args()
-    dist.init_process_group(args.backend)
-    rank = dist.get_rank()
-    torch.set_num_threads(1)
-    torch.manual_seed(args.seed)  # the same initial weights on every rank
-    model = DistributedDataParallel(TinyTransformer())
+def train(model: nn.Module, args: argparse.Namespace, rank: int) -> torch.Tensor:
+    """The training loop of both examples (DDP here, FSDP2 in train_fsdp.py), from a wrapped model; the last loss."""
     torch.manual_seed(args.seed + 1 + rank)  # each rank its own batches and dropout
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=50, gamma=0.8)
@@ -73,7 +68,7 @@ def main() -> None:
     ckpt = Checkpointer(model, optimizer, scheduler)
     start = ckpt.resume()
     if start and rank == 0:
-        print(f"resuming at step {start}", flush=True)
+        print(f"resuming at step {start} on {dist.get_world_size()} ranks", flush=True)
 
     loss = torch.tensor(float("nan"))
     for step in range(start, args.steps):
@@ -92,6 +87,17 @@ def main() -> None:
         ckpt.maybe_save(step + 1)  # every rank, every step: the ranks agree on when to save
 
     vaultlayer.wait_for_saves()
+    return loss
+
+
+def main() -> None:
+    args = parse_args()
+    dist.init_process_group(args.backend)
+    rank = dist.get_rank()
+    torch.set_num_threads(1)
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
+    model = DistributedDataParallel(TinyTransformer())
+    loss = train(model, args, rank)
     if rank == 0:
         partial = args.out.with_name(f".{args.out.name}.partial-{os.getpid()}")
         torch.save(model.module.state_dict(), partial)

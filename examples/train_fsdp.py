@@ -11,18 +11,14 @@ resumes on 1 (or 4). CPU and gloo by default. Rank 0 writes the full final state
 from __future__ import annotations
 
 import os
-import time
 
 import torch
 import torch.distributed as dist
-from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
-import vaultlayer
-from train_ddp import VOCAB, TinyTransformer, batch, parse_args
-from vaultlayer.pytorch import Checkpointer
+from train_ddp import TinyTransformer, parse_args, train
 
 
 def main() -> None:
@@ -35,32 +31,7 @@ def main() -> None:
     mesh = init_device_mesh("cuda" if args.backend == "nccl" else "cpu", (world_size,))
     fully_shard(model.block, mesh=mesh)
     fully_shard(model, mesh=mesh)
-    torch.manual_seed(args.seed + 1 + rank)  # each rank its own batches and dropout
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=50, gamma=0.8)
-
-    ckpt = Checkpointer(model, optimizer, scheduler)  # after fully_shard: it sees DTensor parameters
-    start = ckpt.resume()
-    if start and rank == 0:
-        print(f"resuming at step {start} on {world_size} ranks", flush=True)
-
-    loss = torch.tensor(float("nan"))
-    for step in range(start, args.steps):
-        began = time.monotonic()
-        if rank == args.crash_rank and step == args.crash_step:
-            raise RuntimeError(f"rank {rank} crashed at step {step} (--crash-rank)")
-        inputs, targets = batch(8)
-        loss = nn.functional.cross_entropy(model(inputs).reshape(-1, VOCAB), targets.reshape(-1))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        if (step + 1) % 50 == 0 and rank == 0:
-            print(f"step {step + 1}/{args.steps} loss {loss.item():.5f}", flush=True)
-        time.sleep(max(0.0, args.step_time - (time.monotonic() - began)))
-        ckpt.maybe_save(step + 1)
-
-    vaultlayer.wait_for_saves()
+    loss = train(model, args, rank)  # the Checkpointer sees DTensor parameters: sharded saves
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
         partial = args.out.with_name(f".{args.out.name}.partial-{os.getpid()}")
