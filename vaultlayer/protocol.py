@@ -147,7 +147,10 @@ def write_save_record(directory: Path, record: SaveRecord) -> None:
 
 def read_save_record(directory: Path) -> SaveRecord:
     """The save's record; raises OSError, ValueError, KeyError or TypeError when it is missing or malformed."""
-    data = json.loads((directory / SAVE_RECORD).read_text())
+    return _save_record(json.loads((directory / SAVE_RECORD).read_text()))
+
+
+def _save_record(data: dict[str, Any]) -> SaveRecord:
     return SaveRecord(step=int(data["step"]), emergency=bool(data.get("emergency")), notice_id=data.get("notice_id"),
                       created_at=data.get("created_at"), files=data.get("files") or {},
                       world_size=int(data.get("world_size") or 1))
@@ -161,9 +164,7 @@ def write_part_record(directory: Path, rank: int, record: SaveRecord) -> None:
 
 
 def read_part_record(directory: Path, rank: int) -> SaveRecord:
-    data = json.loads((directory / part_record_name(rank)).read_text())
-    return SaveRecord(step=int(data["step"]), emergency=bool(data.get("emergency")), notice_id=data.get("notice_id"),
-                      created_at=data.get("created_at"), world_size=int(data.get("world_size") or 1))
+    return _save_record(json.loads((directory / part_record_name(rank)).read_text()))
 
 
 # --- Progress (SDK -> agent) ---------------------------------------------------------------------------------
