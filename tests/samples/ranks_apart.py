@@ -2,7 +2,8 @@
 
 Rank 0's control directory holds a notice from the start; rank 1's holds none, as if the notice landed after
 rank 1 had already looked. Without one decision for all ranks, rank 0 would save alone and wait for rank 1 in
-the next collective while rank 1 trains on: a save that never completes. Prints each rank's decisions.
+the next collective while rank 1 trains on: a save that never completes. Each rank writes its decisions to
+decisions-<rank>.json (one file each: the ranks' prints would interleave on the shared stdout).
 """
 
 import json
@@ -32,6 +33,6 @@ for step in range(1, 8):
         with vaultlayer.save(step) as directory:
             (directory / f"rank-{rank}.txt").write_text(str(step))
         saved.append(step)
-print(json.dumps({"rank": rank, "saved": saved}), flush=True)
+(Path(sys.argv[1]) / f"decisions-{rank}.json").write_text(json.dumps({"rank": rank, "saved": saved}))
 
 dist.destroy_process_group()
