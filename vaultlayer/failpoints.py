@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from pathlib import Path
 
 from vaultlayer import protocol
@@ -25,11 +26,29 @@ def before_restore(attempt: int) -> str:
     return f"a{attempt}-before-restore"
 
 
-async def reach(name: str) -> None:
-    """Hold here while the test has the point armed and has not released it."""
+def provisioning_node(attempt: int, node_rank: int) -> str:
+    """The point in a gang's provisioning where its hosts before `node_rank` exist and this one does not yet."""
+    return f"a{attempt}-provisioning-node-{node_rank}"
+
+
+def _armed(name: str) -> Path | None:
+    """The failpoint directory when the test armed `name` (and marks it reached), else None."""
     directory = os.environ.get(protocol.ENV_FAILPOINTS)
     if not directory or not (Path(directory) / f"{name}{HOLD}").exists():
-        return
+        return None
     (Path(directory) / f"{name}{REACHED}").touch()
-    while not (Path(directory) / f"{name}{RELEASE}").exists():
+    return Path(directory)
+
+
+async def reach(name: str) -> None:
+    """Hold here while the test has the point armed and has not released it."""
+    directory = _armed(name)
+    while directory is not None and not (directory / f"{name}{RELEASE}").exists():
         await asyncio.sleep(RELEASE_POLL_SECONDS)
+
+
+def reach_blocking(name: str) -> None:
+    """`reach` for code on a thread of its own (a provider's provisioning)."""
+    directory = _armed(name)
+    while directory is not None and not (directory / f"{name}{RELEASE}").exists():
+        time.sleep(RELEASE_POLL_SECONDS)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime
 from enum import StrEnum
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from vaultlayer.run_ids import check_run_id
 
@@ -113,6 +113,9 @@ class RunSpec(VLModel):
     # What setup leaves in pip's and uv's caches is stored once and restored on every later host (vaultlayer/workdir).
     setup_cache: bool = True
     pools: list[Pool] = Field(default_factory=lambda: [Pool()])
+    # Hosts per attempt (`--nodes`): a gang placed in one pool, started together, and moved together when any is
+    # lost (docs/distributed.md). Costs, and the capacity a pool must have, are per gang.
+    nodes: int = Field(default=1, ge=1)
     storage_url: str
     checkpoint_every: str | None = None  # None: Young/Daly from the measured save cost and the pool's MTBF
     checkpoint_min: str = "60s"
@@ -144,6 +147,7 @@ class Placement(VLModel):
     pool: Pool
     attempt: int
     excluded_hosts: list[str] = Field(default_factory=list)
+    nodes: int = Field(default=1, ge=1)  # RunSpec.nodes: hosts the provider must hand over together, or none
 
 
 class Host(VLModel):
@@ -156,6 +160,7 @@ class Host(VLModel):
     handle: dict[str, str] = Field(default_factory=dict)
     price_per_hour: float | None = None  # what this host costs, USD
     on_demand_price_per_hour: float | None = None  # what the same capacity costs on demand, USD
+    address: str | None = None  # the private address the gang's other hosts reach this one at
 
 
 class ProvisionInput(VLModel):
@@ -166,11 +171,25 @@ class ProvisionInput(VLModel):
 
 
 class ProvisionResult(VLModel):
-    """A host, or a typed refusal (no capacity, quota) the policy can act on."""
+    """The placement's hosts (all of them: a gang is had whole or not at all), or a typed refusal (no capacity,
+    quota) the policy can act on."""
 
-    host: Host | None = None
+    host: Host | None = None  # the first of `hosts` (node 0), the one host of a single-node run
     refusal: str | None = None  # a `Refusal` value
     message: str = ""
+    hosts: list[Host] = Field(default_factory=list)  # in node-rank order
+    master_port: int = 29500  # the rendezvous port on node 0 (torchrun's default; a free one on the local provider)
+    # A gang the provider could only have part of: those hosts were released at once, but billed for the while held.
+    held_cost_usd: float = 0.0
+
+    @model_validator(mode="after")
+    def _node_zero_is_host(self) -> ProvisionResult:
+        """A result recorded before gangs has `host` alone; a new one is read the same either way."""
+        if self.host is not None and not self.hosts:
+            self.hosts = [self.host]
+        elif self.hosts and self.host is None:
+            self.host = self.hosts[0]
+        return self
 
 
 class Refusal(StrEnum):
@@ -275,6 +294,19 @@ class FailureCause(StrEnum):
     OUTPUTS = "outputs"  # the script succeeded but its output directory could not be stored
 
 
+class GangRole(VLModel):
+    """One host's place in a gang: what its script reads as VL_NODE_RANK, VL_NUM_NODES, VL_NODE_ADDRS,
+    VL_MASTER_ADDR and VL_MASTER_PORT (vaultlayer/protocol.py)."""
+
+    node_rank: int
+    addresses: list[str]  # every host's private address, in node-rank order
+    master_port: int
+
+    @property
+    def nodes(self) -> int:
+        return len(self.addresses)
+
+
 class AttemptInput(VLModel):
     run_id: str
     attempt: int
@@ -297,6 +329,7 @@ class AttemptInput(VLModel):
     host_since: datetime | None = None  # AttemptRecord.running_at: the host's life, and the early save, count from it
     heartbeat_interval_seconds: float = 1.0
     checkpoint_dir: str | None = None  # zero-code mode (RunSpec.checkpoint_dir)
+    gang: GangRole | None = None  # a multi-node run: this host's rank and its peers; None: a single host
 
 
 class AttemptProgress(VLModel):
@@ -309,6 +342,7 @@ class AttemptProgress(VLModel):
     notice: Notice | None = None
     checkpoint_interval: str = ""  # the interval the SDK uses now, and why
     waiting_on: str = ""  # what holds the run's saves up now, e.g. "storage: <error>" while uploads are retried
+    node_rank: int = 0  # of a gang's host: only node 0 commits checkpoints, so only its durable step is the run's
 
 
 class AttemptResult(VLModel):
@@ -327,6 +361,7 @@ class AttemptResult(VLModel):
     outputs: SnapshotRef | None = None  # the output directory, stored when the script succeeded
     setup_seconds: float | None = None  # from the host's start on setup (its cache restore included) to its end
     setup_cache: str = ""  # "restored" from the run's storage, "stored" there by this attempt, or ""
+    faulty_host: str | None = None  # a gang's host that failed for a host reason (it is excluded), when not node 0
 
 
 class AttemptRecord(VLModel):
@@ -355,6 +390,9 @@ class AttemptRecord(VLModel):
     resumed_from: str | None = None  # the checkpoint's name; retention never removes it while the attempt runs
     setup_seconds: float | None = None  # AttemptResult.setup_seconds
     setup_cache: str = ""  # AttemptResult.setup_cache
+    hosts: list[str] = Field(default_factory=list)  # a gang's hosts in node-rank order (`host` is node 0); else empty
+    nodes: int = 1  # hosts the attempt holds (RunSpec.nodes): it is billed nodes x price_per_hour (one host's)
+    faulty_host: str | None = None  # AttemptResult.faulty_host: the gang's host excluded for a host fault
 
 
 class RunState(StrEnum):
@@ -386,7 +424,8 @@ class RunStatus(VLModel):
     excluded_hosts: list[str] = Field(default_factory=list)
     fences: dict[int, int] = Field(default_factory=dict)
     bad_checkpoints: list[CheckpointCheck] = Field(default_factory=list)
-    current_host: Host | None = None
+    current_host: Host | None = None  # node 0 of a gang
+    current_hosts: list[Host] = Field(default_factory=list)  # every host of the running gang; empty for one host
     step: int | None = None  # live step, filled in by the client from heartbeats
     checkpoint_interval: str = ""  # live, from heartbeats: the SDK's interval and why
     waiting_on: str = ""  # live, from heartbeats: AttemptProgress.waiting_on
@@ -422,6 +461,7 @@ class RunInput(VLModel):
 
 class ReclaimRequest(VLModel):
     with_notice: bool = True
+    node: int = Field(default=0, ge=0)  # which host of a gang the provider takes
 
 
 class ReclaimAck(VLModel):

@@ -34,6 +34,14 @@ ENV_FAILPOINTS = "VL_FAILPOINTS"
 # The shortest life of a host of this run that was lost before its first save: the first save comes earlier.
 ENV_SHORTEST_HOST_LIFE = "VL_SHORTEST_HOST_LIFE"
 ENV_HOST_SINCE = "VL_HOST_SINCE"  # when this host was handed over (epoch seconds): the early first save counts from it
+# A gang (`vl run --nodes N`): this host's place in it and where its peers are, for torchrun's static rendezvous.
+# Set on every host of a multi-node run only. The command may name them as `$VL_NODE_RANK` (the agent expands them).
+ENV_NODE_RANK = "VL_NODE_RANK"  # 0 .. N-1
+ENV_NUM_NODES = "VL_NUM_NODES"
+ENV_NODE_ADDRS = "VL_NODE_ADDRS"  # every host's private address, comma-separated, in node-rank order
+ENV_MASTER_ADDR = "VL_MASTER_ADDR"  # node 0's address
+ENV_MASTER_PORT = "VL_MASTER_PORT"  # the rendezvous port on node 0
+GANG_VARIABLES = (ENV_NODE_RANK, ENV_NUM_NODES, ENV_NODE_ADDRS, ENV_MASTER_ADDR, ENV_MASTER_PORT)
 
 # --- Files ---------------------------------------------------------------------------------------------------
 SAVE_RECORD = "vl-save.json"  # in a staged save, written last before the commit rename; never uploaded
@@ -96,6 +104,25 @@ class ScriptEnv:
         if self.host_since is not None:
             env[ENV_HOST_SINCE] = str(self.host_since)
         return env
+
+
+def gang_environ(node_rank: int, addresses: list[str], master_port: int) -> dict[str, str]:
+    """The gang variables of one host of a multi-node run."""
+    return {ENV_NODE_RANK: str(node_rank), ENV_NUM_NODES: str(len(addresses)), ENV_NODE_ADDRS: ",".join(addresses),
+            ENV_MASTER_ADDR: addresses[0], ENV_MASTER_PORT: str(master_port)}
+
+
+def expand_gang_variables(argv: list[str], gang: Mapping[str, str]) -> list[str]:
+    """The command with `$VL_NODE_RANK` and `${VL_NODE_RANK}` (and the other gang variables) replaced by their
+    values: the command runs without a shell, and it was written before anyone knew the hosts. Nothing else is
+    expanded, so an argument that means a literal `$` elsewhere stays as it is."""
+    expanded = []
+    for arg in argv:
+        for name in sorted(GANG_VARIABLES, key=len, reverse=True):  # VL_NODE_ADDRS before a shorter prefix
+            if name in gang:
+                arg = arg.replace("${" + name + "}", gang[name]).replace("$" + name, gang[name])
+        expanded.append(arg)
+    return expanded
 
 
 def without_contract_variables(environ: Mapping[str, str]) -> dict[str, str]:

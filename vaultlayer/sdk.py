@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import math
 import os
 import shutil
 import sys
@@ -59,6 +60,7 @@ class _Slot:
     notice: protocol.NoticeDocument | None
     rank: int = 0
     world_size: int = 1
+    node_ranks: range = range(1)  # the ranks whose parts this host's staging directory gets (all, on one host)
     abandon: threading.Event = field(default_factory=threading.Event)
     done: threading.Event = field(default_factory=threading.Event)
 
@@ -77,6 +79,11 @@ class _Ranks:
         self.group = weakref.ref(dist.group.WORLD)
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
+        # The ranks on this host (torchrun numbers a host's ranks consecutively): on a gang each host stages its own
+        # ranks' parts, and the agents join the hosts' parts in storage. Without torchrun's variables: one host.
+        local_rank = int(os.environ.get("LOCAL_RANK", self.rank))
+        first = self.rank - local_rank
+        self.node_ranks = range(first, first + int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size)))
         nccl = "nccl" in str(dist.get_backend())
         self.device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
 
@@ -176,15 +183,17 @@ class _Session:
     def saving(self) -> bool:
         return self.in_flight is not None and not self.in_flight.done.is_set()
 
-    def agree_on_save(self, ranks: _Ranks | None) -> tuple[bool, bool, str]:
+    def agree_on_save(self, ranks: _Ranks | None) -> tuple[bool, bool, str, float]:
         """What every rank must agree on before a save: a notice pending on any rank, a save in flight on any,
-        and the save's directory name (rank 0's)."""
-        notice = self.pending_notice() is not None
+        the save's directory name (rank 0's), and the latest deadline of the notices (0 without one)."""
+        notice = self.pending_notice()
+        deadline = notice.deadline if notice is not None else 0.0
         if ranks is None:
-            return notice, self.saving(), uuid.uuid4().hex[:12]
+            return notice is not None, self.saving(), uuid.uuid4().hex[:12], deadline
         token = int.from_bytes(os.urandom(6), "big") | 1 if ranks.rank == 0 else 0
-        notice_seen, busy, token = ranks.agree(int(notice), int(self.saving()), token)
-        return bool(notice_seen), bool(busy), f"{token:012x}"
+        notice_seen, busy, token, deadline_ms = ranks.agree(int(notice is not None), int(self.saving()), token,
+                                                            math.ceil(deadline * 1000))
+        return bool(notice_seen), bool(busy), f"{token:012x}", deadline_ms / 1000
 
     def begin(self, step: int, ranks: _Ranks | None, nonce: str, notice_seen: bool) -> _Slot:
         self.write_progress(step)
@@ -194,7 +203,8 @@ class _Session:
             notice = self.pending_notice()
         slot = _Slot(step=step, path=self.staging_dir / protocol.staging_name(step, nonce),
                      final=self.staging_dir / protocol.committed_name(step, nonce), notice=notice,
-                     rank=ranks.rank if ranks else 0, world_size=ranks.world_size if ranks else 1)
+                     rank=ranks.rank if ranks else 0, world_size=ranks.world_size if ranks else 1,
+                     node_ranks=ranks.node_ranks if ranks else range(1))
         slot.path.mkdir(exist_ok=ranks is not None)  # many ranks, one directory
         return slot
 
@@ -226,7 +236,7 @@ class _Session:
     def save(self, step: int) -> Iterator[Path]:
         began = _monotonic()
         ranks = self.ranks()
-        notice_seen, _, nonce = self.agree_on_save(ranks)
+        notice_seen, _, nonce, deadline = self.agree_on_save(ranks)
         slot = self.begin(step, ranks, nonce, notice_seen)
         if slot.notice is not None and self.in_flight is not None:
             self.in_flight.abandon.set()  # the emergency save goes first; a periodic one in flight is dropped
@@ -240,11 +250,15 @@ class _Session:
         self.write_progress(step)
         if slot.notice is not None:
             self.saved_notice_ids.add(slot.notice.id)
-            _wait_until(slot.notice.deadline + EMERGENCY_GRACE_SECONDS)
+        if notice_seen:
+            # Every rank holds after the emergency save, not only those whose host has the notice: a rank that
+            # trained on would only wait in its next collective for ranks that are gone (a gang's other hosts),
+            # and report steps that no checkpoint holds.
+            _wait_until(deadline + EMERGENCY_GRACE_SECONDS)
 
     def save_async(self, step: int, snapshot: Callable[[], Any], write: Callable[[Any, Path], None]) -> str:
         ranks = self.ranks()
-        notice_seen, busy, nonce = self.agree_on_save(ranks)
+        notice_seen, busy, nonce, _ = self.agree_on_save(ranks)
         if notice_seen:
             with self.save(step) as directory:
                 write(snapshot(), directory)
@@ -307,19 +321,19 @@ class _Session:
 
 
 def _commit_part(slot: _Slot, record: protocol.SaveRecord) -> None:
-    """This rank's part of a save is complete: record it, and commit the save if it was the last part in.
+    """This rank's part of a save is complete: record it, and commit the save if it was the last part in on this host.
 
     Each part record is written then renamed, so a part counts only once its files are in. Two ranks that both
     see every part race for the commit claim (O_EXCL); the one that wins writes the save record and renames.
     """
     protocol.write_part_record(slot.path, slot.rank, record)
-    if not all((slot.path / protocol.part_record_name(rank)).exists() for rank in range(slot.world_size)):
+    if not all((slot.path / protocol.part_record_name(rank)).exists() for rank in slot.node_ranks):
         return
     try:
         os.close(os.open(slot.path / protocol.COMMIT_CLAIM, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
     except FileExistsError:
         return
-    parts = [protocol.read_part_record(slot.path, rank) for rank in range(slot.world_size)]
+    parts = [protocol.read_part_record(slot.path, rank) for rank in slot.node_ranks]
     emergency = [part for part in parts if part.emergency]
     protocol.write_save_record(slot.path, dataclasses.replace(
         record, emergency=bool(emergency), notice_id=emergency[0].notice_id if emergency else None))

@@ -34,7 +34,12 @@ from vaultlayer.checkpoint.listing import (
 )
 from vaultlayer.checkpoint.retention import prune_checkpoints, retention_plan
 from vaultlayer.checkpoint.storage import StorageUnusable, check_writable, validate_storage_url
-from vaultlayer.checkpoint.transfer import restore_checkpoint, upload_checkpoint
+from vaultlayer.checkpoint.transfer import (
+    commit_gang_checkpoint,
+    gang_nodes_missing,
+    restore_checkpoint,
+    upload_checkpoint,
+)
 
 __all__ = [
     "FORMAT_VERSION",
@@ -51,7 +56,9 @@ __all__ = [
     "choose_checkpoint",
     "classify",
     "classify_checkpoints",
+    "commit_gang_checkpoint",
     "describe_checkpoints",
+    "gang_nodes_missing",
     "list_checkpoints",
     "parse_checkpoint_name",
     "prune_checkpoints",

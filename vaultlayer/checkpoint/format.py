@@ -20,6 +20,9 @@ from vaultlayer.models import VLModel
 FORMAT_VERSION = 2  # 2: files are hashed with BLAKE3; 1 (sha256) is still read
 READABLE_FORMAT_VERSIONS = (1, 2)
 MANIFEST_NAME = "MANIFEST.json"
+# A gang's checkpoint (vl run --nodes N): each host uploads the files its ranks wrote, then its node manifest; node 0
+# writes MANIFEST.json, listing every node's files, once every node manifest is in. Never read as the manifest.
+NODE_MANIFEST_PREFIX = "MANIFEST.node-"
 # Attempt 0 holds the checkpoint a run was resumed from (vl resume, vaultlayer/seed.py): attempts count from 1,
 # so no attempt of the new run can fence it or write over it.
 _NAME = re.compile(r"(?P<step>\d{12,})-a(?P<attempt>0|[1-9]\d*)")
@@ -95,9 +98,13 @@ def unsafe_path_reason(path: str) -> str | None:
         return "is absolute"
     if any(part in ("", ".", "..") for part in path.split("/")):
         return "has an empty, '.' or '..' component"
-    if path == MANIFEST_NAME:
-        return f"clashes with the checkpoint's own {MANIFEST_NAME}"
+    if path == MANIFEST_NAME or path.startswith(NODE_MANIFEST_PREFIX):
+        return f"clashes with the checkpoint's own {MANIFEST_NAME} or a node manifest"
     return None
+
+
+def node_manifest_name(node_rank: int) -> str:
+    return f"{NODE_MANIFEST_PREFIX}{node_rank:05d}.json"
 
 
 def manifest_mismatch(manifest: Manifest, *, run_id: str, step: int, attempt: int) -> str | None:

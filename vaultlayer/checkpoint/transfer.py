@@ -35,6 +35,7 @@ from vaultlayer.checkpoint.format import (
     local_blake3,
     local_digest,
     new_digest,
+    node_manifest_name,
     sha256,
     unsafe_path_reason,
 )
@@ -77,9 +78,13 @@ def upload_checkpoint(
     step: int,
     skip: Iterable[str] = (),
     world_size: int = 1,
-) -> CheckpointRef:
+    node: tuple[int, int] | None = None,
+) -> CheckpointRef | None:
     """Upload every file of `local_dir` (but the top-level names in `skip` and the SDK's save records), then the
     manifest, last. `world_size`: how many ranks wrote the files, recorded in the manifest.
+
+    `node` (rank, nodes) for one host of a gang: its files and its node manifest go up, and the checkpoint is not
+    complete until node 0 merges every node manifest (`commit_gang_checkpoint`); returns None then.
 
     A file's digest is the one the SDK's writer recorded in its save record when the file is unchanged since
     (same size and mtime), else computed alongside the upload; either way the file must not change while it
@@ -108,6 +113,49 @@ def upload_checkpoint(
     files.sort(key=lambda entry: entry.path)
     manifest = Manifest(run_id=run_id, attempt=attempt, step=step, created_at=datetime.now(UTC), files=files,
                         world_size=world_size)
+    manifest_bytes = manifest.model_dump_json(indent=2).encode()
+    written = MANIFEST_NAME if node is None else node_manifest_name(node[0])
+    storage.retry(lambda: storage.write_atomically(fs, f"{remote_dir}/{written}", manifest_bytes),
+                  "write the manifest")
+    if node is not None:
+        return None
+    return CheckpointRef(name=name, step=step, attempt=attempt, url=url, manifest_sha256=sha256(manifest_bytes))
+
+
+def gang_nodes_missing(storage_url: str, run_id: str, attempt: int, step: int, nodes: int) -> list[int]:
+    """The node ranks whose part of the gang's checkpoint (step, attempt) is not stored yet (no node manifest)."""
+    fs, remote_dir = url_to_fs(storage.checkpoint_url(storage_url, run_id, checkpoint_name(step, attempt)))
+    fs.invalidate_cache(remote_dir)
+    try:
+        names = {PurePosixPath(path).name
+                 for path in storage.retry(lambda: fs.ls(remote_dir, detail=False), "list node manifests")}
+    except FileNotFoundError:
+        names = set()
+    return [rank for rank in range(nodes) if node_manifest_name(rank) not in names]
+
+
+def commit_gang_checkpoint(storage_url: str, run_id: str, attempt: int, step: int, nodes: int) -> CheckpointRef:
+    """Node 0's commit of a gang's checkpoint once every node's part is stored: one manifest listing every node's
+    files (which must not overlap: each rank writes files of its own), written last like any manifest."""
+    name = checkpoint_name(step, attempt)
+    url = storage.checkpoint_url(storage_url, run_id, name)
+    fs, remote_dir = url_to_fs(url)
+    parts = []
+    for rank in range(nodes):
+        raw = storage.retry(lambda rank=rank: fs.cat_file(f"{remote_dir}/{node_manifest_name(rank)}"),
+                            "read a node manifest")
+        try:
+            parts.append(Manifest.model_validate_json(raw))
+        except ValidationError as err:
+            raise CheckpointError(f"unparsable {url}/{node_manifest_name(rank)}: {first_error(err)}") from None
+    files = sorted((entry for part in parts for entry in part.files), key=lambda entry: entry.path)
+    paths = [entry.path for entry in files]
+    if len(set(paths)) != len(paths):
+        twice = sorted({path for path in paths if paths.count(path) > 1})
+        raise CheckpointError(f"two nodes of the gang wrote {', '.join(twice[:3])} for step {step}: each rank must "
+                              "write files of its own (docs/distributed.md)")
+    manifest = Manifest(run_id=run_id, attempt=attempt, step=step, created_at=datetime.now(UTC), files=files,
+                        world_size=max(part.world_size for part in parts))
     manifest_bytes = manifest.model_dump_json(indent=2).encode()
     storage.retry(lambda: storage.write_atomically(fs, f"{remote_dir}/{MANIFEST_NAME}", manifest_bytes),
                   "write the manifest")
