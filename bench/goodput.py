@@ -2,11 +2,13 @@
 
 A 24 h job with a 36 h deadline (and a tighter 28 h one), from many start offsets, through the same
 `workflows.policy` code the workflow runs, against the baselines of `workflows/baselines.py`. Prints one
-table: policy, mean and p95 completion, deadline attainment, mean cost relative to on-demand.
+table: policy, mean and p95 completion, deadline attainment, mean cost relative to on-demand (with `--nodes N`,
+to N on-demand hosts).
 
-    python bench/goodput.py                       # ../shared/traces (the 45-day AWS V100 traces)
+    python bench/goodput.py                       # ../shared/traces/aws-p3-v100-2023-02 (45 days, AWS V100)
     python bench/goodput.py --traces DIR --json   # any folder of trace files
     python bench/goodput.py --synthetic 7         # generated traces no constant was chosen on
+    python bench/goodput.py --nodes 4 --traces ../shared/traces/aws-4node-v100-2023-08   # gangs of 4 hosts
 
 The model (prices, changeover, notice, checkpoint cost) and its defaults: docs/policy.md.
 """
@@ -21,7 +23,8 @@ from pathlib import Path
 
 from workflows import baselines, simulate
 
-DEFAULT_TRACES = Path(__file__).resolve().parents[1].parent / "shared" / "traces"
+# The single-host traces: ../shared/traces also holds 4-node ones, which a default run must not mix in.
+DEFAULT_TRACES = Path(__file__).resolve().parents[1].parent / "shared" / "traces" / "aws-p3-v100-2023-02"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,9 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     try:
-        traces = simulate.synthetic_traces(args.synthetic) if args.synthetic is not None \
-            else simulate.load_traces(args.traces)
         models = [simulate.model_from_args(args, args.work, deadline) for deadline in args.deadlines]
+        traces = simulate.synthetic_traces(args.synthetic, nodes=args.nodes) if args.synthetic is not None \
+            else simulate.load_traces(args.traces, args.nodes)
     except (ValueError, OSError) as err:
         print(f"goodput: {err}", file=sys.stderr)
         return 2
@@ -49,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps([summary.as_dict() for summary in summaries], indent=2))
         return 0
     source = f"synthetic seed {args.synthetic}" if args.synthetic is not None else str(args.traces)
-    print(f"{len(traces)} pools from {source}; {args.work:g} h of work from {args.starts} start offsets; "
+    gang = f"gangs of {args.nodes} hosts; " if args.nodes > 1 else ""
+    print(f"{len(traces)} pools from {source}; {gang}{args.work:g} h of work from {args.starts} start offsets; "
           f"spot at {args.spot_price:.2f} of on-demand, {args.changeover_minutes:g} min changeover, "
           f"{args.notice_seconds:g} s notice, {args.checkpoint_seconds:g} s per checkpoint every "
           f"{args.checkpoint_minutes:g} min")

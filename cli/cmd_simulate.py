@@ -33,7 +33,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         raise UsageError(f"--policy {args.policy!r}: use one of {', '.join(baselines.POLICY_NAMES)} or all")
     try:
         model = simulate.model_from_args(args, args.work, args.deadline)
-        traces = simulate.load_traces(Path(args.traces))
+        traces = simulate.load_traces(Path(args.traces), model.nodes)
     except (ValueError, OSError) as err:
         raise UsageError(str(err)) from None
     names = baselines.POLICY_NAMES if args.policy == "all" else (args.policy,)
@@ -41,7 +41,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([summary.as_dict() for summary in summaries], indent=2))
         return 0
-    print(f"{len(traces)} pools, {args.starts} starts, {args.work:g} h of work, deadline {args.deadline:g} h")
+    gang = f", gangs of {model.nodes} hosts" if model.nodes > 1 else ""
+    print(f"{len(traces)} pools{gang}, {args.starts} starts, {args.work:g} h of work, deadline {args.deadline:g} h")
     print(simulate.format_table(summaries))
     return 0
 

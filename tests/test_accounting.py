@@ -94,6 +94,19 @@ def test_a_cancelled_attempt_is_billed_for_its_host_and_stays_open():
     assert after.cost_usd == pytest.approx(3.0)
 
 
+def test_a_gang_pays_each_hosts_price_for_every_hour_and_so_would_on_demand():
+    gang = running(price=0.9, on_demand_price_per_hour=3.0, nodes=4)
+    closed = accounting.close_attempt(status_of(gang), 1, AttemptResult(outcome=AttemptOutcome.RECLAIMED), hours(2))
+    assert closed.attempts[0].price_per_hour == 0.9  # one host's: the record says how many it held
+    assert closed.attempts[0].cost_usd == pytest.approx(4 * 0.9 * 2) == closed.cost_usd
+    assert closed.attempts[0].on_demand_cost_usd == pytest.approx(4 * 3.0 * 2) == closed.on_demand_cost_usd
+    on_demand = AttemptRecord(attempt=1, pool=ON_DEMAND, started_at=T0, running_at=T0, price_per_hour=3.0, nodes=2)
+    billed = accounting.bill(status_of(on_demand), 1, hours(1))
+    assert (billed.cost_usd, billed.on_demand_cost_usd) == (pytest.approx(6.0), pytest.approx(6.0))
+    assert accounting.running_cost(gang, T0 + timedelta(minutes=30)) == pytest.approx(4 * 0.9 / 2)
+    assert accounting.hourly_cost(gang) == pytest.approx(3.6) and accounting.hourly_cost(running()) == 1.0
+
+
 def test_steps_lost_are_charged_when_the_next_attempt_resumes():
     lost = accounting.close_attempt(status_of(running()), 1, AttemptResult(
         outcome=AttemptOutcome.RECLAIMED, end_step=100, durable_step=80), hours(1))

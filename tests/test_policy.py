@@ -40,9 +40,10 @@ def spec(*pools: Pool, **limits) -> RunSpec:
 class History:
     """A run's attempts, one after another on a clock, closed by the workflow's own accounting."""
 
-    def __init__(self) -> None:
+    def __init__(self, nodes: int = 1) -> None:
         self.status = RunStatus(run_id="r", started_at=T0)
         self.now = T0
+        self.nodes = nodes  # hosts per attempt, as the workflow records a gang's (RunSpec.nodes)
 
     def add(self, pool: Pool, outcome: AttemptOutcome | None, held: timedelta = minutes(30), *,
             exit_code: int | None = None, refusal: Refusal | None = None, durable_step: int | None = None,
@@ -51,7 +52,8 @@ class History:
         refused = outcome == AttemptOutcome.REFUSED
         record = AttemptRecord(attempt=number, pool=pool.key, host=None if refused else f"h-{number}",
                                started_at=self.now, running_at=None if refused else self.now,
-                               price_per_hour=None if refused else pool.price_per_hour, refusal=refusal)
+                               price_per_hour=None if refused else pool.price_per_hour, refusal=refusal,
+                               nodes=self.nodes)
         self.status.attempts.append(record)
         if outcome is None:  # still running
             return self
@@ -249,6 +251,31 @@ def test_a_running_attempt_is_moved_off_at_the_deadline_or_the_cost_limit():
     assert review(only_deadline, running.status, T0) == Keep(until=T0 + timedelta(hours=5))
     assert review(only_deadline, running.status, T0 + timedelta(hours=5)).reason.startswith("limit deadline=")
     assert review(spec(), running.status, T0) == Keep(until=None)
+
+
+def test_a_gang_is_placed_whole_and_reaches_its_budget_as_many_times_sooner_as_it_has_hosts():
+    gang = spec(max_cost=2.0).model_copy(update={"nodes": 4})
+    decision = next_placement(gang, History(nodes=4).status, T0)
+    assert placed(decision) == EAST_A and decision.placement.nodes == 4
+    assert next_placement(spec(), History().status, T0).placement.nodes == 1
+    running = History(nodes=4).add(EAST_A, None)  # 4 hosts at $1/h each since T0: $4/h
+    assert review(gang, running.status, T0) == Keep(until=T0 + minutes(30))  # not T0 + 2 h
+    assert review(gang, running.status, T0 + minutes(30)).reason == "limit max_cost=2 reached (spent 2.00)"
+    held_an_hour = History(nodes=4).add(EAST_A, AttemptOutcome.RECLAIMED, held=timedelta(hours=1))
+    assert next_placement(gang, held_an_hour.status, held_an_hour.now) == Stop(
+        RunState.FAILED, "limit max_cost=2 reached (spent 4.00)", limit="max_cost")
+    one_host = History().add(EAST_A, AttemptOutcome.RECLAIMED, held=timedelta(hours=1))
+    assert isinstance(next_placement(spec(max_cost=2.0), one_host.status, one_host.now), Place)
+
+
+def test_a_gang_ranks_pools_as_one_host_does_and_any_hosts_reclaim_cools_its_pool():
+    cheap = WEST_A.model_copy(update={"price_per_hour": 0.5})
+    gang = spec(EAST_A, cheap).model_copy(update={"nodes": 4})
+    assert placed(next_placement(gang, History(nodes=4).status, T0)) == cheap
+    history = History(nodes=4).add(cheap, AttemptOutcome.RECLAIMED)  # one of its 4 hosts was taken
+    health = {h.pool.key: h for h in policy.pool_health(gang, history.status, history.now)}
+    assert health[cheap.key].reclaims == 1 and health[cheap.key].reclaim_until == history.now + minutes(5)
+    assert placed(next_placement(gang, history.status, history.now)) == EAST_A
 
 
 # ---------------------------------------------------------------- on-demand only when spot cannot make it

@@ -7,45 +7,59 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
 from bench import goodput
 from tests.conftest import REPO
-from vaultlayer.models import AttemptOutcome, RunState
+from vaultlayer.models import AttemptOutcome, RunState, RunStatus
 from workflows import baselines, policy, simulate
 
 GAP = 100.0
-REAL_TRACES = REPO.parent / "shared" / "traces"
+REAL_TRACES = REPO.parent / "shared" / "traces" / "aws-p3-v100-2023-02"
+GANG_TRACES = REPO.parent / "shared" / "traces" / "aws-4node-v100-2023-08"
 
 
 def trace(zone: str, pattern: str, gap: float = GAP) -> simulate.Trace:
-    """'#' has capacity, '.' has none; one character per tick."""
-    return simulate.Trace(zone=zone, gap_seconds=gap, available=tuple(c == "#" for c in pattern))
+    """'#' has one host, '.' has none, a digit that many; one character per tick."""
+    return simulate.Trace(zone=zone, gap_seconds=gap,
+                          counts=tuple(1 if c == "#" else 0 if c == "." else int(c) for c in pattern))
 
 
 def write_traces(directory: Path, traces: list[simulate.Trace]) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     for t in traces:
-        document = {"metadata": {"gap_seconds": t.gap_seconds}, "data": [int(a) for a in t.available]}
+        document = {"metadata": {"gap_seconds": t.gap_seconds}, "data": list(t.counts)}
         (directory / f"{t.zone}_v100_1.json").write_text(json.dumps(document))
     return directory
 
 
 def test_capacity_is_lost_at_the_first_empty_tick_and_the_traces_repeat():
     world = simulate.World([trace("a", "##..#")])
-    assert world.available("a", 150) and not world.available("a", 250)
-    assert world.lost_at("a", 0) == 200 and world.back_at("a", 250) == 400 and world.back_at("a", 50) == 50
-    assert world.lost_at("a", 450) == 700  # tick 4, then round to ticks 5 (#) and 7 (.)
-    assert simulate.World([trace("b", "###")]).lost_at("b", 0) == float("inf")
+    assert world.available("a", 150, nodes=1) and not world.available("a", 250, nodes=1)
+    assert world.lost_at("a", 0, nodes=1) == 200
+    assert world.back_at("a", 250, nodes=1) == 400 and world.back_at("a", 50, nodes=1) == 50
+    assert world.lost_at("a", 450, nodes=1) == 700  # tick 4, then round to ticks 5 (#) and 7 (.)
+    assert simulate.World([trace("b", "###")]).lost_at("b", 0, nodes=1) == float("inf")
+
+
+def test_a_gang_holds_a_zone_while_its_count_is_at_least_its_size():
+    world = simulate.World([trace("a", "4432104")])
+    assert world.available("a", 0, nodes=4) and not world.available("a", 250, nodes=4)
+    assert world.available("a", 250, nodes=2)
+    assert world.lost_at("a", 0, nodes=4) == 200  # down to 3 of 4: the gang of 4 is lost with any host
+    assert world.lost_at("a", 0, nodes=3) == 300 and world.lost_at("a", 0, nodes=1) == 500
+    assert world.back_at("a", 250, nodes=4) == 600 and world.back_at("a", 250, nodes=3) == 250
 
 
 def test_traces_load_from_any_folder_in_the_shared_format(tmp_path):
     write_traces(tmp_path / "nested" / "deeper", [trace("us-east-1a", "#.#"), trace("us-west-2b", "..#", gap=195)])
     loaded = simulate.load_traces(tmp_path)
-    assert [(t.zone, t.gap_seconds, t.available) for t in loaded] == [
-        ("us-east-1a", GAP, (True, False, True)), ("us-west-2b", 195.0, (False, False, True))]
+    assert [(t.zone, t.gap_seconds, t.counts) for t in loaded] == [
+        ("us-east-1a", GAP, (1, 0, 1)), ("us-west-2b", 195.0, (0, 0, 1))]
     (tmp_path / "broken.json").write_text('{"data": [1]}')
     with pytest.raises(ValueError, match="not a trace file"):
         simulate.load_traces(tmp_path)
@@ -78,6 +92,61 @@ def test_restart_from_zero_loses_everything_and_same_zone_keeps_its_last_checkpo
     assert restart.finished_hours == pytest.approx((5400 + 360 + 7200) / 3600)  # from step 0 at 5400 s
     same_zone = simulate.simulate_run(baselines.OneZone(world, 0, 0, checkpoints=True), world, MODEL, start=0)
     assert same_zone.finished_hours == pytest.approx((5400 + 360 + 5400 + 12) / 3600)  # from its 1800 s save
+
+
+def test_a_gang_is_reclaimed_when_its_zone_drops_below_its_size_and_pays_for_every_host():
+    """The count goes from 2 to 1 at 3600 s: one host runs on, a gang of 2 is lost and fails over, exactly as one
+    host on a zone that drops to 0 (the reclaim test above)."""
+    world = simulate.World([trace("a", "2" * 36 + "1" * 200), trace("b", "2" * 236)])
+    single = simulate.simulate_run(simulate.VaultLayer(), world, MODEL, start=0)
+    assert single.reclaims == 0 and single.finished_hours == pytest.approx((360 + 7200 + 18) / 3600)
+    gang_model = replace(MODEL, nodes=2)
+    gang, status = simulate.simulate(simulate.VaultLayer(), world, gang_model, start=0)
+    assert gang.reclaims == 1 and gang.finished_hours == pytest.approx(7944 / 3600)
+    assert [(r.pool.split("/")[1], r.nodes) for r in status.attempts] == [("a", 2), ("b", 2)]
+    assert gang.cost == pytest.approx(2 * 0.3 * 7944 / 3600)  # both hosts, every second they were held
+    [summary] = simulate.compare({"vaultlayer": baselines.STRATEGIES["vaultlayer"]}, list(world.traces.values()),
+                                 gang_model, starts=1)
+    assert summary.cost_vs_ondemand == pytest.approx(gang.cost / (2 * 2 * 1.0))  # against 2 on-demand hosts
+
+
+def test_a_gang_waits_for_room_for_all_its_hosts_in_the_baselines_too():
+    world = simulate.World([trace("a", "2" * 36 + "1" * 18 + "2" * 400)])
+    gang_model = replace(MODEL, nodes=2)
+    same_zone = simulate.simulate_run(baselines.OneZone(world, 0, 0, checkpoints=True), world, gang_model, start=0)
+    assert same_zone.reclaims == 1 and same_zone.finished_hours == pytest.approx((5400 + 360 + 5400 + 12) / 3600)
+    alone = simulate.simulate_run(baselines.OneZone(world, 0, 0, checkpoints=True), world, MODEL, start=0)
+    assert alone.reclaims == 0
+    next_zone = baselines.NextZone(world, 0)
+    gang_spec = gang_model.spec(list(world.traces.values()), checkpoints=True)
+    later = simulate.EPOCH + timedelta(seconds=3700)  # the count is 1
+    waited = next_zone.next_placement(gang_spec, RunStatus(run_id="r"), later)
+    assert isinstance(waited, policy.Wait) and waited.seconds == pytest.approx(5400 - 3700)
+    placed = next_zone.next_placement(gang_spec, RunStatus(run_id="r"), simulate.EPOCH)
+    assert placed.placement.nodes == 2
+    on_demand = simulate.simulate_run(baselines.OnDemand(world, 0), world, gang_model, start=0)
+    one_host = simulate.simulate_run(baselines.OnDemand(world, 0), world, MODEL, start=0)
+    assert on_demand.cost == pytest.approx(2 * one_host.cost)
+
+
+def test_traces_of_smaller_clusters_are_refused_for_a_gang_with_what_to_do(tmp_path, capsys):
+    folder = write_traces(tmp_path / "single", [trace("us-east-1a", "#.#"), trace("us-east-1b", "...")])
+    assert len(simulate.load_traces(folder, nodes=1)) == 2
+    with pytest.raises(ValueError, match=r"--nodes 4: .* never have 4 hosts up in us-east-1a \(at most 1\)") as err:
+        simulate.load_traces(folder, nodes=4)
+    assert "us-east-1b" not in str(err.value)  # a zone with no host at all says nothing about its cluster
+    assert "or --nodes 1" in str(err.value) and "clusters of 4 or more hosts" in str(err.value)
+    assert goodput.main(["--traces", str(folder), "--nodes", "4", "--starts", "1"]) == 2
+    assert "never have 4 hosts up" in capsys.readouterr().err
+    assert goodput.main(["--traces", str(folder), "--nodes", "0", "--starts", "1"]) == 2
+    assert "--nodes 0: must be more than zero" in capsys.readouterr().err
+
+
+def test_synthetic_gangs_count_hosts_and_single_hosts_are_the_traces_they_were():
+    single, gangs = simulate.synthetic_traces(3, days=5), simulate.synthetic_traces(3, days=5, nodes=4)
+    assert {c for t in single for c in t.counts} == {0, 1}
+    assert {c for t in gangs for c in t.counts} == {0, 1, 2, 3, 4}
+    assert [t.zone for t in gangs] == [t.zone for t in single]
 
 
 def test_the_simulator_closes_attempts_as_the_workflow_does():
@@ -134,6 +203,15 @@ def test_targets_hold_on_the_real_spot_traces():
     assert ours.cost_vs_ondemand <= 0.40 and ours.cost_vs_ondemand < uniform.cost_vs_ondemand
 
 
+@pytest.mark.skipif(not GANG_TRACES.exists(), reason="../shared/traces is not beside this clone")
+def test_gangs_of_four_run_on_the_real_four_node_traces(capsys):
+    assert goodput.main(["--traces", str(GANG_TRACES), "--nodes", "4", "--starts", "4", "--deadlines", "36"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("3 pools from") and "gangs of 4 hosts" in out and "uniform_progress" in out
+    assert goodput.main(["--traces", str(REAL_TRACES), "--nodes", "4", "--starts", "1"]) == 2
+    assert "never have 4 hosts up" in capsys.readouterr().err
+
+
 def test_goodput_prints_every_policy_for_both_deadlines_as_json(capsys):
     assert goodput.main(["--synthetic", "7", "--starts", "3", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
@@ -159,3 +237,9 @@ def test_vl_simulate_reads_a_folder_of_traces(tmp_path):
     assert table.returncode == 0 and "vaultlayer" in table.stdout and "attainment" in table.stdout
     bad = vl("--traces", str(folder), "--work", "6", "--deadline", "5")
     assert bad.returncode == 2 and "must be at least the work" in bad.stderr
+    too_few = vl("--traces", str(folder), "--work", "6", "--deadline", "9", "--nodes", "2")
+    assert too_few.returncode == 2 and "never have 2 hosts up" in too_few.stderr and "--nodes 1" in too_few.stderr
+    gangs = write_traces(tmp_path / "gangs", simulate.synthetic_traces(5, regions=2, zones_per_region=1, days=5,
+                                                                       nodes=2))
+    table = vl("--traces", str(gangs), "--work", "6", "--deadline", "9", "--starts", "4", "--nodes", "2")
+    assert table.returncode == 0 and "gangs of 2 hosts" in table.stdout and "vaultlayer" in table.stdout

@@ -10,6 +10,9 @@ input alone; the closed record replaces the open one (the other records are shar
   This cannot be part of closing: the step resumed from is known only once the next attempt's checkpoint
   is verified, and it may be older than the durable step reported (a corrupt or fenced checkpoint).
 - `bill`: a host released without closing its attempt (the run was cancelled) is paid for all the same.
+
+An attempt of a gang run holds `nodes` hosts of one pool and its record carries one host's price: every
+charge is that price times `nodes`.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ def close_attempt(status: RunStatus, attempt: int, result: AttemptResult, now: d
         "end_step": result.end_step, "durable_step": result.durable_step, "exit_code": result.exit_code,
         "ended_at": now, "log_tail": result.log_tail, "emergency_save": result.emergency_save,
         "cause": result.cause, "setup_seconds": result.setup_seconds, "setup_cache": result.setup_cache,
+        "faulty_host": result.faulty_host,
     })
     update: dict = {}
     if record.running_at is not None:
@@ -66,11 +70,20 @@ def close_attempt(status: RunStatus, attempt: int, result: AttemptResult, now: d
         update["reclaims"] = status.reclaims + 1
     elif result.outcome == AttemptOutcome.HOST_FAULT:
         update["host_faults"] = status.host_faults + 1
-        if record.host:
-            update["excluded_hosts"] = [*status.excluded_hosts, record.host]
+        if faulty := result.faulty_host or record.host:  # a gang's: the host that failed, not node 0
+            update["excluded_hosts"] = [*status.excluded_hosts, faulty]
     elif result.outcome == AttemptOutcome.FAILED:
         update["script_failures"] = status.script_failures + 1
     return status.model_copy(update=update)
+
+
+def charge(status: RunStatus, attempt: int, usd: float) -> RunStatus:
+    """The status once attempt number `attempt` is charged `usd` more: the part of a gang a pool could give, held
+    while the rest could not be had, is paid for though the attempt was refused."""
+    index, record = next((i, r) for i, r in enumerate(status.attempts) if r.attempt == attempt)
+    charged = record.model_copy(update={"cost_usd": (record.cost_usd or 0.0) + usd})
+    return status.model_copy(update={"cost_usd": status.cost_usd + usd,
+                                     "attempts": [*status.attempts[:index], charged, *status.attempts[index + 1:]]})
 
 
 def charge_lost_steps(status: RunStatus, resume_step: int) -> RunStatus:
@@ -95,10 +108,11 @@ def bill(status: RunStatus, attempt: int, released_at: datetime) -> RunStatus:
 
 
 def _billed(record: AttemptRecord, released_at: datetime) -> tuple[AttemptRecord, tuple[float, float]]:
-    """The record charged for its host from hand-over to release, and the two charges.
+    """The record charged for its hosts from hand-over to release, and the two charges.
 
     The on-demand figure is what the same host-hours cost on demand: the host's own price for an
-    on-demand host, else the provider's (or the pool's) on-demand price; 0 when nobody knows it.
+    on-demand host, else the provider's (or the pool's) on-demand price; 0 when nobody knows it. Both
+    are per host: a gang's attempt pays them for each of its `nodes` hosts.
     """
     held_hours = 0.0
     if record.running_at is not None:
@@ -106,15 +120,21 @@ def _billed(record: AttemptRecord, released_at: datetime) -> tuple[AttemptRecord
     on_demand_price = record.on_demand_price_per_hour
     if on_demand_price is None and record.pool.endswith(f"/{Market.ON_DEMAND.value}"):
         on_demand_price = record.price_per_hour
-    cost, on_demand_cost = (record.price_per_hour or 0.0) * held_hours, (on_demand_price or 0.0) * held_hours
+    host_hours = record.nodes * held_hours
+    cost, on_demand_cost = (record.price_per_hour or 0.0) * host_hours, (on_demand_price or 0.0) * host_hours
     return record.model_copy(update={"cost_usd": cost, "on_demand_cost_usd": on_demand_cost}), (cost, on_demand_cost)
 
 
+def hourly_cost(record: AttemptRecord) -> float:
+    """What the attempt pays per hour while it holds its hosts: one host's price for each of them."""
+    return (record.price_per_hour or 0.0) * record.nodes
+
+
 def running_cost(record: AttemptRecord | None, now: datetime) -> float:
-    """What the attempt's host has cost so far, while it runs."""
+    """What the attempt's hosts have cost so far, while it runs."""
     if record is None or record.running_at is None:
         return 0.0
-    return (record.price_per_hour or 0.0) * max(0.0, (now - record.running_at).total_seconds()) / 3600
+    return hourly_cost(record) * max(0.0, (now - record.running_at).total_seconds()) / 3600
 
 
 def host_fault_in(log_tail: str) -> str | None:

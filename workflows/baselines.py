@@ -14,7 +14,8 @@ runs in the workflow.
   VaultLayer, so that only the spot/on-demand and zone decisions differ.
 
 One-zone baselines take the zones in turn across start offsets, so each zone is "the user's zone" for an
-equal share of the runs.
+equal share of the runs. A gang run (`spec.nodes` > 1) is placed whole, as VaultLayer places it, and a zone
+has capacity for it only while its trace counts at least `spec.nodes` hosts.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ from workflows import policy
 from workflows.simulate import EPOCH, VaultLayer, World
 
 
-def _place(status: RunStatus, pool: Pool, reason: str) -> policy.Place:
-    return policy.Place(Placement(pool=pool, attempt=len(status.attempts) + 1), reason=reason)
+def _place(spec: RunSpec, status: RunStatus, pool: Pool, reason: str) -> policy.Place:
+    return policy.Place(Placement(pool=pool, attempt=len(status.attempts) + 1, nodes=spec.nodes), reason=reason)
 
 
 def _finished(status: RunStatus) -> policy.Stop | None:
@@ -58,11 +59,12 @@ class _Baseline:
     def seconds(self, now: datetime) -> float:
         return self.start + (now - EPOCH).total_seconds()
 
-    def has_capacity(self, pool: Pool, now: datetime) -> bool:
-        return self.world.available(pool.zone, self.seconds(now))
+    def has_capacity(self, spec: RunSpec, pool: Pool, now: datetime) -> bool:
+        """Room for the whole run: `spec.nodes` hosts."""
+        return self.world.available(pool.zone, self.seconds(now), spec.nodes)
 
-    def seconds_until_capacity(self, pool: Pool, now: datetime) -> float:
-        return self.world.back_at(pool.zone, self.seconds(now)) - self.seconds(now)
+    def seconds_until_capacity(self, spec: RunSpec, pool: Pool, now: datetime) -> float:
+        return self.world.back_at(pool.zone, self.seconds(now), spec.nodes) - self.seconds(now)
 
     def review(self, spec: RunSpec, status: RunStatus, now: datetime) -> policy.Keep | policy.Vacate:
         return policy.Keep()
@@ -72,7 +74,7 @@ class OnDemand(_Baseline):
     checkpoints = False
 
     def next_placement(self, spec: RunSpec, status: RunStatus, now: datetime):
-        return _finished(status) or _place(status, _on_demand_pool(spec), "on-demand only")
+        return _finished(status) or _place(spec, status, _on_demand_pool(spec), "on-demand only")
 
 
 class OneZone(_Baseline):
@@ -88,9 +90,9 @@ class OneZone(_Baseline):
         pool = pools[self.zone_index % len(pools)]
         if (stop := _finished(status)) is not None:
             return stop
-        if not self.has_capacity(pool, now):
-            return policy.Wait(self.seconds_until_capacity(pool, now), f"queued for {pool.zone}")
-        return _place(status, pool, "the one zone")
+        if not self.has_capacity(spec, pool, now):
+            return policy.Wait(self.seconds_until_capacity(spec, pool, now), f"queued for {pool.zone}")
+        return _place(spec, status, pool, "the one zone")
 
 
 class NextZone(_Baseline):
@@ -103,9 +105,9 @@ class NextZone(_Baseline):
         last = next((i for i, p in enumerate(pools) if status.attempts and p.key == status.attempts[-1].pool), -1)
         order = [pools[(last + 1 + i) % len(pools)] for i in range(len(pools))]
         for pool in order:
-            if self.has_capacity(pool, now):
-                return _place(status, pool, "next zone with capacity")
-        return policy.Wait(min(self.seconds_until_capacity(p, now) for p in pools), "no zone has capacity")
+            if self.has_capacity(spec, pool, now):
+                return _place(spec, status, pool, "next zone with capacity")
+        return policy.Wait(min(self.seconds_until_capacity(spec, p, now) for p in pools), "no zone has capacity")
 
 
 class UniformProgress(_Baseline):
@@ -152,11 +154,11 @@ class UniformProgress(_Baseline):
         done, elapsed, time_left = self.progress(spec, status, now)
         if self.safety_net or time_left < spec.work_seconds - done + 2 * spec.changeover_seconds:
             self.safety_net = True
-            return _place(status, _on_demand_pool(spec), "safety net")
+            return _place(spec, status, _on_demand_pool(spec), "safety net")
         if (pool := self.zone_to_ask(spec, status, now)) is not None:
-            return _place(status, pool, "asking for spot")
+            return _place(spec, status, pool, "asking for spot")
         if done < self.expected(spec, elapsed):
-            return _place(status, _on_demand_pool(spec), "behind uniform progress")
+            return _place(spec, status, _on_demand_pool(spec), "behind uniform progress")
         next_tick = self.tick - elapsed % self.tick
         behind_in = done * (spec.limits.deadline - EPOCH).total_seconds() / spec.work_seconds - elapsed
         return policy.Wait(max(1.0, min(next_tick, behind_in)), "ahead; no spot this tick")

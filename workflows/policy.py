@@ -12,6 +12,9 @@ and why each constant has its value: docs/policy.md.
 - Choice: the cheapest healthy pool, its price raised by what its reclaims cost in moves.
 - On-demand: only when spot cannot meet the deadline (`DeadlinePlan`); back to spot when it can again.
 - Budgets: reclaims, host faults and script failures each have their own; reclaims never use up retries.
+- Gangs (`spec.nodes` > 1): placed whole in one pool, and one attempt, so a reclaim of any host is the
+  gang's. Money is the gang's (`nodes` x a host's price, `workflows.accounting`); pools rank by one host's
+  price, which orders them the same for any number of hosts.
 
 What an ended attempt leaves in the status the policy reads (outcome, cost, fences, counters) is
 `workflows.accounting`'s.
@@ -37,7 +40,7 @@ from vaultlayer.models import (
     RunState,
     RunStatus,
 )
-from workflows.accounting import running_cost
+from workflows.accounting import hourly_cost, running_cost
 
 # A pool that reclaimed is left for others for 5 min, doubled for each reclaim in the health window, up to
 # 30 min: over 90% of reclaims hit the same zone again within minutes. Once every other pool has been
@@ -107,8 +110,8 @@ class Vacate:
 class PoolHealth:
     pool: Pool
     index: int  # its place in the spec's preference order
-    reclaims: int  # in the window
-    exposure_hours: float  # host-hours held in the window
+    reclaims: int  # in the window; a gang's attempt is one record, so a reclaim of any of its hosts counts
+    exposure_hours: float  # hours the run held the pool (a gang: held whole) in the window
     last_asked: datetime | None  # when the run last asked the pool for a host
     refused_at: datetime | None  # when it last refused, unless it has handed over a host since
     refused_until: datetime | None  # not asked again before (REASK_SECONDS after the refusal)
@@ -236,8 +239,8 @@ def review(spec: RunSpec, status: RunStatus, now: datetime) -> Keep | Vacate:
     if limits.max_cost is not None and spent >= limits.max_cost:
         return Vacate(f"limit max_cost={limits.max_cost:g} reached (spent {spent:.2f})")
     checks = [limits.deadline] if limits.deadline is not None else []
-    if limits.max_cost is not None and running.price_per_hour:
-        checks.append(now + timedelta(hours=(limits.max_cost - spent) / running.price_per_hour))
+    if limits.max_cost is not None and hourly_cost(running):  # a gang spends its hosts' prices together
+        checks.append(now + timedelta(hours=(limits.max_cost - spent) / hourly_cost(running)))
     pool = next((p for p in spec.pools if p.key == running.pool), None)
     plan = deadline_plan(spec, status, now)
     spot = [h for h in pool_health(spec, status, now) if h.pool.market == Market.SPOT and not h.blocked]
@@ -258,8 +261,9 @@ def round_start(status: RunStatus, now: datetime, plan: DeadlinePlan) -> datetim
 
 
 def place(spec: RunSpec, status: RunStatus, now: datetime, pool: Pool, reason: str) -> Place:
+    """A gang is placed whole: the provider hands over all `spec.nodes` hosts of the pool, or none."""
     placement = Placement(pool=pool, attempt=len(status.attempts) + 1,
-                          excluded_hosts=excluded_hosts(spec, status, now))
+                          excluded_hosts=excluded_hosts(spec, status, now), nodes=spec.nodes)
     return Place(placement, reason=reason)
 
 
@@ -344,10 +348,11 @@ def excluded_hosts(spec: RunSpec, status: RunStatus, now: datetime) -> list[str]
     span = spec.limits.host_exclusion_seconds
     excluded = []
     for record in status.attempts:
-        if record.outcome != AttemptOutcome.HOST_FAULT or not record.host or record.host in excluded:
+        faulty = record.faulty_host or record.host  # a gang's: the host that failed, not node 0
+        if record.outcome != AttemptOutcome.HOST_FAULT or not faulty or faulty in excluded:
             continue
         if span is None or record.ended_at is None or now < record.ended_at + timedelta(seconds=span):
-            excluded.append(record.host)
+            excluded.append(faulty)
     return excluded
 
 

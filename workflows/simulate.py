@@ -1,12 +1,13 @@
 """Replay spot availability traces through the placement policy the workflow runs.
 
 One trace per pool (the format of ../shared/traces: `{"metadata": {"gap_seconds": G}, "data": [n, ...]}`,
-0 = no capacity at that tick). A run holding a host in a zone is reclaimed at the first tick the zone
-drops to 0. `vaultlayer` is `workflows.policy` itself, called with the same `RunSpec`/`RunStatus` the
-workflow builds, and each attempt is closed into that status by the workflow's own accounting
-(`workflows/accounting.py`); the baselines (`workflows/baselines.py`) answer the same two questions. The model
-(provisioning and restore time, notice, checkpoint cost, prices) and its defaults are documented in
-docs/policy.md. Pure Python: `vl simulate` works without numpy.
+n = how many hosts the zone had at that tick, 0 = none). A run of `nodes` hosts (a gang; 1 by default)
+holds a zone while its count is at least `nodes` and is reclaimed at the first tick it drops below; the
+zone refuses it until the count is back. `vaultlayer` is `workflows.policy` itself, called with the same
+`RunSpec`/`RunStatus` the workflow builds, and each attempt is closed into that status by the workflow's
+own accounting (`workflows/accounting.py`); the baselines (`workflows/baselines.py`) answer the same two
+questions. The model (provisioning and restore time, notice, checkpoint cost, prices) and its defaults
+are documented in docs/policy.md. Pure Python: `vl simulate` works without numpy.
 """
 
 from __future__ import annotations
@@ -43,15 +44,16 @@ PROVIDER = "trace"
 class Trace:
     zone: str
     gap_seconds: float
-    available: tuple[bool, ...]
+    counts: tuple[int, ...]  # hosts the zone had at each tick
 
     @property
     def seconds(self) -> float:
-        return self.gap_seconds * len(self.available)
+        return self.gap_seconds * len(self.counts)
 
 
-def load_traces(directory: Path) -> list[Trace]:
-    """Every `*.json` trace under `directory` (its subfolders too), one pool each, named by file."""
+def load_traces(directory: Path, nodes: int = 1) -> list[Trace]:
+    """Every `*.json` trace under `directory` (its subfolders too), one pool each, named by file, for runs of
+    `nodes` hosts (`check_gang_size`)."""
     files = sorted(Path(directory).rglob("*.json"))
     if not files:
         raise ValueError(f"no trace files (*.json) under {directory}")
@@ -63,20 +65,40 @@ def load_traces(directory: Path) -> list[Trace]:
         except (KeyError, TypeError) as err:
             raise ValueError(f"{path}: not a trace file ({{'metadata': {{'gap_seconds': ...}}, 'data': [...]}})") \
                 from err
-        traces.append(Trace(zone=path.stem.split("_")[0], gap_seconds=gap, available=tuple(n > 0 for n in data)))
+        traces.append(Trace(zone=path.stem.split("_")[0], gap_seconds=gap, counts=tuple(int(n) for n in data)))
     names = [t.zone for t in traces]
     if len(set(names)) != len(names):  # two files for one zone: keep them apart by their full names
         traces = [replace(t, zone=p.stem) for t, p in zip(traces, files)]
+    check_gang_size(traces, nodes, directory)
     return traces
 
 
+def check_gang_size(traces: list[Trace], nodes: int, source: Path | str) -> None:
+    """Refuse traces recorded on clusters smaller than the gang: a zone whose count reaches some hosts but
+    never `nodes` would only ever refuse the gang, a world without capacity that looks like a result. (A
+    zone that never has any host says nothing about its cluster's size, and stays.)"""
+    short = {t.zone: max(t.counts) for t in traces if 0 < max(t.counts, default=0) < nodes}
+    if short:
+        zones = ", ".join(f"{zone} (at most {most})" for zone, most in sorted(short.items()))
+        raise ValueError(
+            f"--nodes {nodes}: the traces under {source} never have {nodes} hosts up in {zones}: they were recorded "
+            f"on smaller clusters and cannot say when a gang of {nodes} would hold. Use traces of clusters of "
+            f"{nodes} or more hosts (such as ../shared/traces/aws-4node-v100-2023-08), or --nodes "
+            f"{min(short.values())}")
+
+
 def synthetic_traces(seed: int, regions: int = 3, zones_per_region: int = 3, days: float = 45.0,
-                     gap_seconds: float = 300.0) -> list[Trace]:
+                     gap_seconds: float = 300.0, nodes: int = 1) -> list[Trace]:
     """Traces no constant was ever chosen on. Each zone alternates up and down periods drawn from
     heavy-tailed (lognormal) laws, as spot capacity is: most uptimes are short, a few last for days
     (availability 15-95%, median uptime 0.2-1.5 h, spread drawn per zone). Shortages take most zones
     down together, region-wide (about one a day and a half per region, 0.5-8 h) and market-wide (about
-    one in four days, 0.5-5 h)."""
+    one in four days, 0.5-5 h).
+
+    With `nodes` > 1 each zone counts `nodes` hosts, each going up and down on its own with the zone's
+    laws, and the shortages take them all: the drawn availability is the whole gang's (each host is up
+    a share availability ** (1 / nodes) of the time), and the gang breaks whenever any host goes down.
+    `nodes` = 1 draws exactly the single-host traces."""
     rng = random.Random(seed)
     ticks = int(days * 86400 / gap_seconds)
 
@@ -93,21 +115,24 @@ def synthetic_traces(seed: int, regions: int = 3, zones_per_region: int = 3, day
     for region in range(regions):
         regional = shortages(36, 0.5, 8)
         for zone in range(zones_per_region):
-            availability = rng.uniform(0.15, 0.95)
+            availability = rng.uniform(0.15, 0.95) ** (1 / nodes)  # of one host
             up_spread, down_spread = rng.uniform(1.0, 2.0), rng.uniform(0.8, 1.5)
             median_up = math.exp(rng.uniform(math.log(0.2), math.log(1.5))) * 3600
             mean_up = median_up * math.exp(up_spread ** 2 / 2)
             median_down = mean_up * (1 - availability) / availability / math.exp(down_spread ** 2 / 2)
             in_region, in_market = rng.random() < 0.8, rng.random() < 0.7
-            up, data = rng.random() < availability, []
-            while len(data) < ticks:
-                median, spread = (median_up, up_spread) if up else (median_down, down_spread)
-                data += [up] * max(1, round(rng.lognormvariate(math.log(median), spread) / gap_seconds))
-                up = not up
-            data = [d and not (in_region and r) and not (in_market and m)
-                    for d, r, m in zip(data[:ticks], regional, market)]
+            hosts = []
+            for _ in range(nodes):
+                up, data = rng.random() < availability, []
+                while len(data) < ticks:
+                    median, spread = (median_up, up_spread) if up else (median_down, down_spread)
+                    data += [up] * max(1, round(rng.lognormvariate(math.log(median), spread) / gap_seconds))
+                    up = not up
+                hosts.append(data[:ticks])
+            counts = [0 if (in_region and r) or (in_market and m) else sum(ups)
+                      for r, m, ups in zip(regional, market, zip(*hosts))]
             traces.append(Trace(zone=f"s{seed}-r{region}-{'abcdefgh'[zone]}", gap_seconds=gap_seconds,
-                                available=tuple(data)))
+                                counts=tuple(counts)))
     return traces
 
 
@@ -118,33 +143,36 @@ def region_of(zone: str) -> str:
 
 
 class World:
-    """Spot availability at any second, each trace repeating past its end."""
+    """Spot capacity at any second, each trace repeating past its end. A zone has room for a run of `nodes`
+    hosts while its count is at least `nodes`."""
 
     def __init__(self, traces: list[Trace]) -> None:
         self.traces = {t.zone: t for t in traces}
-        self._to_down = {t.zone: _distance_to(t.available, False) for t in traces}
-        self._to_up = {t.zone: _distance_to(t.available, True) for t in traces}
+        self._distances: dict[tuple[str, int, bool], list[float]] = {}  # (zone, nodes, room): `_distance_to`
 
     @property
     def seconds(self) -> float:
         return min(t.seconds for t in self.traces.values())
 
-    def available(self, zone: str, at: float) -> bool:
+    def available(self, zone: str, at: float, nodes: int) -> bool:
         trace = self.traces[zone]
-        return trace.available[int(at // trace.gap_seconds) % len(trace.available)]
+        return trace.counts[int(at // trace.gap_seconds) % len(trace.counts)] >= nodes
 
-    def lost_at(self, zone: str, at: float) -> float:
-        """When a host held in `zone` since `at` is taken: the start of the zone's next empty tick."""
-        return self._next(zone, at, self._to_down)
+    def lost_at(self, zone: str, at: float, nodes: int) -> float:
+        """When a run of `nodes` hosts held in `zone` since `at` is taken: the start of the zone's next tick
+        with fewer than `nodes` (a gang is lost with any of its hosts)."""
+        return self._next(zone, at, nodes, False)
 
-    def back_at(self, zone: str, at: float) -> float:
-        return at if self.available(zone, at) else self._next(zone, at, self._to_up)
+    def back_at(self, zone: str, at: float, nodes: int) -> float:
+        return at if self.available(zone, at, nodes) else self._next(zone, at, nodes, True)
 
-    def _next(self, zone: str, at: float, distances: dict[str, list[float]]) -> float:
+    def _next(self, zone: str, at: float, nodes: int, room: bool) -> float:
         trace = self.traces[zone]
+        key = (zone, nodes, room)
+        if key not in self._distances:
+            self._distances[key] = _distance_to(tuple(n >= nodes for n in trace.counts), room)
         tick = int(at // trace.gap_seconds)
-        ahead = distances[zone][tick % len(trace.available)]
-        return (tick + ahead) * trace.gap_seconds
+        return (tick + self._distances[key][tick % len(trace.counts)]) * trace.gap_seconds
 
 
 def _distance_to(values: tuple[bool, ...], wanted: bool) -> list[float]:
@@ -173,6 +201,7 @@ class Model:
     checkpoint_every_seconds: float = 1800.0
     refusal_seconds: float = 15.0  # a refused request (EC2 answers InsufficientInstanceCapacity at once)
     horizon_factor: float = 3.0  # a run still going at factor x deadline counts as never finished
+    nodes: int = 1  # hosts per attempt (a gang): each pays the price, so costs compare with `nodes` on-demand hosts
 
     @property
     def work_seconds(self) -> float:
@@ -196,7 +225,7 @@ class Model:
             checkpoint_every=f"{self.checkpoint_every_seconds:g}s" if checkpoints else None,
             total_steps=int(self.work_seconds), work_seconds=self.wall_seconds(self.work_seconds, checkpoints),
             limits=Limits(deadline=EPOCH + timedelta(hours=self.deadline_hours), max_reclaims=10_000),
-            submitted_at=EPOCH,
+            submitted_at=EPOCH, nodes=self.nodes,
         )
 
 
@@ -217,12 +246,16 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--refusal-seconds", type=float, default=default.refusal_seconds,
                         help="what a refused spot request costs (default 15)")
     parser.add_argument("--starts", type=int, default=200, help="start offsets spread over the traces (default 200)")
+    parser.add_argument("--nodes", type=int, default=default.nodes,
+                        help="hosts per attempt, a gang held in one zone while its count is at least this many "
+                             "(default 1); the traces must count that many hosts")
 
 
 def model_from_args(args: argparse.Namespace, work_hours: float, deadline_hours: float) -> Model:
     for flag, value in (("--spot-price", args.spot_price), ("--changeover-minutes", args.changeover_minutes),
                         ("--checkpoint-seconds", args.checkpoint_seconds),
-                        ("--checkpoint-minutes", args.checkpoint_minutes), ("--starts", args.starts)):
+                        ("--checkpoint-minutes", args.checkpoint_minutes), ("--starts", args.starts),
+                        ("--nodes", args.nodes)):
         if value <= 0:
             raise ValueError(f"{flag} {value:g}: must be more than zero")
     for flag, value in (("--notice-seconds", args.notice_seconds), ("--refusal-seconds", args.refusal_seconds)):
@@ -233,7 +266,7 @@ def model_from_args(args: argparse.Namespace, work_hours: float, deadline_hours:
     return Model(work_hours=work_hours, deadline_hours=deadline_hours, spot_price_ratio=args.spot_price,
                  changeover_seconds=args.changeover_minutes * 60, notice_seconds=args.notice_seconds,
                  checkpoint_seconds=args.checkpoint_seconds, checkpoint_every_seconds=args.checkpoint_minutes * 60,
-                 refusal_seconds=args.refusal_seconds)
+                 refusal_seconds=args.refusal_seconds, nodes=args.nodes)
 
 
 class Strategy(Protocol):
@@ -301,15 +334,17 @@ class _Attempt:
 
 
 def _provision(pool: Pool, reason: str, status: RunStatus, world: World, model: Model, start: float,
-               now: float) -> tuple[RunStatus, AttemptRecord]:
-    """The status with a new attempt for `pool` at `now`, and that attempt: refused (and closed) when the
-    trace has no capacity there, else holding a host."""
+               now: float, nodes: int) -> tuple[RunStatus, AttemptRecord]:
+    """The status with a new attempt of `nodes` hosts for `pool` at `now`, and that attempt: refused (and
+    closed) when the trace has no room for them there, else holding them."""
     at = EPOCH + timedelta(seconds=now)
-    record = AttemptRecord(attempt=len(status.attempts) + 1, pool=pool.key, started_at=at, placement_reason=reason)
+    record = AttemptRecord(attempt=len(status.attempts) + 1, pool=pool.key, started_at=at, placement_reason=reason,
+                           nodes=nodes)
     status = status.model_copy(update={"attempts": [*status.attempts, record]})
-    if pool.market == Market.SPOT and not world.available(pool.zone, start + now):
+    if pool.market == Market.SPOT and not world.available(pool.zone, start + now, nodes):
+        room = f"room for {nodes} hosts" if nodes > 1 else "capacity"
         refused = AttemptResult(outcome=AttemptOutcome.REFUSED, refusal=Refusal.NO_CAPACITY,
-                                reason=f"{Refusal.NO_CAPACITY}: the trace has no capacity in {pool.zone}")
+                                reason=f"{Refusal.NO_CAPACITY}: the trace has no {room} in {pool.zone}")
         answered = at + timedelta(seconds=model.refusal_seconds)
         status = accounting.close_attempt(status, record.attempt, refused, answered)
         return status, status.attempts[-1]
@@ -348,7 +383,8 @@ def simulate(strategy: Strategy, world: World, model: Model, start: float,
             if isinstance(decision, policy.Wait):
                 now += max(decision.seconds, 1.0)
                 continue
-            status, record = _provision(decision.placement.pool, decision.reason, status, world, model, start, now)
+            status, record = _provision(decision.placement.pool, decision.reason, status, world, model, start, now,
+                                        spec.nodes)
             if record.outcome == AttemptOutcome.REFUSED:
                 now += model.refusal_seconds
                 continue
@@ -359,7 +395,7 @@ def simulate(strategy: Strategy, world: World, model: Model, start: float,
         pool = pools[record.pool]
         spot = pool.market == Market.SPOT
         attempt = _Attempt(model, strategy, kept, now + model.changeover_seconds)
-        lost = world.lost_at(pool.zone, start + now) - start if spot else math.inf
+        lost = world.lost_at(pool.zone, start + now, spec.nodes) - start if spot else math.inf
         taken = max(now, lost - model.notice_seconds) if strategy.saves_on_notice else lost
         finish = attempt.finishes_at()
         ended = min(finish, taken, horizon)
@@ -373,7 +409,8 @@ def simulate(strategy: Strategy, world: World, model: Model, start: float,
                 review_at = max((verdict.until - EPOCH).total_seconds(), review_at + 1.0)
                 continue
             if verdict.to is not None:  # a move: the new host first, as the workflow does
-                status, moved_to = _provision(verdict.to, verdict.reason, status, world, model, start, review_at)
+                status, moved_to = _provision(verdict.to, verdict.reason, status, world, model, start, review_at,
+                                              spec.nodes)
                 if moved_to.outcome == AttemptOutcome.REFUSED:
                     moved_to, review_at = None, review_at + model.refusal_seconds
                     continue
@@ -458,7 +495,8 @@ def summarize(name: str, model: Model, results: list[RunResult]) -> Summary:
         attainment=sum(c <= model.deadline_hours for c in completions) / len(results),
         mean_completion_h=sum(finite) / len(finite) if finite else None,
         p95_completion_h=None if p95 == math.inf else p95,
-        cost_vs_ondemand=sum(r.cost for r in results) / len(results) / (model.work_hours * model.on_demand_price),
+        cost_vs_ondemand=sum(r.cost for r in results) / len(results)
+        / (model.work_hours * model.on_demand_price * model.nodes),
         mean_reclaims=sum(r.reclaims for r in results) / len(results),
         horizon_h=model.horizon_factor * model.deadline_hours,
         results=results,
