@@ -50,7 +50,9 @@ class ControlActivities:
         try:
             return provider.provision(inp)
         except NoCapacityError as err:
-            return ProvisionResult(refusal=err.kind, message=str(err))
+            price = inp.placement.pool.price_per_hour or 0.0
+            return ProvisionResult(refusal=err.kind, message=str(err),
+                                   held_cost_usd=price * err.held_host_seconds / 3600)
         except ProviderConfigError as err:  # no retry can fix settings: fail the run with the reason
             raise ApplicationError(str(err), type="ProviderConfigError", non_retryable=True) from None
 

@@ -1,6 +1,6 @@
 """The gcp provider through the real google-cloud-compute client, over HTTP, against the local Compute
-fake (tests/fakes/gce.py): the VM it asks for, typed refusals, retries, describe, reap, prices, the
-checks `vl run` makes before anything starts, and the IAM roles in deploy/gcp/."""
+fake (tests/fakes/gce.py): the VM it asks for, gangs and their placement policies, typed refusals, retries,
+describe, reap, prices, the checks `vl run` makes before anything starts, and the IAM roles in deploy/gcp/."""
 
 from __future__ import annotations
 
@@ -40,8 +40,8 @@ def pool(zone: str = ZONE, gpu: str = "L4", count: int = 1, market: Market = Mar
     return Pool(provider="gcp", region="", zone=zone, gpu=gpu, gpu_count=count, market=market)
 
 
-def ask(run_id: str, chosen: Pool, attempt: int = 1) -> ProvisionInput:
-    return ProvisionInput(run_id=run_id, placement=Placement(pool=chosen, attempt=attempt))
+def ask(run_id: str, chosen: Pool, attempt: int = 1, nodes: int = 1) -> ProvisionInput:
+    return ProvisionInput(run_id=run_id, placement=Placement(pool=chosen, attempt=attempt, nodes=nodes))
 
 
 @pytest.fixture
@@ -237,6 +237,74 @@ def test_a_vm_deleted_while_its_create_is_held_stays_deleted(gce, provider):
     assert not gce.instances()
 
 
+def test_a_gang_is_vms_of_one_zone_under_a_compact_placement_policy(gce, provider):
+    hosts = provider.provision(ask("t-gang", pool(), nodes=2)).hosts
+    assert [host.host_id for host in hosts] == ["vl-t-gang-1-n0", "vl-t-gang-1-n1"]
+    [policy] = gce.resource_policies()
+    assert policy["name"] == "vl-t-gang-1-gang" and policy["groupPlacementPolicy"] == {"collocation": "COLLOCATED"}
+    assert policy["region"].endswith("/regions/us-central1")
+    assert policy["description"] == "vaultlayer-run-id=t-gang vaultlayer-attempt=1"
+    vms = {vm["name"]: vm for vm in gce.instances()}
+    for node, host in enumerate(hosts):
+        vm = vms[host.host_id]
+        assert vm["zone"].endswith(f"/zones/{ZONE}") and host.handle["zone"] == ZONE
+        assert vm["labels"] == {"vaultlayer-run-id": "t-gang", "vaultlayer-attempt": "1",
+                                "vaultlayer-gang": "t-gang-a1", "vaultlayer-node": str(node)}
+        assert vm["resourcePolicies"] == [policy["selfLink"]]
+        assert host.address == vm["networkInterfaces"][0]["networkIP"]
+        _, agent = parse_startup_script(metadata_of(vm)["startup-script"])
+        assert agent[agent.index("--task-queue") + 1] == host.task_queue
+        assert agent[agent.index("--host-id") + 1] == host.host_id
+    assert len({host.address for host in hosts}) == len({host.task_queue for host in hosts}) == 2
+
+    again = provider.provision(ask("t-gang", pool(), nodes=2)).hosts  # a retried provision
+    assert [(h.host_id, h.handle, h.address) for h in again] == [(h.host_id, h.handle, h.address) for h in hosts]
+    assert len(gce.instances()) == 2 and len(gce.resource_policies()) == 1
+
+    for host in hosts:
+        provider.release(host)
+    assert provider.reap("t-gang") == []  # both on their way out; it waits for them, then deletes the policy
+    gce.settle()
+    assert gce.instances() == [] and gce.resource_policies() == []
+
+
+def test_a_gang_of_n1_vms_has_no_placement_policy(gce, provider):
+    """Compact placement takes no N1 machine: the gang is still one zone's."""
+    hosts = provider.provision(ask("t-n1", pool(gpu="T4"), nodes=2)).hosts
+    assert gce.resource_policies() == [] and "placement_policy" not in hosts[0].handle
+    assert all("resourcePolicies" not in vm for vm in gce.instances())
+    assert sorted(provider.reap("t-n1")) == sorted(host.host_id for host in hosts)
+
+
+def test_a_gang_the_zone_can_give_only_part_of_leaves_nothing_behind(gce, provider):
+    gce.capacity[ZONE] = 1
+    with pytest.raises(NoCapacityError, match="^1 of 2 hosts: ZONE_RESOURCE_POOL_EXHAUSTED: ") as caught:
+        provider.provision(ask("t-short", pool(), nodes=2))
+    assert caught.value.kind == "no-capacity" and caught.value.held_host_seconds > 0
+    gce.settle()
+    assert gce.instances() == [] and gce.resource_policies() == []
+    assert provider.provision(ask("t-short", pool(), attempt=2)).host  # one VM fits
+    provider.reap("t-short")
+
+
+def test_a_placement_policy_left_behind_is_found_by_the_next_gang_and_the_reap(gce, provider):
+    deleting = gce.hold_operations("delete")  # the VMs take their time to go
+    try:
+        for host in provider.provision(ask("t-left", pool(), nodes=2)).hosts:
+            provider.release(host)  # the policy is in use until its VMs have gone: left
+    finally:
+        deleting.release()
+    gce.settle()
+    assert [policy["name"] for policy in gce.resource_policies()] == ["vl-t-left-1-gang"]
+    assert provider.live_runs() == {"t-left"}  # the sweep sees it
+    provider.provision(ask("t-left", pool(), attempt=2, nodes=2))  # the run's next gang deletes it on the way
+    gce.settle()
+    assert [policy["name"] for policy in gce.resource_policies()] == ["vl-t-left-2-gang"]
+    assert len(provider.reap("t-left")) == 2
+    gce.settle()
+    assert gce.instances() == [] and gce.resource_policies() == [] and provider.live_runs() == set()
+
+
 def test_a_retried_provision_takes_the_vm_of_the_first_try(gce, provider):
     first = provider.provision(ask("t-again", pool())).host
     again = provider.provision(ask("t-again", pool())).host
@@ -252,6 +320,8 @@ def test_the_iam_roles_grant_what_the_provider_uses(gce, provider):
     host = provider.provision(ask("t-iam", pool())).host
     provider.describe(host)
     provider.release(host)
+    for node in provider.provision(ask("t-iam", pool(), attempt=2, nodes=2)).hosts:
+        provider.release(node)
     provider.reap("t-iam")
     provider.live_runs()
     from activities.providers.gcp import read_temporal_settings

@@ -48,9 +48,12 @@ class ProviderConfigError(ProviderError):
 class NoCapacityError(ProviderError):
     """The pool has no capacity now; the policy should move on (another zone, type, market)."""
 
-    def __init__(self, kind: Refusal, message: str) -> None:
+    def __init__(self, kind: Refusal, message: str, held_host_seconds: float = 0.0) -> None:
         super().__init__(message)
         self.kind = kind
+        # A gang the pool could give only part of: the hosts it did give were released at once, and are paid for
+        # (host-seconds, all of them together).
+        self.held_host_seconds = held_host_seconds
 
 
 class SecretUnavailable(Exception):

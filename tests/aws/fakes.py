@@ -1,13 +1,17 @@
 """What moto does not do, played faithfully on loopback: the instance metadata service (IMDSv2) of each
-instance, EC2's capacity and throttling errors, spot interruptions, and the instances themselves
-booting their user-data (a local `vl agent` with the identity and queue the user-data names)."""
+instance, EC2's capacity and throttling errors, placement groups (moto 5.2 has none), spot interruptions,
+and the instances themselves booting their user-data (a local `vl agent` with the identity and queue the
+user-data names)."""
 
 from __future__ import annotations
 
 import base64
+import gzip
 import http.client
+import itertools
 import json
 import os
+import re
 import secrets
 import shlex
 import signal
@@ -150,6 +154,55 @@ def error_message(code: str, instance_type: str, zone: str) -> str:
     }[code]
 
 
+def ec2_response(action: str, inner: str) -> bytes:
+    """EC2's success response of `action`."""
+    return (f'<?xml version="1.0" encoding="UTF-8"?>\n<{action}Response xmlns="http://ec2.amazonaws.com/doc/'
+            f'2016-11-15/"><requestId>{uuid.uuid4()}</requestId>{inner}</{action}Response>').encode()
+
+
+def numbered(form: dict[str, list[str]], prefix: str, suffix: str = "") -> list[str]:
+    """The values of a query-API list (`<prefix>.1<suffix>`, `<prefix>.2<suffix>`, ...), in order."""
+    values: list[str] = []
+    while (key := f"{prefix}.{len(values) + 1}{suffix}") in form:
+        values.append(form[key][0])
+    return values
+
+
+def region_of(headers) -> str:
+    """The region a SigV4-signed request is for (its credential scope)."""
+    match = re.search(r"Credential=[^/]+/\d{8}/([^/]+)/", headers.get("Authorization", ""))
+    return match.group(1) if match else "us-east-1"
+
+
+@dataclass
+class PlacementGroup:
+    name: str
+    group_id: str
+    strategy: str
+    region: str
+    tags: dict[str, str]
+
+    def xml(self) -> str:
+        tags = "".join(f"<item><key>{key}</key><value>{value}</value></item>" for key, value in self.tags.items())
+        return (f"<groupName>{self.name}</groupName><groupId>{self.group_id}</groupId><strategy>{self.strategy}"
+                f"</strategy><state>available</state><groupArn>arn:aws:ec2:{self.region}:{MOTO_ACCOUNT}:"
+                f"placement-group/{self.name}</groupArn><tagSet>{tags}</tagSet>")
+
+    def matches(self, name: str, values: list[str]) -> bool:
+        """One filter of DescribePlacementGroups."""
+        if name.startswith("tag:"):
+            return self.tags.get(name.removeprefix("tag:")) in values
+        return {"tag-key": bool(set(self.tags) & set(values)), "group-name": self.name in values,
+                "strategy": self.strategy in values, "state": "available" in values}[name]
+
+
+def group_error(code: str, name: str) -> tuple[int, bytes]:
+    message = {"InvalidPlacementGroup.Duplicate": f"The Placement Group '{name}' already exists.",
+               "InvalidPlacementGroup.Unknown": f"The Placement Group '{name}' is unknown.",
+               "InvalidPlacementGroup.InUse": f"The placement group '{name}' is in use and may not be deleted."}[code]
+    return 400, ec2_error_body(code, message)
+
+
 class _ProxyHandler(BaseHTTPRequestHandler):
     def log_message(self, *args) -> None:
         pass
@@ -157,7 +210,9 @@ class _ProxyHandler(BaseHTTPRequestHandler):
     def _relay(self) -> None:
         proxy: Ec2Proxy = self.server.owner
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        answer = proxy.intercept(self.command, body)
+        form = urllib.parse.parse_qs(body.decode(errors="replace")) if self.command == "POST" else {}
+        region = region_of(self.headers)
+        answer = proxy.intercept(form, region)
         if answer is None:
             connection = http.client.HTTPConnection("127.0.0.1", proxy.moto_port, timeout=60)
             headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
@@ -166,6 +221,7 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             status, payload = response.status, response.read()
             content_type = response.getheader("Content-Type", "text/xml")
             connection.close()
+            proxy.launched(form, region, status, payload)
         else:
             status, payload, content_type = *answer, "text/xml;charset=UTF-8"
         self.send_response(status)
@@ -179,14 +235,19 @@ class _ProxyHandler(BaseHTTPRequestHandler):
 
 class Ec2Proxy:
     """Loopback proxy in front of moto. RunInstances for a zone (and type) may be answered with the error
-    EC2 gives there; every other request goes through untouched."""
+    EC2 gives there; placement groups, which moto lacks, are served here (create, describe, delete, and
+    RunInstances into one, which puts its instances in the group on moto's own records); every other
+    request goes through untouched."""
 
     def __init__(self, moto_port: int) -> None:
         self.moto_port = moto_port
         self.subnet_zones: dict[str, str] = {}
         self._refusals: dict[tuple[str, str | None], str] = {}
         self._transient: dict[str, list[str]] = {}  # zone -> error codes to answer with, in order
+        self._room: dict[str, int] = {}  # zone -> instances a launch may get there
         self.launches: list[tuple[str, str, str]] = []  # (zone, type, error code or "launched")
+        self.placement_groups: dict[tuple[str, str], PlacementGroup] = {}  # (region, name) -> group
+        self._group_ids = itertools.count(0x0A1B2C3D4E5F6071)
         self._lock = threading.Lock()
         self._server = serve(_ProxyHandler, self)
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
@@ -197,26 +258,89 @@ class Ec2Proxy:
     def fail_next(self, zone: str, *codes: str) -> None:
         self._transient.setdefault(zone, []).extend(codes)
 
+    def capacity(self, zone: str, hosts: int) -> None:
+        """EC2 has room for `hosts` instances in the zone: a launch whose MinCount asks for more is refused with
+        InsufficientInstanceCapacity and launches none (EC2's all or nothing)."""
+        self._room[zone] = hosts
+
     def reset(self) -> None:
         with self._lock:
             self._refusals.clear()
             self._transient.clear()
+            self._room.clear()
             self.launches.clear()
+            self.placement_groups.clear()
 
-    def intercept(self, method: str, body: bytes) -> tuple[int, bytes] | None:
-        form = urllib.parse.parse_qs(body.decode(errors="replace")) if method == "POST" else {}
-        if form.get("Action") != ["RunInstances"]:
+    def intercept(self, form: dict[str, list[str]], region: str) -> tuple[int, bytes] | None:
+        action = form.get("Action", [""])[0]
+        if action in ("CreatePlacementGroup", "DescribePlacementGroups", "DeletePlacementGroup"):
+            with self._lock:
+                return getattr(self, f"_{action}")(form, region)
+        if action != "RunInstances":
             return None
         itype = form.get("InstanceType", [""])[0]
         zone = form.get("Placement.AvailabilityZone", [None])[0] or self.subnet_zones.get(
             form.get("SubnetId", [""])[0], "")
+        group = form.get("Placement.GroupName", [None])[0]
+        if group and (region, group) not in self.placement_groups:
+            return group_error("InvalidPlacementGroup.Unknown", group)
         with self._lock:
             code = self._transient[zone].pop(0) if self._transient.get(zone) else None
             code = code or self._refusals.get((zone, itype)) or self._refusals.get((zone, None))
+            if code is None and int(form.get("MinCount", ["1"])[0]) > self._room.get(zone, sys.maxsize):
+                code = "InsufficientInstanceCapacity"
             self.launches.append((zone, itype, code or "launched"))
         if code is None:
             return None
         return ERROR_STATUS.get(code, 400), ec2_error_body(code, error_message(code, itype, zone))
+
+    def launched(self, form: dict[str, list[str]], region: str, status: int, payload: bytes) -> None:
+        """After moto ran a launch into a placement group: its instances are in the group (moto has a field for
+        an instance's group, and leaves it empty)."""
+        group = form.get("Placement.GroupName", [None])[0]
+        if form.get("Action") != ["RunInstances"] or not group or status != 200:
+            return
+        from moto.ec2.models import ec2_backends
+
+        backend = ec2_backends[MOTO_ACCOUNT][region]
+        for instance_id in re.findall(r"<instanceId>(i-[0-9a-f]+)</instanceId>", payload.decode()):
+            backend.get_instance(instance_id).placement.group_name = group
+
+    def _CreatePlacementGroup(self, form: dict[str, list[str]], region: str) -> tuple[int, bytes]:  # noqa: N802
+        name = form["GroupName"][0]
+        if (region, name) in self.placement_groups:
+            return group_error("InvalidPlacementGroup.Duplicate", name)
+        tags = dict(zip(numbered(form, "TagSpecification.1.Tag", ".Key"),
+                        numbered(form, "TagSpecification.1.Tag", ".Value"), strict=True))
+        group = PlacementGroup(name, f"pg-{next(self._group_ids):016x}", form.get("Strategy", ["cluster"])[0],
+                               region, tags)
+        self.placement_groups[(region, name)] = group
+        return 200, ec2_response("CreatePlacementGroup", f"<placementGroup>{group.xml()}</placementGroup>")
+
+    def _DescribePlacementGroups(self, form: dict[str, list[str]], region: str) -> tuple[int, bytes]:  # noqa: N802
+        names = numbered(form, "GroupName")
+        filters = [(name, numbered(form, f"Filter.{n}.Value"))
+                   for n, name in enumerate(numbered(form, "Filter", ".Name"), start=1)]
+        for name in names:
+            if (region, name) not in self.placement_groups:
+                return group_error("InvalidPlacementGroup.Unknown", name)
+        found = [group for (where, name), group in self.placement_groups.items()
+                 if where == region and (not names or name in names) and all(group.matches(*f) for f in filters)]
+        items = "".join(f"<item>{group.xml()}</item>" for group in found)
+        return 200, ec2_response("DescribePlacementGroups", f"<placementGroupSet>{items}</placementGroupSet>")
+
+    def _DeletePlacementGroup(self, form: dict[str, list[str]], region: str) -> tuple[int, bytes]:  # noqa: N802
+        from moto.ec2.models import ec2_backends
+
+        name = form["GroupName"][0]
+        if (region, name) not in self.placement_groups:
+            return group_error("InvalidPlacementGroup.Unknown", name)
+        if any(instance.placement.group_name == name and instance.state != "terminated"
+               for reservation in ec2_backends[MOTO_ACCOUNT][region].all_reservations()
+               for instance in reservation.instances):
+            return group_error("InvalidPlacementGroup.InUse", name)
+        del self.placement_groups[(region, name)]
+        return 200, ec2_response("DeletePlacementGroup", "<return>true</return>")
 
     def close(self) -> None:
         self._server.shutdown()
@@ -237,6 +361,17 @@ def parse_user_data(script: str) -> tuple[dict[str, str], list[str]]:
         elif len(words) > 1 and words[0].endswith("/vl") and words[1] == "agent":
             agent = words[1:]
     return env, agent
+
+
+def instance_user_data(ec2, instance: dict) -> str:
+    """The bootstrap an instance runs: its user-data, unzipped as cloud-init does; of a gang's one user-data, the
+    part of the instance's launch index (what the part that reads it from IMDS picks)."""
+    encoded = ec2.describe_instance_attribute(InstanceId=instance["InstanceId"], Attribute="userData")
+    data = base64.b64decode(encoded.get("UserData", {}).get("Value", ""))
+    text = (gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data).decode()
+    node = instance["AmiLaunchIndex"]
+    part = re.search(rf"<<'VL_NODE_{node}'\n(.*?\n)VL_NODE_{node}\n", text, re.DOTALL)
+    return part.group(1) if part else text
 
 
 @dataclass
@@ -281,9 +416,7 @@ class InstancePlayer:
 
     def boot(self, instance: dict) -> Machine:
         instance_id = instance["InstanceId"]
-        encoded = self.ec2.describe_instance_attribute(InstanceId=instance_id, Attribute="userData")
-        user_data = base64.b64decode(encoded.get("UserData", {}).get("Value", "")).decode()
-        exported, agent_args = parse_user_data(user_data)
+        exported, agent_args = parse_user_data(instance_user_data(self.ec2, instance))
         imds = ImdsFake(instance_id, instance["Placement"]["AvailabilityZone"], instance["InstanceType"],
                         instance.get("InstanceLifecycle", "on-demand"))
         if not agent_args:

@@ -1,6 +1,7 @@
 """The aws provider on its own, against moto over HTTP with the real boto3 client: launches and their
-tags and user-data, capacity outcomes, retries, placement order, describe, reap, prices, the settings a
-host reads, and the IAM policies. Instances are not booted here (the end-to-end tests boot them)."""
+tags and user-data, gangs and their placement groups, capacity outcomes, retries, placement order, describe,
+reap, prices, the settings a host reads, and the IAM policies. Instances are not booted here (the end-to-end
+tests boot them)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from activities.providers.base import NoCapacityError
 from vaultlayer.catalog import aws as aws_catalog
 from vaultlayer.catalog import priced_pools
 from tests.aws.conftest import DLAMI_PARAMETER, MOTO_AMI, REGION, SECRET_NAME
-from tests.aws.fakes import parse_user_data
+from tests.aws.fakes import instance_user_data, parse_user_data
 from tests.conftest import REPO
 from vaultlayer.models import AgentRef, HostState, Market, Placement, Pool, ProvisionInput, Refusal
 from vaultlayer.workdir.agent import build_agent_wheel
@@ -32,8 +33,9 @@ def pool(zone: str | None = None, market: Market = Market.SPOT) -> Pool:
     return Pool(provider="aws", region="" if zone else REGION, zone=zone, gpu="A10G", gpu_count=1, market=market)
 
 
-def request(run_id: str, attempt: int, zone: str | None = None, market: Market = Market.SPOT) -> ProvisionInput:
-    return ProvisionInput(run_id=run_id, placement=Placement(pool=pool(zone, market), attempt=attempt))
+def request(run_id: str, attempt: int, zone: str | None = None, market: Market = Market.SPOT,
+            nodes: int = 1) -> ProvisionInput:
+    return ProvisionInput(run_id=run_id, placement=Placement(pool=pool(zone, market), attempt=attempt, nodes=nodes))
 
 
 @pytest.fixture
@@ -131,6 +133,79 @@ def test_a_retried_provision_gets_the_host_of_the_first_try(aws, provider):
     assert again.handle["instance_id"] == first.handle["instance_id"] and again.task_queue == first.task_queue
     assert len(aws.instances("r-retry")) == 1
     provider.reap("r-retry")
+    aws.assert_nothing_left()
+
+
+def test_a_gang_is_launched_whole_into_a_cluster_placement_group(aws, provider):
+    hosts = provider.provision(request("r-gang", 1, zone="us-east-1b", nodes=2)).hosts
+    assert [host.host_id for host in hosts] == ["h-1-0", "h-1-1"]
+    assert aws.proxy.launches == [("us-east-1b", "g5.xlarge", "launched")]  # one call for both
+    [group] = aws.proxy.placement_groups.values()
+    assert (group.name, group.strategy) == ("vl-r-gang-a1", "cluster")
+    assert group.tags == {"vaultlayer:run-id": "r-gang", "vaultlayer:attempt": "1", "vaultlayer:gang": "r-gang-a1"}
+    instances = {i["InstanceId"]: i for i in aws.instances("r-gang")}
+    for node, host in enumerate(hosts):
+        instance = instances[host.handle["instance_id"]]
+        assert instance["Placement"]["GroupName"] == group.name
+        assert instance["Placement"]["AvailabilityZone"] == host.handle["zone"] == "us-east-1b"
+        assert tags(instance).items() >= {"vaultlayer:run-id": "r-gang", "vaultlayer:attempt": "1",
+                                          "vaultlayer:gang": "r-gang-a1", "vaultlayer:node": str(node),
+                                          "vaultlayer:host": host.host_id}.items()
+        assert host.address == instance["PrivateIpAddress"]
+        # One user-data for the gang: each instance runs the bootstrap of its launch index, its own host id.
+        assert parse_user_data(instance_user_data(aws.ec2, instance))[1][:5] == [
+            "agent", "--task-queue", host.task_queue, "--host-id", host.host_id]
+    assert len({host.address for host in hosts}) == len({host.task_queue for host in hosts}) == 2
+
+    again = provider.provision(request("r-gang", 1, zone="us-east-1b", nodes=2)).hosts  # a retried provision
+    assert [(h.host_id, h.task_queue, h.handle, h.address) for h in again] == \
+        [(h.host_id, h.task_queue, h.handle, h.address) for h in hosts]
+    assert len(aws.proxy.launches) == 1 and len(aws.instances("r-gang")) == 2
+
+    provider.release(hosts[0])
+    assert aws.proxy.placement_groups  # still holds the other host
+    provider.release(hosts[1])
+    assert not aws.proxy.placement_groups  # the last host out deletes it
+    assert provider.reap("r-gang") == []
+    aws.assert_nothing_left()
+
+
+def test_a_gang_the_zone_has_no_room_for_leaves_nothing_behind(aws, provider):
+    aws.proxy.capacity("us-east-1a", 1)
+    with pytest.raises(NoCapacityError) as caught:
+        provider.provision(request("r-short", 1, zone="us-east-1a", nodes=2))
+    assert caught.value.kind == Refusal.NO_CAPACITY and caught.value.held_host_seconds == 0
+    # EC2 launches all of a MinCount or none, so a gang refused at launch held nothing: 0 of 2.
+    assert str(caught.value).startswith("0 of 2 hosts: tried g5.xlarge in us-east-1a: InsufficientInstanceCapacity")
+    assert aws.instances("r-short") == [] and not aws.proxy.placement_groups
+    assert provider.provision(request("r-short", 2, zone="us-east-1a")).host  # one host fits
+    provider.reap("r-short")
+    aws.assert_nothing_left()
+
+
+def test_a_retried_provision_releases_a_gang_that_lost_a_host(aws, provider):
+    hosts = provider.provision(request("r-part", 1, zone="us-east-1a", nodes=2)).hosts
+    aws.market.reclaim_now(hosts[1].handle["instance_id"])  # before the first try's result got through
+    with pytest.raises(NoCapacityError, match="^1 of 2 hosts: ") as caught:
+        provider.provision(request("r-part", 1, zone="us-east-1a", nodes=2))
+    assert 0 <= caught.value.held_host_seconds < 60
+    aws.assert_nothing_left()
+    # The next attempt is a whole new gang, in a group of its own; the empty group of the last one goes on the way.
+    again = provider.provision(request("r-part", 2, zone="us-east-1a", nodes=2)).hosts
+    assert [host.host_id for host in again] == ["h-2-0", "h-2-1"]
+    assert [group.name for group in aws.proxy.placement_groups.values()] == ["vl-r-part-a2"]
+    assert sorted(provider.reap("r-part")) == sorted(host.handle["instance_id"] for host in again)
+    assert not aws.proxy.placement_groups
+    aws.assert_nothing_left()
+
+
+def test_reap_and_the_sweep_find_a_placement_group_left_behind(aws, provider):
+    hosts = provider.provision(request("r-left", 1, zone="us-east-1c", nodes=2)).hosts
+    # The gang's instances went without a release (the worker that held them died): its group is left.
+    aws.ec2.terminate_instances(InstanceIds=[host.handle["instance_id"] for host in hosts])
+    assert provider.live_runs() == {"r-left"}
+    assert provider.reap("r-left") == [] and not aws.proxy.placement_groups
+    assert provider.live_runs() == set()
     aws.assert_nothing_left()
 
 

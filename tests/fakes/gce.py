@@ -2,9 +2,11 @@
 VM, and a player that runs each VM's host agent locally from the startup-script the provider wrote.
 
 The fake serves what google-cloud-compute 1.57 sends over REST: instances insert/get/delete and
-aggregatedList with a label `filter`, zoneOperations get/wait/list; error bodies have the public API's
-shape (`{"error": {"code", "message", "errors": [{"message", "domain", "reason"}]}}`), and failed
-inserts end in an Operation whose `error.errors[]` carries codes such as ZONE_RESOURCE_POOL_EXHAUSTED.
+aggregatedList with a label `filter`, zoneOperations get/wait/list, resourcePolicies insert/delete and
+aggregatedList (compact placement policies, which an instance names in `resourcePolicies`), regionOperations
+get/wait; error bodies have the public API's shape (`{"error": {"code", "message", "errors": [{"message",
+"domain", "reason"}]}}`), and failed inserts end in an Operation whose `error.errors[]` carries codes such as
+ZONE_RESOURCE_POOL_EXHAUSTED (`insert_errors`, or a zone's `capacity` used up). VMs get internal addresses.
 State changes (an operation finishing, a deleted VM going away, a preempted VM stopping) happen when
 their time is due, checked on every request, so the fake has no clock thread of its own.
 
@@ -22,6 +24,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
+import ipaddress
 import itertools
 import json
 import math
@@ -175,6 +178,8 @@ class FakeGce:
         self.operations: dict[tuple[str, str], dict] = {}
         self.by_request_id: dict[str, dict] = {}
         self.insert_errors: dict[str, dict] = {}  # zone -> the operation error its inserts end with
+        self.capacity: dict[str, int] = {}  # zone -> VMs it holds at most: an insert past that is a stockout
+        self.policies: dict[tuple[str, str], dict] = {}  # (region, name) -> resource policy
         self.not_offered: dict[str, set[str]] = {}  # zone -> machine and accelerator types it lacks
         self.faults: list[list] = []  # [method, path regex, status, body, times left]
         self.holds: list[Hold] = []
@@ -185,6 +190,7 @@ class FakeGce:
         self._operations_running = 0
         self._metadata_servers: list[MetadataServer] = []
         self._ids = itertools.count(4_000_000_000_000_000_001)
+        self._addresses = (ipaddress.ip_address("10.128.0.2") + n for n in itertools.count())
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.server.daemon_threads = True
 
@@ -231,6 +237,11 @@ class FakeGce:
         with self.cond:
             self._advance()
             return [json.loads(json.dumps(vm.resource)) for vm in self.vms.values()]
+
+    def resource_policies(self) -> list[dict]:
+        with self.cond:
+            self._advance()
+            return [json.loads(json.dumps(policy)) for policy in self.policies.values()]
 
     def labelled(self, key: str = "vaultlayer-run-id") -> list[dict]:
         return [r for r in self.instances() if key in r.get("labels", {})]
@@ -367,17 +378,30 @@ class FakeGce:
         )
         for accelerator in resource.get("guestAccelerators", []):
             accelerator["acceleratorType"] = f"{API}/projects/{self.project}/{accelerator['acceleratorType']}"
+        for index, interface in enumerate(resource.get("networkInterfaces", [])):
+            interface.update(name=f"nic{index}", networkIP=str(next(self._addresses)))
+        resource["resourcePolicies"] = [self._policy_link(path) for path in resource.get("resourcePolicies", [])]
+        if not resource["resourcePolicies"]:
+            del resource["resourcePolicies"]
         return resource
 
-    def _operation(self, zone: str, operation_type: str, target: dict, status: str = "RUNNING") -> dict:
+    def _policy_link(self, path: str) -> str:
+        """A resource policy's full URL, from the full or partial one an instance names it by."""
+        path = path.removeprefix(f"{API}/")
+        return f"{API}/{path if path.startswith('projects/') else f'projects/{self.project}/{path}'}"
+
+    def _operation(self, zone: str, operation_type: str, target: dict, status: str = "RUNNING",
+                   scope: str = "zones") -> dict:
+        """A zone operation, or with `scope="regions"` a region operation (`zone` then names the region)."""
         op_id = next(self._ids)
         name = f"operation-{int(time.time() * 1000)}-{op_id % 10**12:012x}"
         operation = {
             "kind": "compute#operation", "id": str(op_id), "name": name, "operationType": operation_type,
-            "zone": f"{API}/projects/{self.project}/zones/{zone}", "targetLink": target["selfLink"],
-            "targetId": target["id"], "status": status, "progress": 100 if status == "DONE" else 0,
-            "user": "vaultlayer-worker@vl-test.iam.gserviceaccount.com", "insertTime": self._now(),
-            "startTime": self._now(), "selfLink": self._link(zone, "operations", name),
+            scope.removesuffix("s"): f"{API}/projects/{self.project}/{scope}/{zone}",
+            "targetLink": target["selfLink"], "targetId": target["id"], "status": status,
+            "progress": 100 if status == "DONE" else 0, "user": "vaultlayer-worker@vl-test.iam.gserviceaccount.com",
+            "insertTime": self._now(), "startTime": self._now(),
+            "selfLink": f"{API}/projects/{self.project}/{scope}/{zone}/operations/{name}",
         }
         self.operations[(zone, name)] = operation
         return operation
@@ -415,10 +439,19 @@ class FakeGce:
                          f"'{accelerator['acceleratorType']}'. Accelerator type '{kind}' does not exist in zone "
                          f"{zone}.",
                     "invalid")
+        region = zone.rsplit("-", 1)[0]
+        for path in body.get("resourcePolicies", []):
+            link = self._policy_link(path)
+            if link.rsplit("/", 1)[-1] not in {name for (where, name) in self.policies if where == region} \
+                    or f"/regions/{region}/" not in link:
+                return 404, error_body(404, f"The resource '{link.removeprefix(API + '/')}' was not found",
+                                       "notFound")
         self._record_create_permissions(body)
         resource = self._new_resource(zone, body)
         operation = self._operation(zone, "insert", resource)
         error = self.insert_errors.get(zone)
+        if error is None and sum(1 for z, _ in self.vms if z == zone) >= self.capacity.get(zone, math.inf):
+            error = stockout(self.project, zone)
         vm = None if error else Vm(resource)  # a refused insert creates nothing
         if vm:
             self.vms[(zone, name)] = vm
@@ -442,6 +475,8 @@ class FakeGce:
             self.permissions.add("compute.instances.setMetadata")
         if body.get("labels"):
             self.permissions.add("compute.instances.setLabels")
+        if body.get("resourcePolicies"):
+            self.permissions.add("compute.resourcePolicies.use")
         if body.get("serviceAccounts"):
             self.permissions |= {"compute.instances.setServiceAccount", "iam.serviceAccounts.actAs"}
         for interface in body.get("networkInterfaces", []):
@@ -466,6 +501,57 @@ class FakeGce:
         self._after(self.op_seconds, gone, self._operation_hold("delete"))
         return 200, operation
 
+    def insert_policy(self, region: str, body: dict, request_id: str | None) -> tuple[int, dict]:
+        self.permissions.add("compute.resourcePolicies.create")
+        if request_id and request_id in self.by_request_id:
+            return 200, self.by_request_id[request_id]
+        name = body["name"]
+        if (region, name) in self.policies:
+            return 409, error_body(409, f"The resource 'projects/{self.project}/regions/{region}/resourcePolicies/"
+                                        f"{name}' already exists", "alreadyExists")
+        policy = json.loads(json.dumps(body))
+        policy.update(kind="compute#resourcePolicy", id=str(next(self._ids)), creationTimestamp=self._now(),
+                      region=f"{API}/projects/{self.project}/regions/{region}", status="CREATING",
+                      selfLink=f"{API}/projects/{self.project}/regions/{region}/resourcePolicies/{name}")
+        self.policies[(region, name)] = policy
+        operation = self._operation(region, "insert", policy, scope="regions")
+
+        def made() -> None:
+            self._finish(operation)
+            self._operations_running -= 1
+            policy["status"] = "READY"
+
+        self._operations_running += 1
+        self._after(self.op_seconds, made)
+        if request_id:
+            self.by_request_id[request_id] = operation
+        return 200, operation
+
+    def delete_policy(self, region: str, name: str) -> tuple[int, dict]:
+        self.permissions.add("compute.resourcePolicies.delete")
+        policy = self.policies.get((region, name))
+        if policy is None:
+            return 404, error_body(404, f"The resource 'projects/{self.project}/regions/{region}/resourcePolicies/"
+                                        f"{name}' was not found", "notFound")
+        users = [vm.resource for vm in self.vms.values() if policy["selfLink"] in vm.resource.get("resourcePolicies", [])]
+        if users:
+            user = users[0]["selfLink"].removeprefix(f"{API}/")
+            return 400, error_body(400, f"The resource_policy resource 'projects/{self.project}/regions/{region}/"
+                                        f"resourcePolicies/{name}' is already being used by '{user}'",
+                                   "resourceInUseByAnotherResource")
+        operation = self._operation(region, "delete", policy, scope="regions")
+        policy["status"] = "DELETING"
+
+        def gone() -> None:
+            self._finish(operation)
+            self._operations_running -= 1
+            if self.policies.get((region, name)) is policy:
+                del self.policies[(region, name)]
+
+        self._operations_running += 1
+        self._after(self.op_seconds, gone)
+        return 200, operation
+
     def _not_found(self, zone: str, kind: str, name: str) -> tuple[int, dict]:
         return 404, error_body(404, f"The resource 'projects/{self.project}/zones/{zone}/{kind}/{name}' was not found",
                                "notFound")
@@ -480,10 +566,11 @@ class FakeGce:
         secret = re.fullmatch(r"/v1/projects/([^/]+)/secrets/([^/]+)/versions/([^/:]+):access", path)
         if secret:
             return self._access_secret(*secret.groups())
-        route = re.fullmatch(r"/compute/v1/projects/([^/]+)/(?:zones/([^/]+)/)?(.*)", path)
+        route = re.fullmatch(r"/compute/v1/projects/([^/]+)/(?:(zones|regions)/([^/]+)/)?(.*)", path)
         if route is None or route.group(1) != self.project:
             return 404, error_body(404, f"The resource '{path}' was not found", "notFound")
-        zone, rest = route.group(2), route.group(3)
+        scope, rest = route.group(2), route.group(4)
+        zone = route.group(3) if scope == "zones" else None
         try:
             terms = parse_filter(query.get("filter", ""))
         except ValueError as err:
@@ -498,6 +585,17 @@ class FakeGce:
             listing = f"projects/{self.project}/aggregated/instances"
             return 200, {"kind": "compute#instanceAggregatedList", "id": listing, "items": items,
                          "selfLink": f"{API}/{listing}"}
+        if scope is None and rest == "aggregated/resourcePolicies" and method == "GET":
+            self.permissions.add("compute.resourcePolicies.list")
+            items = {}
+            for (region, _), policy in self.policies.items():
+                if matches(policy, terms):
+                    items.setdefault(f"regions/{region}", {"resourcePolicies": []})["resourcePolicies"].append(policy)
+            listing = f"projects/{self.project}/aggregated/resourcePolicies"
+            return 200, {"kind": "compute#resourcePolicyAggregatedList", "id": listing, "items": items,
+                         "selfLink": f"{API}/{listing}"}
+        if scope == "regions":
+            return self._regional(method, route.group(3), rest, query, body)
         if zone is None:
             return 404, error_body(404, f"The resource '{path}' was not found", "notFound")
         if rest == "instances" and method == "POST":
@@ -524,6 +622,27 @@ class FakeGce:
                 self.wait_until(lambda: found["status"] == "DONE", timeout=120)
             return 200, found
         return 404, error_body(404, f"The resource '{path}' was not found", "notFound")
+
+    def _regional(self, method: str, region: str, rest: str, query: dict[str, str],
+                  body: dict | None) -> tuple[int, dict]:
+        """resourcePolicies insert and delete, regionOperations get and wait."""
+        if rest == "resourcePolicies" and method == "POST":
+            return self.insert_policy(region, body or {}, query.get("requestId"))
+        policy = re.fullmatch(r"resourcePolicies/([^/]+)", rest)
+        if policy and method == "DELETE":
+            return self.delete_policy(region, policy.group(1))
+        operation = re.fullmatch(r"operations/([^/]+)(/wait)?", rest)
+        if operation and method in ("GET", "POST"):
+            self.permissions.add("compute.regionOperations.get")
+            found = self.operations.get((region, operation.group(1)))
+            if found is None:
+                return 404, error_body(404, f"The resource 'projects/{self.project}/regions/{region}/operations/"
+                                            f"{operation.group(1)}' was not found", "notFound")
+            if operation.group(2):  # wait: until DONE, at most two minutes, as the real service
+                self.wait_until(lambda: found["status"] == "DONE", timeout=120)
+            return 200, found
+        return 404, error_body(404, f"The resource 'projects/{self.project}/regions/{region}/{rest}' was not found",
+                               "notFound")
 
     def _access_secret(self, project: str, secret: str, version: str) -> tuple[int, dict]:
         self.permissions.add("secretmanager.versions.access")
@@ -749,9 +868,9 @@ def gce(vl_home: Path, monkeypatch) -> Iterator[FakeGce]:
     yield fake
     fake.release_holds()  # a failed test's holds: let its requests and operations finish
     fake.settle()
-    left = [vm["name"] for vm in fake.labelled()]
+    left = [vm["name"] for vm in fake.labelled()] + [name for _, name in fake.policies]
     fake.stop()
-    assert not left, f"VMs outlived their test: {left}"
+    assert not left, f"VMs or placement policies outlived their test: {left}"
 
 
 @pytest.fixture
