@@ -38,6 +38,7 @@ from vaultlayer.models import (
     AttemptProgress,
     AttemptResult,
     FailureCause,
+    Host,
     Notice,
     SnapshotRef,
 )
@@ -105,6 +106,10 @@ class Uploader:
         self.last_error = ""  # of the last failed upload, while failures > 0
         self.busy = False
         self.poll_seconds = POLL_SECONDS  # NOTICE_POLL_SECONDS once a notice came
+        # A gang: this host's part of each save goes up on its own; node 0 then waits for every other node's part
+        # and commits the checkpoint. Steps whose part is stored, so a commit tried again does not upload it twice.
+        self.parts_stored: set[int] = set()
+        self.stop_waiting_for_nodes = asyncio.Event()  # set when the attempt ends: a part that never came stays out
 
     async def run(self, stop: asyncio.Event) -> None:
         """Upload until `stop` is set and every save staged before it is stored."""
@@ -123,6 +128,21 @@ class Uploader:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), self.poll_seconds)
 
+    async def _commit_gang(self, step: int) -> bool:
+        """Node 0 of a gang: once every node's part of `step` is stored, write the checkpoint's manifest. False when
+        the attempt ended first (a node died before its part was in: the checkpoint stays partial, never resumed)."""
+        gang = self.inp.gang
+        while missing := await asyncio.to_thread(checkpoint.gang_nodes_missing, self.inp.storage_url,
+                                                 self.inp.run_id, self.inp.attempt, step, gang.nodes):
+            if self.stop_waiting_for_nodes.is_set():
+                log.warning("gang checkpoint incomplete", step=step, missing_nodes=missing)
+                return False
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop_waiting_for_nodes.wait(), self.poll_seconds)
+        await asyncio.to_thread(checkpoint.commit_gang_checkpoint, self.inp.storage_url, self.inp.run_id,
+                                self.inp.attempt, step, gang.nodes)
+        return True
+
     def idle(self) -> bool:
         """Nothing in flight and nothing staged."""
         return not self.busy and not staged_saves(self.staging)
@@ -133,16 +153,25 @@ class Uploader:
             shutil.rmtree(save.directory, ignore_errors=True)  # older than what is stored
             return True
         self.busy = True
+        gang = self.inp.gang
         try:
-            await asyncio.to_thread(
-                checkpoint.upload_checkpoint,
-                save.directory,
-                self.inp.storage_url,
-                self.inp.run_id,
-                self.inp.attempt,
-                save.step,
-                world_size=save.world_size,
-            )
+            if save.step not in self.parts_stored:
+                await asyncio.to_thread(
+                    checkpoint.upload_checkpoint,
+                    save.directory,
+                    self.inp.storage_url,
+                    self.inp.run_id,
+                    self.inp.attempt,
+                    save.step,
+                    world_size=save.world_size,
+                    node=(gang.node_rank, gang.nodes) if gang else None,
+                )
+                self.parts_stored.add(save.step)
+            if gang is not None and gang.node_rank == 0 and not await self._commit_gang(save.step):
+                log.warning("checkpoint left incomplete: a node's part never came", step=save.step,
+                            attempt=self.inp.attempt)
+                shutil.rmtree(save.directory, ignore_errors=True)
+                return True
         except checkpoint.CheckpointError as err:  # the save itself is unusable: no retry can store it
             log.error("checkpoint cannot be stored; dropped", step=save.step, error=str(err))
             shutil.rmtree(save.directory, ignore_errors=True)
@@ -182,6 +211,12 @@ def read_interval(control: Path) -> str:
         return ""
     seconds, why = progress.interval_seconds, progress.interval_reason
     return f"every {seconds:.0f} s: {why}" if seconds else why
+
+
+def gang_environ(inp: AttemptInput) -> dict[str, str]:
+    """VL_NODE_RANK and the other gang variables of a multi-node attempt; none on a single host."""
+    gang = inp.gang
+    return protocol.gang_environ(gang.node_rank, gang.addresses, gang.master_port) if gang else {}
 
 
 def deadline_margin(notice_seconds: float) -> float:
@@ -280,6 +315,15 @@ class HostAgentActivities:
                 return f"{what} {got!r} is not this agent's {mine!r}"
         return None
 
+    @activity.defn(name="agent_ready")
+    async def agent_ready(self, host: Host) -> str:
+        """The gang's roll call: a multi-node attempt starts only once every host's agent answers this."""
+        if host.host_id != self.host_id or host.task_queue != self.task_queue \
+                or activity.info().workflow_id != self.run_id:
+            raise ApplicationError(f"host agent {self.host_id} of run {self.run_id} is not {host.host_id}",
+                                   type="ForeignAttempt", non_retryable=True)
+        return self.host_id
+
     @activity.defn(name="run_attempt")
     async def run_attempt(self, inp: AttemptInput) -> AttemptResult:
         if (reason := self._foreign(inp)) is not None:
@@ -293,7 +337,8 @@ class HostAgentActivities:
         ctx = AttemptContext(
             inp=inp,
             progress=AttemptProgress(phase="restoring", start_step=start_step, step=start_step,
-                                     durable_step=inp.checkpoint.step if inp.checkpoint else None),
+                                     durable_step=inp.checkpoint.step if inp.checkpoint else None,
+                                     node_rank=inp.gang.node_rank if inp.gang else 0),
             workdir=workdir, checkpoint_dir=workdir / inp.checkpoint_dir if inp.checkpoint_dir else None,
             restore=attempt_dir / "restore", staging=attempt_dir / "staging", control=attempt_dir / "control",
             log_path=self.host_dir / f"a{inp.attempt}.log",
@@ -373,7 +418,7 @@ class HostAgentActivities:
                 shortest_host_life_seconds=inp.shortest_host_life_seconds,
                 host_since=inp.host_since.timestamp() if inp.host_since else None,
             )
-        return protocol.without_contract_variables(env) | contract.to_environ()
+        return protocol.without_contract_variables(env) | contract.to_environ() | gang_environ(inp)
 
     async def _supervise(self, ctx: AttemptContext) -> AttemptResult:
         """Start the script and watch it until it exits or a notice ends the attempt."""
@@ -401,7 +446,12 @@ class HostAgentActivities:
             return ended.model_copy(update=ctx.setup.result_fields())
         except asyncio.CancelledError:
             await self._cancelled(ctx, run)
-            raise
+            if ctx.inp.gang is None:
+                raise
+            # A gang stopped because another node ended: what this host stored is part of the gang's result.
+            return AttemptResult(outcome=AttemptOutcome.CANCELLED, start_step=ctx.progress.start_step,
+                                 end_step=read_progress(ctx.control), durable_step=run.uploader.durable_step,
+                                 reason="stopped with its gang")
         finally:
             run.uploads.cancel()
             if run.process.returncode is None and run.notice is None:
@@ -426,8 +476,9 @@ class HostAgentActivities:
         output_read, output_write = os.pipe()
         masker = await _start_masker(ctx.log_path, secret_values(script_env, secrets.values()), output_read)
         try:
+            command = protocol.expand_gang_variables(inp.command, gang_environ(inp))
             process = await asyncio.create_subprocess_exec(  # OSError: the command cannot start on this host
-                *setup_commands.wrap(inp.setup, inp.command, ctx.control),
+                *setup_commands.wrap(inp.setup, command, ctx.control),
                 cwd=ctx.workdir,
                 env=script_env,
                 stdin=asyncio.subprocess.DEVNULL,
@@ -509,7 +560,7 @@ class HostAgentActivities:
             await asyncio.to_thread(run.snapshots.snapshot_if_settled, 0.0)  # the script is done writing
             ctx.progress.step = run.snapshots.step
         run.stop_uploads.set()
-        await run.uploads
+        await asyncio.shield(run.uploads)  # a cancel meanwhile flushes them (`_cancelled`), it does not drop them
         await run.drain_output()
         exit_code = run.process.returncode
         ctx.log.info("script exited", exit_code=exit_code)
@@ -546,6 +597,8 @@ class HostAgentActivities:
                 with contextlib.suppress(ProcessLookupError):
                     run.process.send_signal(signal.SIGKILL)
                 await run.process.wait()
+        if ctx.inp.gang is not None:
+            await _flush_uploads(ctx, run)
         if not ctx.inp.output_dir:
             return
         try:
@@ -560,6 +613,19 @@ class HostAgentActivities:
     def _forward_notice(control: Path, notice: Notice, notice_id: str) -> None:
         protocol.write_notice(control, protocol.NoticeDocument(id=notice_id, deadline=notice.deadline.timestamp(),
                                                                kind=notice.kind))
+
+
+async def _flush_uploads(ctx: AttemptContext, run: RunningScript) -> None:
+    """A gang stopped: store what the script staged (bounded, for a storage outage). The workflow stops node 0,
+    which commits checkpoints, only once every other host's attempt is over: every part that will ever come is in,
+    so node 0 commits the saves that are whole and waits for no other."""
+    run.uploader.stop_waiting_for_nodes.set()
+    if run.uploads.done():
+        run.uploads = asyncio.create_task(run.uploader.run(run.stop_uploads))
+    run.stop_uploads.set()
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(asyncio.shield(run.uploads), OUTPUTS_ON_CANCEL_SECONDS)
+    ctx.log.info("uploads flushed after the gang stopped", durable_step=run.uploader.durable_step)
 
 
 async def _store_outputs(ctx: AttemptContext) -> tuple[SnapshotRef | None, str]:

@@ -13,6 +13,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     reclaim = sub.add_parser("reclaim", help="take the run's current host back now (local provider)")
     reclaim.add_argument("run_id")
     reclaim.add_argument("--no-notice", action="store_true", help="SIGKILL at once, with no notice")
+    reclaim.add_argument("--node", type=int, default=0, metavar="K",
+                         help="of a multi-node run, the host of node rank K (default 0)")
     reclaim.set_defaults(handler=cmd_reclaim)
 
     cancel = sub.add_parser("cancel", help="cancel a run (releases hosts, keeps checkpoints)")
@@ -28,7 +30,7 @@ async def cmd_reclaim(args: argparse.Namespace) -> int:
 
     conn = await connect()
     try:
-        ack = await vl_client.reclaim(conn.client, args.run_id, with_notice=not args.no_notice)
+        ack = await vl_client.reclaim(conn.client, args.run_id, with_notice=not args.no_notice, node=args.node)
     except WorkflowUpdateFailedError as err:
         fail(f"cannot reclaim {args.run_id}: {err.cause}", code=1)
     except RPCError as err:

@@ -36,6 +36,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--zone", dest="zones", action="append", metavar="ZONE",
                      help="allowed zone (repeatable), in order")
     run.add_argument("--market", help="spot (default) or on-demand")
+    run.add_argument("--nodes", type=int, help="hosts per attempt, one gang in one pool, started, saved and moved "
+                                               "together; a torchrun command gets the gang's --nnodes, --node_rank, "
+                                               "--master_addr and --master_port (docs/distributed.md); default 1")
     run.add_argument("--storage", help="checkpoint storage URL (default: file://$VL_HOME/storage)")
     run.add_argument("--checkpoint-every", help="steps (50) or a duration (30s, 5m); default: Young/Daly from "
                                                 "the measured save cost and the pool's reclaim rate")

@@ -36,9 +36,10 @@ def format_seconds(seconds: float) -> str:
 
 
 def status_json(status: RunStatus, with_attempts: bool = True) -> dict:
-    exclude = {"fences", "current_host"} | (set() if with_attempts else {"attempts", "bad_checkpoints"})
+    exclude = {"fences", "current_host", "current_hosts"} | (set() if with_attempts else {"attempts", "bad_checkpoints"})
     return status.model_dump(mode="json", exclude=exclude) | {
-        "host": status.current_host.host_id if status.current_host else None
+        "host": status.current_host.host_id if status.current_host else None,
+        "hosts": [host.host_id for host in status.current_hosts],  # a gang's, in node-rank order
     }
 
 
@@ -53,7 +54,8 @@ def cost_line(status: RunStatus) -> str:
 def attempt_line(record: AttemptRecord) -> str:
     outcome = record.outcome.value if record.outcome else "running"
     cost = f" ${record.cost_usd:.2f}" if record.cost_usd is not None else ""
-    return (f"  attempt {record.attempt} {record.pool} host {record.host or '-'} {outcome}: steps {record.start_step}"
+    hosts = f"hosts {','.join(record.hosts)}" if record.hosts else f"host {record.host or '-'}"
+    return (f"  attempt {record.attempt} {record.pool} {hosts} {outcome}: steps {record.start_step}"
             f"..{record.end_step if record.end_step is not None else '?'} durable {record.durable_step} "
             f"lost {record.steps_lost}{cost}{setup_part(record)} {record.reason}")
 
@@ -73,7 +75,7 @@ def ended_line(record: AttemptRecord) -> str:
     if record.outcome == AttemptOutcome.RECLAIMED:
         return f"reclaimed at step {record.end_step}, durable step {record.durable_step}"
     if record.outcome == AttemptOutcome.HOST_FAULT:
-        return f"host {record.host} failed ({record.reason}) at step {record.end_step}"
+        return f"host {record.faulty_host or record.host} failed ({record.reason}) at step {record.end_step}"
     if record.outcome == AttemptOutcome.REFUSED:
         return f"no capacity in {record.pool} ({record.reason})"
     if record.outcome == AttemptOutcome.FAILED and record.cause not in (None, FailureCause.SCRIPT):

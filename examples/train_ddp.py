@@ -96,7 +96,10 @@ def main() -> None:
     rank = dist.get_rank()
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)  # the same initial weights on every rank
-    model = DistributedDataParallel(TinyTransformer())
+    # find_unused_parameters: DDP then never rebuilds its gradient buckets, so a resumed process sums every gradient
+    # of 3+ ranks in the same order as the uninterrupted run did (a rebuild happens after each process's first step,
+    # and a resumed one would take that step in the initial order): bit-identical resumes (docs/distributed.md).
+    model = DistributedDataParallel(TinyTransformer(), find_unused_parameters=True)
     loss = train(model, args, rank)
     if rank == 0:
         partial = args.out.with_name(f".{args.out.name}.partial-{os.getpid()}")

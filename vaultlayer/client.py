@@ -146,6 +146,8 @@ async def status(client: Client, run_id: str, query_timeout: float = 10.0) -> Ru
             [progress] = await client.data_converter.decode(pending.heartbeat_details.payloads, [AttemptProgress])
         except ValidationError:  # a host that sends malformed progress shows none, it does not break `vl status`
             continue
+        if progress.node_rank != 0:  # a gang's other hosts store parts; node 0 commits, and speaks for the gang
+            continue
         current.step = progress.step
         current.checkpoint_interval = progress.checkpoint_interval
         current.waiting_on = progress.waiting_on
@@ -183,6 +185,7 @@ async def cancel(client: Client, run_id: str) -> None:
     await client.get_workflow_handle(run_id).cancel()
 
 
-async def reclaim(client: Client, run_id: str, with_notice: bool = True) -> ReclaimAck:
+async def reclaim(client: Client, run_id: str, with_notice: bool = True, node: int = 0) -> ReclaimAck:
     handle = client.get_workflow_handle(run_id)
-    return await handle.execute_update("reclaim", ReclaimRequest(with_notice=with_notice), result_type=ReclaimAck)
+    return await handle.execute_update("reclaim", ReclaimRequest(with_notice=with_notice, node=node),
+                                       result_type=ReclaimAck)

@@ -89,6 +89,8 @@ class Resources(ConfigModel):
                                            "preference (default: one local pool)")
     on_demand_fallback: bool | None = Field(None, description="add an on-demand pool after each spot pool, "
                                             "used only when spot cannot meet the deadline")
+    nodes: int | None = Field(None, ge=1, description="hosts per attempt, placed, started and moved together "
+                              "as one gang (torchrun --nnodes); default 1")
 
 
 class CheckpointConfig(ConfigModel):
@@ -259,6 +261,7 @@ class LoadedConfig(BaseModel):
             "max_attempts_without_progress": limits.max_attempts_without_progress,
             "script_retries": limits.script_retries, "total_steps": limits.total_steps, "work": limits.work,
             "deadline": self._deadline(), "on_demand_fallback": config.resources.on_demand_fallback,
+            "nodes": config.resources.nodes,
             "output_dir": config.outputs, "code": None if config.code.ship else False,
             "workdir_max_size": config.code.max_size, "allow_secret_files": config.code.allow_secret_files or None}
         values = {name: value for name, value in from_file.items() if value is not None and name not in chosen}

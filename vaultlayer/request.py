@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from vaultlayer import protocol
 from vaultlayer.catalog import KNOWN_PROVIDERS, priced_pools, validate_pools
 from vaultlayer.durations import parse_duration, parse_interval
 from vaultlayer.home import default_storage_url, vl_home
@@ -75,6 +76,7 @@ class RunRequest(BaseModel):
     setup: list[str] = Field(default_factory=list)
     setup_cache: bool = True  # store what setup leaves in pip's and uv's caches once; restore it on later hosts
     pools: list[PoolRequest] | None = None  # default: one local pool
+    nodes: int = 1  # hosts per attempt, one gang (docs/distributed.md)
     on_demand_fallback: bool = False
     storage: str | None = None  # default: file://$VL_HOME/storage
     checkpoint_every: str | None = None  # steps or a duration; default: Young/Daly
@@ -121,7 +123,7 @@ def build_spec(request: RunRequest, warn: Warn = _python_warning) -> RunSpec:
     workdir = Path(request.workdir).resolve() if request.workdir else Path.cwd()
     if not workdir.is_dir():
         raise RunRequestError(f"--workdir {request.workdir!r} is not a directory; give an existing one")
-    command = resolve_command(request.command, workdir)
+    command = gang_command(resolve_command(request.command, workdir), request.nodes, warn)
     from vaultlayer import checkpoint  # fsspec: imported when a spec is built, not by every `vl` command
 
     storage_url = request.storage or default_storage_url()
@@ -142,6 +144,11 @@ def build_spec(request: RunRequest, warn: Warn = _python_warning) -> RunSpec:
         raise RunRequestError(f"--notice-seconds {request.notice_seconds}: must be zero (no notice) or more, "
                               "such as 30")
     checkpoint_dir = checkpoint_directory(request.checkpoint_dir, workdir)
+    if checkpoint_dir is not None and request.nodes > 1:
+        raise RunRequestError(f"--checkpoint-dir with --nodes {request.nodes}: zero-code checkpoints are one "
+                              "directory of one host, and a gang's hosts each write their own; use the SDK "
+                              "(vaultlayer.save, or an integration: docs/integrations.md), whose saves every rank "
+                              "of every node takes part in (docs/distributed.md)")
     if request.code and checkpoint_dir is not None and Path(checkpoint_dir).is_relative_to(workdir):
         checkpoint_dir = Path(checkpoint_dir).relative_to(workdir).as_posix()  # inside the unpacked code
     output_dir = _output_dir(request.output_dir, workdir)
@@ -184,6 +191,7 @@ def build_spec(request: RunRequest, warn: Warn = _python_warning) -> RunSpec:
         setup=list(request.setup),
         setup_cache=request.setup_cache,
         pools=pools,
+        nodes=request.nodes,
         storage_url=storage_url,
         checkpoint_every=request.checkpoint_every,
         checkpoint_min=request.checkpoint_min,
@@ -307,6 +315,70 @@ def resolve_command(command: list[str], workdir: Path) -> list[str]:
     if found is None:
         raise RunRequestError(f"command {program!r} not found on PATH; check the spelling or give its path")
     return [os.path.abspath(found), *command[1:]]
+
+
+# torchrun's options that take no value; every other option before the script takes one.
+_TORCHRUN_FLAGS = {"--standalone", "--no-python", "--no_python", "-m", "--module", "--run-path", "--run_path"}
+# What `vl run --nodes N -- torchrun ...` adds when the command leaves it out: the gang's rendezvous, from the
+# variables every host's agent sets (and expands in the command: it runs without a shell).
+_TORCHRUN_GANG_OPTIONS = {"nnodes": None, "node_rank": "$" + protocol.ENV_NODE_RANK,
+                          "master_addr": "$" + protocol.ENV_MASTER_ADDR, "master_port": "$" + protocol.ENV_MASTER_PORT}
+
+
+def _torchrun_options(command: list[str]) -> tuple[dict[str, str | None], int] | None:
+    """A torchrun command's own options (name with `_` for `-` -> value, None for a flag) and where they start;
+    None when the command is not torchrun (`torchrun ...` or `python -m torch.distributed.run ...`)."""
+    if Path(command[0]).name == "torchrun":
+        first = 1
+    elif command[1:3] == ["-m", "torch.distributed.run"]:
+        first = 3
+    else:
+        return None
+    options: dict[str, str | None] = {}
+    index = first
+    while index < len(command) and command[index].startswith("-"):
+        name, equals, value = command[index].partition("=")
+        key = name.lstrip("-").replace("-", "_")
+        if equals:
+            options[key], index = value, index + 1
+        elif name in _TORCHRUN_FLAGS:
+            options[key], index = None, index + 1
+        else:
+            options[key], index = (command[index + 1] if index + 1 < len(command) else ""), index + 2
+    return options, first
+
+
+def gang_command(command: list[str], nodes: int, warn: Warn = _python_warning) -> list[str]:
+    """The command every host of a gang runs. For torchrun, the gang's options it leaves out are added (`--nnodes`
+    N, `--node_rank $VL_NODE_RANK`, `--master_addr $VL_MASTER_ADDR`, `--master_port $VL_MASTER_PORT`); options
+    that contradict the gang are refused here, before any host is provisioned."""
+    if nodes < 1:
+        raise RunRequestError(f"--nodes {nodes}: must be at least 1")
+    if nodes == 1:
+        return command
+    parsed = _torchrun_options(command)
+    if parsed is None:
+        if not any(("$" + name) in arg or ("${" + name + "}") in arg
+                   for arg in command for name in protocol.GANG_VARIABLES):
+            warn(f"--nodes {nodes}: the command is not torchrun and names no $VL_NODE_RANK; every host runs it as "
+                 f"it is, so it must read {protocol.ENV_NODE_RANK} and {protocol.ENV_MASTER_ADDR} itself "
+                 "(docs/distributed.md)")
+        return command
+    options, first = parsed
+    if "standalone" in options:
+        raise RunRequestError(f"--nodes {nodes} with torchrun --standalone: standalone is one host; leave "
+                              "--standalone out and vl adds the gang's rendezvous")
+    given = options.get("nnodes")
+    if given is not None and given not in (str(nodes), f"{nodes}:{nodes}"):
+        raise RunRequestError(f"torchrun --nnodes {given} but --nodes {nodes}: a gang is a fixed number of hosts; "
+                              f"give torchrun --nnodes {nodes}, or leave it out and vl adds it")
+    if any(key.startswith("rdzv") for key in options):
+        return command  # the user's own rendezvous: nothing to add
+    added = []
+    for key, value in _TORCHRUN_GANG_OPTIONS.items():
+        if key not in options:
+            added += [f"--{key}", str(nodes) if value is None else value]
+    return [*command[:first], *added, *command[first:]]
 
 
 def checkpoint_directory(text: str | None, workdir: Path) -> str | None:

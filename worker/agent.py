@@ -1,4 +1,4 @@
-"""The host agent: a Temporal worker on the host's own task queue that serves `run_attempt`.
+"""The host agent: a Temporal worker on the host's own task queue that serves `run_attempt` (and a gang's roll call).
 
 One agent per host; it runs one attempt at a time, and only attempts of the run and host it was started
 for (activities/host.py refuses the rest). The provider started it with the cluster's connection
@@ -35,7 +35,7 @@ async def serve(task_queue: str, host_id: str, host_dir: Path, run_id: str) -> N
     worker = Worker(
         client,
         task_queue=task_queue,
-        activities=[activities.run_attempt],
+        activities=[activities.agent_ready, activities.run_attempt],
         max_concurrent_activities=1,
         # Heartbeats carry the live step to `vl run`; the SDK would otherwise send them only every
         # 0.8 x heartbeat timeout. Every 2 s keeps the view live at one small RPC per host.

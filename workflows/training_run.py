@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -35,12 +36,14 @@ with workflow.unsafe.imports_passed_through():
         AttemptRecord,
         AttemptResult,
         CheckpointRef,
+        GangRole,
         Host,
         HostState,
         InjectReclaimInput,
         Placement,
         Pool,
         ProvisionInput,
+        ProvisionResult,
         PruneInput,
         ReapInput,
         ReclaimAck,
@@ -53,7 +56,7 @@ with workflow.unsafe.imports_passed_through():
     )
     from vaultlayer import ui
     from vaultlayer.interval import estimate_mtbf_seconds, shortest_life_without_a_save
-    from workflows import accounting, policy
+    from workflows import accounting, gang, policy
 
 WORKFLOW_NAME = "TrainingRun"
 CONTROL_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=30),
@@ -99,7 +102,8 @@ class TrainingRun:
         self.status: RunStatus | None = None
         self.spec = None
         self.injections: list[asyncio.Task] = []
-        self.moved: tuple[AttemptRecord, Host] | None = None  # a host provisioned for a move, not yet used
+        # Hosts provisioned for a move, not yet used.
+        self.moved: tuple[AttemptRecord, ProvisionResult] | None = None
 
     @workflow.query(name="status")
     def get_status(self) -> RunStatus:
@@ -112,8 +116,9 @@ class TrainingRun:
 
     @workflow.update(name="reclaim")
     async def reclaim(self, request: ReclaimRequest) -> ReclaimAck:
-        """Operator command (`vl reclaim RUN`): the provider takes the current host back now."""
-        host = self.status.current_host
+        """Operator command (`vl reclaim RUN [--node K]`): the provider takes the current host (of a gang, node K)
+        back now."""
+        host = (self.status.current_hosts or [self.status.current_host])[request.node]
         self._inject(host, request.with_notice)
         return ReclaimAck(host=host.host_id)
 
@@ -123,6 +128,10 @@ class TrainingRun:
             state = self.status.state.value if self.status else "starting"
             raise ApplicationError(f"the run has no host to reclaim right now (state: {state})",
                                    type="NoHost", non_retryable=True)
+        nodes = len(self.status.current_hosts) or 1
+        if request.node >= nodes:
+            raise ApplicationError(f"the run has {nodes} node(s) (0..{nodes - 1}); node {request.node} does not "
+                                   "exist", type="NoHost", non_retryable=True)
 
     @workflow.run
     async def run(self, raw: Any) -> RunStatus:
@@ -186,7 +195,7 @@ class TrainingRun:
 
     async def _finish(self) -> None:
         """Whatever the ending, no host of this run outlives it."""
-        self.status.current_host = None
+        self.status.current_host, self.status.current_hosts = None, []
         self.status.ended_at = workflow.now()
         self._show()
         providers = sorted({pool.provider for pool in self.spec.pools})
@@ -215,12 +224,12 @@ class TrainingRun:
         self.status = accounting.charge_lost_steps(self.status, record.start_step)
         self.status.attempts.append(record)
         self.status.state = RunState.PROVISIONING
-        host = await self._provision(record, placement)
-        if host is not None:
-            await self._run(record, host, checkpoint)
+        provisioned = await self._provision(record, placement)
+        if provisioned is not None:
+            await self._run(record, provisioned, checkpoint)
 
-    async def _provision(self, record: AttemptRecord, placement: Placement) -> Host | None:
-        """A host for the attempt, or None with the attempt closed as refused."""
+    async def _provision(self, record: AttemptRecord, placement: Placement) -> ProvisionResult | None:
+        """The attempt's host (a gang's hosts, all of them), or None with the attempt closed as refused."""
         waits = workflow.patched(PROVISION_CANCEL_PATCH)
         provisioning = workflow.start_activity_method(
             ControlActivities.provision, ProvisionInput(run_id=self.spec.run_id, placement=placement,
@@ -237,29 +246,33 @@ class TrainingRun:
         if provisioned.host is None:
             self._close(record, AttemptResult(outcome=AttemptOutcome.REFUSED, refusal=provisioned.refusal,
                                               reason=f"{provisioned.refusal}: {provisioned.message}"))
+            if provisioned.held_cost_usd:  # part of a gang was had, and released at once
+                self.status = accounting.charge(self.status, record.attempt, provisioned.held_cost_usd)
             return None
         host = provisioned.host
         record.host, record.running_at = host.host_id, workflow.now()
         record.price_per_hour, record.on_demand_price_per_hour = host.price_per_hour, host.on_demand_price_per_hour
-        return host
+        if placement.nodes > 1:
+            record.nodes, record.hosts = placement.nodes, [node.host_id for node in provisioned.hosts]
+        return provisioned
 
     async def _move_to(self, pool: Pool, reason: str) -> bool:
         """Make before break: provision the next attempt's host while this one runs; False if refused."""
-        placement = Placement(pool=pool, attempt=len(self.status.attempts) + 1,
+        placement = Placement(pool=pool, attempt=len(self.status.attempts) + 1, nodes=self.spec.nodes,
                               excluded_hosts=policy.excluded_hosts(self.spec, self.status, workflow.now()))
         record = AttemptRecord(attempt=placement.attempt, pool=pool.key, started_at=workflow.now(),
                                placement_reason=reason)
         self.status.attempts.append(record)
-        host = await self._provision(record, placement)
-        if host is not None:
-            self.moved = (record, host)
-        return host is not None
+        provisioned = await self._provision(record, placement)
+        if provisioned is not None:
+            self.moved = (record, provisioned)
+        return provisioned is not None
 
     async def _run_moved(self) -> None:
         """Run the attempt a move provisioned, now that the attempt it replaces has saved and ended."""
-        (record, host), self.moved = self.moved, None
+        (record, provisioned), self.moved = self.moved, None
         if policy.limit_reached(self.spec, self.status, workflow.now()) is not None:
-            await self._release(host)
+            await self._release_all(provisioned.hosts)
             self._close(record, AttemptResult(outcome=AttemptOutcome.CANCELLED,
                                               reason="the run ended before it moved here"))
             return
@@ -267,33 +280,45 @@ class TrainingRun:
         record.start_step = checkpoint.step if checkpoint else 0
         record.resumed_from = checkpoint.name if checkpoint else None
         self.status = accounting.charge_lost_steps(self.status, record.start_step)
-        await self._run(record, host, checkpoint)
+        await self._run(record, provisioned, checkpoint)
 
-    async def _run(self, record: AttemptRecord, host: Host, checkpoint: CheckpointRef | None) -> None:
-        """Run the attempt on its host, release the host whatever happens, and close the attempt (which
-        bills the host up to its release)."""
-        self.status.current_host, self.status.state = host, RunState.RUNNING
+    async def _release_all(self, hosts: list[Host]) -> None:
+        """Release every host of a gang together (one host: the same single release as ever)."""
+        if len(hosts) == 1:
+            await self._release(hosts[0])
+        else:
+            await asyncio.gather(*(self._release(host) for host in hosts))
+
+    async def _run(self, record: AttemptRecord, provisioned: ProvisionResult, checkpoint: CheckpointRef | None) -> None:
+        """Run the attempt on its host (or gang), release the hosts whatever happens, and close the attempt (which
+        bills the hosts up to their release)."""
+        hosts = provisioned.hosts
+        self.status.current_host, self.status.state = hosts[0], RunState.RUNNING
+        self.status.current_hosts = hosts if len(hosts) > 1 else []
         self._show()
         result = None
         try:
-            result = await self._run_on_host(host, record, checkpoint)
+            if len(hosts) == 1:
+                result = await self._run_on_host(hosts[0], record, checkpoint)
+            else:
+                result = await self._run_gang(provisioned, record, checkpoint)
         finally:
             for task in self.injections:
                 task.cancel()
             self.injections = []
-            self.status.current_host = None
-            await self._release(host)
+            self.status.current_host, self.status.current_hosts = None, []
+            await self._release_all(hosts)
             if result is None:  # cancelled: the attempt stays open, its host is paid for all the same
                 self.status = accounting.bill(self.status, record.attempt, workflow.now())
         self._close(record, result)
         if workflow.patched(RETENTION_PATCH):
             await self._prune(record)
 
-    async def _run_on_host(self, host: Host, record: AttemptRecord,
-                           checkpoint: CheckpointRef | None) -> AttemptResult:
+    def _start_attempt(self, host: Host, record: AttemptRecord, checkpoint: CheckpointRef | None,
+                       waits_on_cancel: bool, role: GangRole | None = None) -> asyncio.Task:
+        """`run_attempt` on the host's own queue: until the script ends, or heartbeats stop."""
         spec = self.spec
-        waits_on_cancel = workflow.patched(OUTPUTS_ON_CANCEL_PATCH)
-        attempt = workflow.start_activity(
+        return workflow.start_activity(
             "run_attempt",
             AttemptInput(
                 run_id=spec.run_id, attempt=record.attempt, host=host, command=spec.command,
@@ -307,6 +332,7 @@ class TrainingRun:
                 host_since=record.running_at,
                 heartbeat_interval_seconds=min(1.0, spec.heartbeat_timeout_seconds / 4),
                 checkpoint_dir=spec.checkpoint_dir,
+                gang=role,
             ),
             result_type=AttemptResult,
             task_queue=host.task_queue,
@@ -318,12 +344,18 @@ class TrainingRun:
             else ActivityCancellationType.TRY_CANCEL,
             summary=ui.attempt_summary(record) if workflow.patched(SEARCH_ATTRIBUTES_PATCH) else None,
         )
+
+    async def _run_on_host(self, host: Host, record: AttemptRecord,
+                           checkpoint: CheckpointRef | None) -> AttemptResult:
+        spec = self.spec
+        waits_on_cancel = workflow.patched(OUTPUTS_ON_CANCEL_PATCH)
+        attempt = self._start_attempt(host, record, checkpoint, waits_on_cancel)
         if spec.reclaim_every_seconds and reclaims_in(spec, host.pool):
             self.injections.append(asyncio.create_task(self._reclaim_on_schedule(host)))
-        pruning = asyncio.create_task(self._prune_while_running(attempt, record)) \
+        pruning = asyncio.create_task(self._prune_while_running(attempt.done, record)) \
             if workflow.patched(RETENTION_PATCH) else None
         try:
-            vacated = await self._review_until_done(attempt, host)
+            vacated = await self._review_until_done(attempt.done, host)
         except asyncio.CancelledError:
             if waits_on_cancel and not attempt.done():  # the agent stores the outputs, then the host is released
                 attempt.cancel()
@@ -342,10 +374,94 @@ class TrainingRun:
             result = result.model_copy(update={"outcome": AttemptOutcome.VACATED, "reason": vacated})
         return result
 
-    async def _review_until_done(self, attempt: asyncio.Task, host: Host) -> str:
+    async def _run_gang(self, provisioned: ProvisionResult, record: AttemptRecord,
+                        checkpoint: CheckpointRef | None) -> AttemptResult:
+        """One attempt on N hosts: started once every agent answers the roll call; the first host to end for a
+        reason of its own stops the others (no rank is left hanging in a collective, no host left billing); the
+        gang's result is the cause (workflows/gang.py)."""
+        hosts, spec = provisioned.hosts, self.spec
+        absent = await self._roll_call(hosts)
+        if absent is not None:
+            return AttemptResult(outcome=AttemptOutcome.HOST_FAULT, start_step=record.start_step,
+                                 faulty_host=hosts[absent].host_id,
+                                 reason=f"node {absent} ({hosts[absent].host_id}): the host agent never started; "
+                                        "the gang was released")
+        addresses = [host.address for host in hosts]
+        if None in addresses:
+            raise ApplicationError(f"provider {hosts[0].provider} gave host {hosts[addresses.index(None)].host_id} "
+                                   "no address: a gang's hosts cannot find each other", type="ProviderError",
+                                   non_retryable=True)
+        attempts = [self._start_attempt(host, record, checkpoint, waits_on_cancel=True,
+                                        role=GangRole(node_rank=rank, addresses=addresses,
+                                                      master_port=provisioned.master_port))
+                    for rank, host in enumerate(hosts)]
+        if spec.reclaim_every_seconds and reclaims_in(spec, hosts[0].pool):
+            self.injections.append(asyncio.create_task(
+                self._reclaim_on_schedule(hosts[record.attempt % len(hosts)])))  # each node in its turn
+        ended: list[tuple[int, AttemptResult]] = []
+        endings = [asyncio.create_task(self._host_ending(rank, task, host, record, ended))
+                   for rank, (task, host) in enumerate(zip(attempts, hosts))]
+
+        def stopping() -> bool:
+            return any(gang.first_ending_stops_the_gang(result) for _, result in ended) or len(ended) == len(hosts)
+
+        pruning = asyncio.create_task(self._prune_while_running(stopping, record))
+        try:
+            vacated = await self._review_until_done(stopping, hosts[0])
+            await workflow.wait_condition(stopping)
+        except asyncio.CancelledError:
+            await self._stop_gang(attempts, endings)
+            raise
+        await self._stop_gang(attempts, endings)  # the gang stops with the first host that ended for itself
+        await pruning
+        result = gang.combine(hosts, ended, record.start_step)
+        if vacated and result.outcome == AttemptOutcome.RECLAIMED:
+            result = result.model_copy(update={"outcome": AttemptOutcome.VACATED, "reason": vacated})
+        return result
+
+    @staticmethod
+    async def _stop_gang(attempts: list[asyncio.Task], endings: list[asyncio.Task]) -> None:
+        """Stop every host's attempt still running, node 0 last: the others store their parts of the gang's last
+        save as they stop, so node 0, which commits checkpoints, then finds every part that will ever come."""
+        for task in attempts[1:]:
+            task.cancel()  # a no-op on an attempt already over
+        await asyncio.gather(*endings[1:], return_exceptions=True)
+        attempts[0].cancel()
+        await asyncio.gather(endings[0], return_exceptions=True)
+        for ending in endings:
+            if ending.done() and not ending.cancelled() and ending.exception() is not None:
+                raise ending.exception()
+
+    async def _roll_call(self, hosts: list[Host]) -> int | None:
+        """Every agent of the gang answers before any script starts; the node rank of one that did not, if any."""
+        calls = [workflow.start_activity("agent_ready", host, result_type=str, task_queue=host.task_queue,
+                                         schedule_to_start_timeout=timedelta(seconds=self.spec.start_timeout_seconds),
+                                         start_to_close_timeout=timedelta(minutes=1),
+                                         retry_policy=RetryPolicy(maximum_attempts=1))
+                 for host in hosts]
+        answers = await asyncio.gather(*calls, return_exceptions=True)
+        for answer in answers:
+            if isinstance(answer, BaseException) and is_cancelled_exception(answer):
+                raise answer
+        return next((rank for rank, answer in enumerate(answers) if isinstance(answer, BaseException)), None)
+
+    async def _host_ending(self, rank: int, attempt: asyncio.Task, host: Host, record: AttemptRecord,
+                           ended: list[tuple[int, AttemptResult]]) -> None:
+        """How one host's part of a gang attempt ended, appended to `ended` in the order the hosts ended."""
+        try:
+            result = await attempt
+        except ActivityError as err:
+            if is_cancelled_exception(err):  # stopped with its gang before it could answer: nothing it stored
+                result = AttemptResult(outcome=AttemptOutcome.CANCELLED, start_step=record.start_step,
+                                       reason="stopped with its gang")
+            else:
+                result = await self._diagnose(host, record, err)
+        ended.append((rank, result))
+
+    async def _review_until_done(self, done: Callable[[], bool], host: Host) -> str:
         """Ask the policy about the running attempt when it says to. On a move the host gets a notice, so
         the script saves first; returns the policy's reason, or "" when the attempt ended on its own."""
-        while not attempt.done():
+        while not done():
             decision = policy.review(self.spec, self.status, workflow.now())
             if isinstance(decision, policy.Vacate):
                 if decision.to is not None and not await self._move_to(decision.to, decision.reason):
@@ -357,16 +473,16 @@ class TrainingRun:
                 return ""
             seconds = max(1.0, (decision.until - workflow.now()).total_seconds())
             try:
-                await workflow.wait_condition(attempt.done, timeout=seconds)
+                await workflow.wait_condition(done, timeout=seconds)
             except asyncio.TimeoutError:
                 pass
         return ""
 
-    async def _prune_while_running(self, attempt: asyncio.Task, record: AttemptRecord) -> None:
+    async def _prune_while_running(self, done: Callable[[], bool], record: AttemptRecord) -> None:
         """Retention during a long attempt; ends once the attempt has, never in the middle of a removal."""
         while True:
             try:
-                await workflow.wait_condition(attempt.done, timeout=self.spec.prune_every_seconds)
+                await workflow.wait_condition(done, timeout=self.spec.prune_every_seconds)
                 return
             except asyncio.TimeoutError:
                 await self._prune(record)

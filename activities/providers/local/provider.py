@@ -13,21 +13,34 @@ import json
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+import tomllib
 from datetime import UTC, datetime
 from pathlib import Path
 
 import structlog
 
-from activities.providers.base import host_queue
+from activities.providers.base import NoCapacityError, host_queue
 from activities.providers.local.host import METADATA_DIR_VARIABLE, NOTICE_RELATIVE_PATH
-from vaultlayer import protocol
-from vaultlayer.models import Host, HostDescription, HostState, InjectReclaimInput, ProvisionInput, ProvisionResult
+from vaultlayer import failpoints, protocol
+from vaultlayer.models import (
+    Host,
+    HostDescription,
+    HostState,
+    InjectReclaimInput,
+    ProvisionInput,
+    ProvisionResult,
+    Refusal,
+)
 
 log = structlog.get_logger(__name__)
+
+LOOPBACK = "127.0.0.1"  # every local host's address: a gang's hosts reach each other here
+LOCAL_SETTINGS_FILE = "local.toml"  # in VL_HOME: `[capacity]` zone = hosts it holds at once (for trying placement)
 
 
 def group_members(pgid: int) -> list[tuple[int, str]]:
@@ -61,6 +74,13 @@ def kill_group(pgid: int, sig: int = signal.SIGKILL) -> None:
         pass
 
 
+def free_port() -> int:
+    """A TCP port nothing listens on now: a gang's rendezvous port, its hosts all sharing 127.0.0.1."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((LOOPBACK, 0))
+        return probe.getsockname()[1]
+
+
 def announced_deadline(deadline: float) -> datetime:
     """The deadline as the notice document can say it: whole seconds (the AWS instance-action shape has no
     fraction), rounded up so a short notice is never announced shorter than it is."""
@@ -78,8 +98,49 @@ class LocalProvider:
         return self.hosts_root / run_id / host_id
 
     def provision(self, request: ProvisionInput) -> ProvisionResult:
+        """One host, or a gang of `placement.nodes` hosts on 127.0.0.1 with a free rendezvous port. A zone with a
+        capacity (`local.toml`) that cannot hold the whole gang gives what it can, which is released at once."""
+        nodes = request.placement.nodes
+        free = self._free_capacity(request.placement.pool.zone)
+        if free is not None and free < nodes:
+            began, held = time.time(), [self._provision_one(request, self._host_id(request, rank))
+                                        for rank in range(free)]
+            for host in held:
+                self.release(host)
+            raise NoCapacityError(Refusal.NO_CAPACITY,
+                                  f"local zone {request.placement.pool.zone} could give {free} of {nodes} hosts "
+                                  f"({LOCAL_SETTINGS_FILE} [capacity])",
+                                  held_host_seconds=(time.time() - began) * len(held))
+        hosts = []
+        for rank in range(nodes):
+            if nodes > 1:
+                failpoints.reach_blocking(failpoints.provisioning_node(request.placement.attempt, rank))
+            hosts.append(self._provision_one(request, self._host_id(request, rank)))
+        return ProvisionResult(hosts=hosts, master_port=free_port() if nodes > 1 else 29500)
+
+    @staticmethod
+    def _host_id(request: ProvisionInput, node_rank: int) -> str:
+        attempt = request.placement.attempt
+        return f"h-{attempt}" if request.placement.nodes == 1 else f"h-{attempt}-n{node_rank}"
+
+    def _free_capacity(self, zone: str | None) -> int | None:
+        """How many more hosts the zone holds now (`local.toml`: `[capacity]` zone = hosts), None without a limit.
+        Counts every run's live hosts of the zone, as a cloud zone's capacity does."""
+        settings = self.hosts_root.parent / LOCAL_SETTINGS_FILE
+        if not settings.exists():
+            return None
+        capacity = tomllib.loads(settings.read_text()).get("capacity", {}).get(zone or "")
+        if capacity is None:
+            return None
+        used = 0
+        for tag_file in self.hosts_root.glob("*/*/host.json"):
+            tag = json.loads(tag_file.read_text())
+            if tag.get("zone") == zone and not tag.get("released") and group_alive(tag["pgid"]):
+                used += 1
+        return max(int(capacity) - used, 0)
+
+    def _provision_one(self, request: ProvisionInput, host_id: str) -> Host:
         placement = request.placement
-        host_id = f"h-{placement.attempt}"
         directory = self.host_dir(request.run_id, host_id)
         tag_file = directory / "host.json"
         excluded = host_id in placement.excluded_hosts
@@ -87,8 +148,8 @@ class LocalProvider:
             # A retried provision: the host from the first try is the one to use, or to replace.
             tag = json.loads(tag_file.read_text()) if tag_file.exists() else {}
             if tag and not excluded and not tag.get("released") and group_alive(tag["pgid"]):
-                return ProvisionResult(host=self._host(request, host_id, tag["pgid"]))
-            host_id = f"h-{placement.attempt}-{int(time.time() * 1000) % 100000}"
+                return self._host(request, host_id, tag["pgid"])
+            host_id = f"{host_id}-{int(time.time() * 1000) % 100000}"
             directory = self.host_dir(request.run_id, host_id)
             tag_file = directory / "host.json"
         (directory / "metadata").mkdir(parents=True, exist_ok=True)
@@ -121,11 +182,12 @@ class LocalProvider:
             "attempt": placement.attempt,
             "host_id": host_id,
             "pgid": process.pid,
+            "zone": placement.pool.zone,
             "created_at": time.time(),
         }
         tag_file.write_text(json.dumps(tag))
         log.info("host provisioned", run_id=request.run_id, host=host_id, pgid=process.pid)
-        return ProvisionResult(host=self._host(request, host_id, process.pid))
+        return self._host(request, host_id, process.pid)
 
     def _host(self, request: ProvisionInput, host_id: str, pgid: int) -> Host:
         return Host(
@@ -137,6 +199,7 @@ class LocalProvider:
             # This machine costs what the pool says it does (`vl run --price`), 0 by default.
             price_per_hour=request.placement.pool.price_per_hour or 0.0,
             on_demand_price_per_hour=request.placement.pool.on_demand_price_per_hour,
+            address=LOOPBACK,
         )
 
     def _update_tag(self, host: Host, **fields: object) -> None:
