@@ -54,10 +54,14 @@ def cost_line(status: RunStatus) -> str:
 def attempt_line(record: AttemptRecord) -> str:
     outcome = record.outcome.value if record.outcome else "running"
     cost = f" ${record.cost_usd:.2f}" if record.cost_usd is not None else ""
-    hosts = f"hosts {','.join(record.hosts)}" if record.hosts else f"host {record.host or '-'}"
-    return (f"  attempt {record.attempt} {record.pool} {hosts} {outcome}: steps {record.start_step}"
+    return (f"  attempt {record.attempt} {record.pool} {hosts_of(record)} {outcome}: steps {record.start_step}"
             f"..{record.end_step if record.end_step is not None else '?'} durable {record.durable_step} "
             f"lost {record.steps_lost}{cost}{setup_part(record)} {record.reason}")
+
+
+def hosts_of(record: AttemptRecord) -> str:
+    """`host h-3`, or a gang's `hosts h-3-n0,h-3-n1` in node-rank order."""
+    return f"hosts {','.join(record.hosts)}" if record.hosts else f"host {record.host or '-'}"
 
 
 def setup_part(record: AttemptRecord) -> str:
@@ -137,11 +141,11 @@ class LiveView:
                 self.announced.add(record.attempt)
                 if previous is not None and previous.attempt not in self.ended:
                     self.ended.add(previous.attempt)
-                    print(f"{ended_line(previous)}, resuming on host {record.host}", flush=True)
+                    print(f"{ended_line(previous)}, resuming on {hosts_of(record)}", flush=True)
                     if stalled := no_progress_line(status):
                         print(f"warning: {stalled}", flush=True)
                 resume = f"resuming from step {record.start_step}" if record.start_step else "starting at step 0"
-                print(f"attempt {record.attempt} on host {record.host} ({record.pool}), {resume}", flush=True)
+                print(f"attempt {record.attempt} on {hosts_of(record)} ({record.pool}), {resume}", flush=True)
         current = status.current_attempt
         if current and status.step is not None:
             now = time.monotonic()
@@ -151,7 +155,7 @@ class LiveView:
                 self.last_progress = (now, key)
                 durable = status.durable_step if status.durable_step is not None else "-"
                 waiting = f" · waiting on {status.waiting_on}" if status.waiting_on else ""
-                print(f"attempt {current.attempt} · host {current.host} · step {status.step} · "
+                print(f"attempt {current.attempt} · {hosts_of(current)} · step {status.step} · "
                       f"durable step {durable}{waiting}", flush=True)
 
     def finish(self, status: RunStatus) -> None:
@@ -237,7 +241,7 @@ def panel(status: RunStatus, rate: float | None, total_steps: int | None, now: d
     if current is None:
         table.add_row("attempt", "waiting for a placement")
     else:
-        table.add_row("attempt", f"{current.attempt} · pool {current.pool} · host {current.host or '-'}")
+        table.add_row("attempt", f"{current.attempt} · pool {current.pool} · {hosts_of(current)}")
     step = "-" if status.step is None else str(status.step)
     if total_steps:
         step += f" / {total_steps}"

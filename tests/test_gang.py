@@ -146,3 +146,17 @@ def test_a_gang_completes_only_when_every_node_did():
     assert gang.combine(HOSTS, [(1, done), (0, done)], 0).outcome == AttemptOutcome.COMPLETED
     assert not gang.first_ending_stops_the_gang(done)
     assert gang.combine(HOSTS, [(0, done), (1, STOPPED)], 0).outcome == AttemptOutcome.CANCELLED
+
+
+def test_vl_status_json_shows_the_gangs_hosts_per_attempt_and_now():
+    from datetime import UTC, datetime
+
+    from cli.render import attempt_line, status_json
+    from vaultlayer.models import AttemptRecord, RunStatus
+
+    record = AttemptRecord(attempt=1, pool="local/local/cpu/spot", host="h-1-n0", hosts=["h-1-n0", "h-1-n1"],
+                           nodes=2, started_at=datetime.now(UTC))
+    shown = status_json(RunStatus(run_id="r", attempts=[record], current_host=HOSTS[0], current_hosts=HOSTS))
+    assert shown["attempts"][0]["hosts"] == ["h-1-n0", "h-1-n1"] and shown["hosts"] == ["h-1-n0", "h-1-n1"]
+    assert shown["host"] == "h-1-n0" and "current_hosts" not in shown
+    assert "hosts h-1-n0,h-1-n1" in attempt_line(record)
