@@ -3,13 +3,15 @@ worker per test on its own task queue, and helpers to run the tiny example plain
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -21,7 +23,7 @@ from activities.providers.local import group_alive, group_members  # noqa: F401 
 from tests.fakes.gce import gce, gce_hosts  # noqa: F401 - fixtures: a fake GCP project, its VMs played
 from tests.object_storage import gcs_server, s3_server  # noqa: F401 - session fixtures
 from vaultlayer import ui
-from vaultlayer.models import Limits, Pool, RunSpec
+from vaultlayer.models import Limits, Pool, ProvisionResult, RunSpec
 
 REPO = Path(__file__).resolve().parent.parent
 TRAIN_TINY = REPO / "examples" / "train_tiny.py"
@@ -89,6 +91,17 @@ async def control(temporal_env, vl_home):
     worker = create_worker(temporal_env.client, task_queue=queue, home=vl_home)
     async with worker:
         yield queue
+
+
+@pytest.fixture
+def cloud_rendezvous_port() -> Iterator[int]:
+    """The port a gang on the AWS or GCP fake rendezvous on, this test's alone until it ends. Those providers give
+    torchrun's default (each real VM has it to itself), but the fakes' hosts all run on this machine and torchrun's
+    store listens on every address: two such gangs at once (another xdist worker, another session) would collide.
+    A second one waits here for the first test to end, whatever it takes."""
+    with open(Path(tempfile.gettempdir()) / "vaultlayer-tests-rendezvous-port.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed, or its holder dies
+        yield ProvisionResult.model_fields["master_port"].default
 
 
 def make_spec(tmp_path: Path, steps: int, out: Path, step_time: float = 0.05, **overrides) -> RunSpec:

@@ -10,12 +10,14 @@ import os
 import subprocess
 import sys
 
+import pytest
 from temporalio.client import WorkflowFailureError
 
 from activities.providers.gcp import label_value
 from tests.conftest import REPO, assert_same_weights, make_spec, travelling_spec
 from tests.fakes.gce import stockout
 from tests.helpers import wait_until
+from tests.test_multinode import gang_torchrun
 from vaultlayer import checkpoint
 from vaultlayer import client as vl_client
 from vaultlayer.models import AttemptOutcome, Limits, Pool, RunState, RunStatus
@@ -85,6 +87,43 @@ async def test_an_exhausted_zone_moves_the_run_on(temporal_env, control, gce, gc
     assert "ZONE_RESOURCE_POOL_EXHAUSTED_WITH_DETAILS" in refused.reason
     assert placed.pool == "gcp/us-central1-f/L4:1/spot" and placed.outcome == AttemptOutcome.COMPLETED
     await no_vm_left(gce)
+
+
+@pytest.mark.usefixtures("cloud_rendezvous_port")
+async def test_a_gang_of_two_vms_runs_one_ddp_job_under_a_placement_policy_and_leaves_nothing(
+        temporal_env, control, gce, gce_hosts, tmp_path):
+    out = tmp_path / "w.pt"
+    # One torchrun per VM; each agent fills in its rank and node 0's internal IP and port.
+    spec = make_spec(tmp_path, steps=20, out=out, nodes=2, pools=[gcp_pool("us-central1-a")],
+                     command=gang_torchrun(1, "--steps", "20", "--out", str(out)))
+    client = temporal_env.client
+    # Both VMs' deletions wait while the test looks at the gang that ran; they go once it has.
+    deleting = gce.hold_next("DELETE", r"/zones/[^/]+/instances/[^/]+$", times=2)
+    await vl_client.submit(client, spec, queue=control)
+    try:
+        released = await asyncio.to_thread(deleting.wait_held, 2, 240)
+        assert released, f"the gang's VMs were never released: {await vl_client.status(client, spec.run_id)}"
+        vms, [policy] = gce.labelled(), gce.resource_policies()
+    finally:
+        deleting.release()
+    status = await result_of(client, spec.run_id)
+
+    assert status.state == RunState.SUCCEEDED, status.stop_reason
+    [attempt] = status.attempts
+    assert attempt.outcome == AttemptOutcome.COMPLETED and attempt.end_step == 20 and out.exists()
+    assert attempt.nodes == 2 and attempt.hosts == [f"vl-{spec.run_id}-1-n0", f"vl-{spec.run_id}-1-n1"]
+    assert policy["groupPlacementPolicy"] == {"collocation": "COLLOCATED"}
+    assert sorted(vm["name"] for vm in vms) == attempt.hosts
+    for vm in vms:
+        node = attempt.hosts.index(vm["name"])
+        assert vm["labels"] == {"vaultlayer-run-id": label_value(spec.run_id), "vaultlayer-attempt": "1",
+                                "vaultlayer-gang": label_value(f"{spec.run_id}-a1"), "vaultlayer-node": str(node)}
+        assert vm["zone"].endswith("/zones/us-central1-a") and vm["resourcePolicies"] == [policy["selfLink"]]
+
+    async def nothing_left():
+        return not gce.labelled() and not gce.resource_policies()
+
+    await wait_until(nothing_left, 30, "the gang's VMs and placement policy to be deleted")
 
 
 async def test_cancel_deletes_every_vm_labelled_with_the_run(temporal_env, temporal_address, control, gce,

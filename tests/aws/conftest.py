@@ -114,8 +114,11 @@ def aws(moto_port, ec2_proxy, vl_home, tmp_path, monkeypatch, temporal_address):
         "aws_access_key_id": "testing", "aws_secret_access_key": "testing", "region_name": REGION})
         for service in ("ec2", "iam", "secretsmanager")}
     ec2 = direct["ec2"]
-    vpc = ec2.create_vpc(CidrBlock="10.7.0.0/16")["Vpc"]["VpcId"]
-    subnets = {zone: ec2.create_subnet(VpcId=vpc, CidrBlock=f"10.7.{n}.0/24", AvailabilityZone=zone)["Subnet"]["SubnetId"]
+    # On loopback (EC2 would refuse 127/8; moto does not): moto gives each instance a private IP of its subnet, and
+    # the instances are local processes, so a gang's hosts reach each other there (torchrun's master_addr).
+    vpc = ec2.create_vpc(CidrBlock="127.7.0.0/16")["Vpc"]["VpcId"]
+    subnets = {zone: ec2.create_subnet(VpcId=vpc, CidrBlock=f"127.7.{n}.0/24",
+                                       AvailabilityZone=zone)["Subnet"]["SubnetId"]
                for n, zone in enumerate(ZONES)}
     ec2_proxy.subnet_zones = {subnet: zone for zone, subnet in subnets.items()}
     group = ec2.create_security_group(GroupName="vaultlayer-hosts", Description="hosts", VpcId=vpc)["GroupId"]

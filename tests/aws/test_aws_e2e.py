@@ -18,6 +18,7 @@ from temporalio.client import WorkflowFailureError
 from tests.aws.conftest import MOTO_AMI, REGION, SECRET_NAME
 from tests.conftest import REPO, TRAIN_TINY, assert_same_weights, make_spec, travelling_spec
 from tests.helpers import wait_until
+from tests.test_multinode import gang_torchrun
 from vaultlayer import client as vl_client
 from vaultlayer.models import AttemptOutcome, Limits, Market, Pool, Refusal, RunState, RunStatus
 
@@ -96,6 +97,36 @@ async def test_capacity_error_in_one_zone_moves_placement_on(temporal_env, contr
     assert [outcome for zone, _, outcome in aws.proxy.launches if zone == "us-east-1b"] == [
         "RequestLimitExceeded", "launched"]
     assert all(i["Placement"]["AvailabilityZone"] != "us-east-1a" for i in aws.instances(spec.run_id))
+    aws.assert_nothing_left()
+
+
+@pytest.mark.usefixtures("cloud_rendezvous_port")
+async def test_a_gang_of_two_instances_runs_one_ddp_job_and_leaves_no_instance_or_group(temporal_env, control, aws,
+                                                                                        tmp_path):
+    out = tmp_path / "w.pt"
+    # One torchrun per instance; each agent fills in its rank and node 0's private IP and port.
+    spec = make_spec(tmp_path, steps=20, out=out, nodes=2, pools=zone_pools("us-east-1b"),
+                     command=gang_torchrun(1, "--steps", "20", "--out", str(out)))
+    client = temporal_env.client
+    await vl_client.submit(client, spec, queue=control)
+    status = await result_of(client, spec.run_id)
+
+    assert status.state == RunState.SUCCEEDED, status.stop_reason
+    [attempt] = status.attempts
+    assert attempt.outcome == AttemptOutcome.COMPLETED and attempt.end_step == 20 and out.exists()
+    assert attempt.nodes == 2 and attempt.hosts == ["h-1-0", "h-1-1"]
+    assert aws.proxy.launches == [("us-east-1b", "g5.xlarge", "launched")]  # one RunInstances for both
+    gang = f"{spec.run_id}-a1"
+    instances = sorted(aws.instances(spec.run_id), key=lambda i: i["AmiLaunchIndex"])
+    assert len(instances) == 2
+    for node, instance in enumerate(instances):
+        tags = {tag["Key"]: tag["Value"] for tag in instance["Tags"]}
+        assert tags.items() >= {"vaultlayer:run-id": spec.run_id, "vaultlayer:attempt": "1", "vaultlayer:gang": gang,
+                                "vaultlayer:node": str(node), "vaultlayer:host": f"h-1-{node}"}.items()
+        placement = instance["Placement"]
+        assert (placement["AvailabilityZone"], placement["GroupName"]) == ("us-east-1b", f"vl-{gang}")
+        assert instance["State"]["Name"] == "terminated"
+    assert not aws.proxy.placement_groups, "the gang's cluster placement group outlived it"
     aws.assert_nothing_left()
 
 

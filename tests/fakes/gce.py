@@ -6,7 +6,8 @@ aggregatedList with a label `filter`, zoneOperations get/wait/list, resourcePoli
 aggregatedList (compact placement policies, which an instance names in `resourcePolicies`), regionOperations
 get/wait; error bodies have the public API's shape (`{"error": {"code", "message", "errors": [{"message",
 "domain", "reason"}]}}`), and failed inserts end in an Operation whose `error.errors[]` carries codes such as
-ZONE_RESOURCE_POOL_EXHAUSTED (`insert_errors`, or a zone's `capacity` used up). VMs get internal addresses.
+ZONE_RESOURCE_POOL_EXHAUSTED (`insert_errors`, or a zone's `capacity` used up). VMs get internal addresses, on
+loopback since local processes play them.
 State changes (an operation finishing, a deleted VM going away, a preempted VM stopping) happen when
 their time is due, checked on every request, so the fake has no clock thread of its own.
 
@@ -190,7 +191,9 @@ class FakeGce:
         self._operations_running = 0
         self._metadata_servers: list[MetadataServer] = []
         self._ids = itertools.count(4_000_000_000_000_000_001)
-        self._addresses = (ipaddress.ip_address("10.128.0.2") + n for n in itertools.count())
+        # Internal addresses on loopback (a VPC's would be 10.128.0.2 on): the VMs are local processes, and a gang's
+        # hosts must reach each other at them (torchrun's master_addr).
+        self._addresses = (ipaddress.ip_address("127.128.0.2") + n for n in itertools.count())
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.server.daemon_threads = True
 
