@@ -112,6 +112,23 @@ def test_a_save_is_committed_only_when_every_rank_has_written_its_part(tmp_path)
     assert protocol.read_save_record(final).world_size == 3
 
 
+def test_on_a_gang_each_host_commits_the_save_once_its_own_ranks_parts_are_in(tmp_path):
+    """Ranks 2 and 3 of 4 on node 1: their host's staging directory only ever gets their parts (the other host's
+    agent uploads ranks 0 and 1), so the host's save is committed from those two, and says the world was 4."""
+    from vaultlayer.sdk import _commit_part, _Slot
+
+    staging = tmp_path / "staging"
+    path, final = staging / protocol.staging_name(5, "abc"), staging / protocol.committed_name(5, "abc")
+    path.mkdir(parents=True)
+    record = protocol.SaveRecord(step=5, world_size=4)
+    _commit_part(_Slot(step=5, path=path, final=final, notice=None, rank=3, world_size=4, node_ranks=range(2, 4)),
+                 record)
+    assert not committed(staging)
+    _commit_part(_Slot(step=5, path=path, final=final, notice=None, rank=2, world_size=4, node_ranks=range(2, 4)),
+                 record)
+    assert committed(staging) == [final] and protocol.read_save_record(final).world_size == 4
+
+
 @pytest.mark.parametrize("example", ["ddp", "fsdp"])
 def test_every_rank_resumes_from_one_save_bit_identically(example, tmp_path, torchrun_reference):
     out = tmp_path / "resumed.pt"

@@ -60,9 +60,13 @@ class _Slot:
     notice: protocol.NoticeDocument | None
     rank: int = 0
     world_size: int = 1
-    node_ranks: range = range(1)  # the ranks whose parts this host's staging directory gets (all, on one host)
+    node_ranks: range | None = None  # the ranks whose parts this host's staging directory gets; None: all of them
     abandon: threading.Event = field(default_factory=threading.Event)
     done: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self) -> None:
+        if self.node_ranks is None:
+            self.node_ranks = range(self.world_size)
 
 
 class _Ranks:
@@ -204,7 +208,7 @@ class _Session:
         slot = _Slot(step=step, path=self.staging_dir / protocol.staging_name(step, nonce),
                      final=self.staging_dir / protocol.committed_name(step, nonce), notice=notice,
                      rank=ranks.rank if ranks else 0, world_size=ranks.world_size if ranks else 1,
-                     node_ranks=ranks.node_ranks if ranks else range(1))
+                     node_ranks=ranks.node_ranks if ranks else None)
         slot.path.mkdir(exist_ok=ranks is not None)  # many ranks, one directory
         return slot
 
