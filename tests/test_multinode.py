@@ -62,7 +62,7 @@ def gang_reference(tmp_path_factory) -> Path:
 
 
 def gang_spec(tmp_path: Path, out: Path, ranks_per_node: int = 2, steps: int = STEPS, **overrides):
-    command = gang_torchrun(ranks_per_node, "--steps", str(steps), "--step-time", "0.1", "--out", str(out))
+    command = gang_torchrun(ranks_per_node, "--steps", str(steps), "--step-time", "0.05", "--out", str(out))
     return make_spec(tmp_path, steps=steps, out=out, nodes=2, command=command, **overrides)
 
 
