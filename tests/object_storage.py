@@ -150,7 +150,9 @@ class ManifestHoldingProxy:
     request for a MANIFEST.json is held: nothing more of it is forwarded, ever. The files of a checkpoint
     get through and its commit does not, as when the network fails at the worst moment."""
 
-    _MANIFEST_REQUEST = re.compile(rb"^(?:PUT|POST) \S*MANIFEST\.json", re.MULTILINE)
+    # Not anchored at a line start: on a kept-alive connection a request follows the body of the one before, which
+    # rarely ends in a newline, and the tail of that body is what the new data is matched after.
+    _MANIFEST_REQUEST = re.compile(rb"(?:PUT|POST) /\S*MANIFEST\.json")
 
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
