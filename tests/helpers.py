@@ -43,6 +43,15 @@ async def wait_until(check: Callable[[], Awaitable[object]], timeout: float, wha
         await asyncio.sleep(POLL_SECONDS)
 
 
+async def cancel_taken(handle) -> bool:
+    """A workflow task ran after the run's cancel was recorded: the workflow has seen the cancel."""
+    events = (await handle.fetch_history()).events
+    cancelled_at = next((index for index, event in enumerate(events)
+                         if event.HasField("workflow_execution_cancel_requested_event_attributes")), None)
+    return cancelled_at is not None and any(event.HasField("workflow_task_completed_event_attributes")
+                                            for event in events[cancelled_at:])
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -21,6 +21,7 @@ from tests.conftest import REPO, assert_same_weights, group_alive, make_spec
 from tests.helpers import (
     Failpoints,
     HeldScript,
+    cancel_taken,
     control_dir,
     free_port,
     hold_script,
@@ -177,19 +178,12 @@ async def test_a_cancel_while_a_gang_is_provisioned_leaves_no_host(temporal_env,
     client = temporal_env.client
     handle = client.get_workflow_handle(spec.run_id)
 
-    async def cancel_taken():  # a workflow task ran after the cancel was recorded: the workflow has seen it
-        events = (await handle.fetch_history()).events
-        cancelled_at = next((index for index, event in enumerate(events)
-                             if event.HasField("workflow_execution_cancel_requested_event_attributes")), None)
-        return cancelled_at is not None and any(event.HasField("workflow_task_completed_event_attributes")
-                                                for event in events[cancelled_at:])
-
     try:
         await vl_client.submit(client, spec, queue=control)
         await points.wait_reached(between, timeout=60)
         assert len(host_pgids(vl_home)) == 1
         await vl_client.cancel(client, spec.run_id)
-        await wait_until(cancel_taken, 60, "the workflow to take the cancel")
+        await wait_until(lambda: cancel_taken(handle), 60, "the workflow to take the cancel")
     finally:
         points.release(between)  # node 1's host is made after the cancel: the reap must find it too
     with pytest.raises(WorkflowFailureError):

@@ -20,7 +20,7 @@ from temporalio.client import WorkflowFailureError
 from tests.conftest import make_spec
 from tests.fakes.gce import error_body
 from tests.faults.conftest import status_of
-from tests.helpers import wait_until
+from tests.helpers import cancel_taken, wait_until
 from vaultlayer import client as vl_client
 from vaultlayer.models import Pool, RunState
 
@@ -47,13 +47,6 @@ async def test_cancel_during_provisioning_leaves_nothing(temporal_env, control, 
     async def provisioning():
         return (await status_of(client, spec.run_id)).state == RunState.PROVISIONING
 
-    async def cancel_taken():  # a workflow task ran after the cancel was recorded: the workflow has seen it
-        events = (await handle.fetch_history()).events
-        cancelled_at = next((index for index, event in enumerate(events)
-                             if event.HasField("workflow_execution_cancel_requested_event_attributes")), None)
-        return cancelled_at is not None and any(event.HasField("workflow_task_completed_event_attributes")
-                                                for event in events[cancelled_at:])
-
     try:
         await vl_client.submit(client, spec, queue=control)
         assert await asyncio.to_thread(hold.wait_held, 1, 60), f"provisioning never got held, {window}"
@@ -62,7 +55,7 @@ async def test_cancel_during_provisioning_leaves_nothing(temporal_env, control, 
         assert [vm["status"] for vm in gce.labelled()] == in_window
         await vl_client.cancel(client, spec.run_id)
         # The workflow lets the provision it cancels return before it reaps, so it ends only after the release.
-        await wait_until(cancel_taken, 60, "the workflow to take the cancel")
+        await wait_until(lambda: cancel_taken(handle), 60, "the workflow to take the cancel")
     finally:
         hold.release()  # the create goes through (the VM is made after the cancel), or the operation finishes
     released_at = time.monotonic()
