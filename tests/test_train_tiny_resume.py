@@ -1,7 +1,7 @@
 """A run resumed from a checkpoint ends bit-identical to one that was never interrupted.
 
 The host agent's part is played by hand, through the contract: staging and control directories,
-then upload, choose and restore through the checkpoint format, then a second run from step 20.
+then upload, choose and restore through the checkpoint format, then a second run from the first save (step 10).
 """
 
 import os
@@ -59,14 +59,17 @@ def test_resumed_run_is_bit_identical(tmp_path):
     )
     assert_identical(plain, checkpointed)  # saving does not disturb training
     saves = staged(first_staging)
-    assert sorted(saves) == [10, 20, 30, 40]
-    for path in saves[20].glob("*.pt"):
+    # Saves are written in the background; one requested while another is still being written is coalesced
+    # into it (tests/test_async_save.py), so on a loaded machine some of 20, 30 and 40 may be skipped. The
+    # first is always taken: nothing is in flight before it.
+    assert 10 in saves and set(saves) <= {10, 20, 30, 40}, sorted(saves)
+    for path in saves[10].glob("*.pt"):
         torch.load(path, weights_only=True)  # no pickled objects that a safe load refuses
 
     storage = (tmp_path / "storage").as_uri()
-    upload_checkpoint(saves[20], storage, "tiny", 1, 20)
+    upload_checkpoint(saves[10], storage, "tiny", 1, 10)
     chosen = choose_checkpoint(storage, "tiny", fences={}).chosen
-    assert chosen is not None and chosen.step == 20
+    assert chosen is not None and chosen.step == 10
     restore_dir = tmp_path / "attempt-2" / "restore"
     restore_checkpoint(chosen, restore_dir)
 
@@ -79,8 +82,9 @@ def test_resumed_run_is_bit_identical(tmp_path):
         VL_CONTROL_DIR=str(tmp_path / "attempt-2" / "control"),
         VL_CHECKPOINT_EVERY="10",
         VL_RESTORE_DIR=str(restore_dir),
-        VL_RESTORE_STEP="20",
+        VL_RESTORE_STEP="10",
     )
-    assert "resuming at step 20" in output
-    assert sorted(staged(tmp_path / "attempt-2" / "staging")) == [30, 40]
+    assert "resuming at step 10" in output
+    resaved = staged(tmp_path / "attempt-2" / "staging")
+    assert 20 in resaved and set(resaved) <= {20, 30, 40}, sorted(resaved)  # the interval counts from the restore
     assert_identical(plain, resumed)
