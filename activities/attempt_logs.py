@@ -14,10 +14,10 @@ import contextlib
 import threading
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import BinaryIO
 
 import structlog
 
+from activities.masking import mask
 from vaultlayer import logs_store
 from vaultlayer.secrets import looks_secret
 
@@ -26,7 +26,6 @@ log = structlog.get_logger(__name__)
 SHIP_SECONDS = 3.0
 MAX_CHUNK_BYTES = 4 << 20
 FINAL_SHIP_SECONDS = 20.0  # how long the end of an attempt waits for its last chunk
-MASK = b"***"
 # Shorter values would mask ordinary words: a guessed credential needs 6 characters, a declared secret 4.
 _MIN_GUESSED_CHARS = 6
 _MIN_DECLARED_CHARS = 4
@@ -38,53 +37,6 @@ def secret_values(env: Mapping[str, str], declared: Iterable[str] = ()) -> list[
     values = {value.encode() for value in declared if len(value) >= _MIN_DECLARED_CHARS}
     values |= {value.encode() for name, value in env.items() if looks_secret(name) and len(value) >= _MIN_GUESSED_CHARS}
     return sorted(values, key=len, reverse=True)
-
-
-def mask(data: bytes, secrets: Iterable[bytes]) -> bytes:
-    for secret in secrets:
-        data = data.replace(secret, MASK)
-    return data
-
-
-def _secret_begun_at_end(data: bytes, secrets: Iterable[bytes]) -> int:
-    """How many bytes at the end of `data` could be the start of a secret whose rest is still to come."""
-    longest = 0
-    for secret in secrets:
-        for size in range(min(len(secret) - 1, len(data)), longest, -1):
-            if data.endswith(secret[:size]):
-                longest = size
-                break
-    return longest
-
-
-class MaskedLog:
-    """The script's output on its way into the host's log file, masked before it is written: the raw file
-    under VL_HOME/hosts never holds a secret value. A value split between two reads is still caught: the end
-    of a read that could begin a secret is held back until the next read shows whether it does."""
-
-    def __init__(self, file: BinaryIO, secrets: list[bytes]) -> None:
-        self.file, self.secrets = file, secrets
-        self.held = b""
-
-    def write(self, data: bytes) -> None:
-        data = mask(self.held + data, self.secrets)
-        keep = _secret_begun_at_end(data, self.secrets)
-        self.held = data[len(data) - keep:]
-        self.file.write(data[:len(data) - keep])
-        self.file.flush()
-
-    def close(self) -> None:
-        self.file.write(self.held)
-        self.held = b""
-        self.file.close()
-
-    async def copy(self, stream: asyncio.StreamReader) -> None:
-        """Write `stream` (the script's stdout and stderr) to the file until it ends, then close the file."""
-        try:
-            while chunk := await stream.read(1 << 16):
-                self.write(chunk)
-        finally:
-            self.close()
 
 
 class LogShipper:

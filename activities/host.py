@@ -27,7 +27,8 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities import setup_commands
-from activities.attempt_logs import LogShipper, mask, secret_values
+from activities.attempt_logs import LogShipper, secret_values
+from activities.masking import mask
 from activities.env_secrets import SecretUnavailable, handed_over, resolve_secrets
 from activities.notices import NoticeSource
 from activities.snapshots import SETTLE_SECONDS, DirectorySnapshots, restore_directory

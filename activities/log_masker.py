@@ -14,7 +14,7 @@ import os
 import signal
 import sys
 
-from activities.attempt_logs import MaskedLog
+from activities.masking import MaskedLog
 
 READ_BYTES = 1 << 16
 

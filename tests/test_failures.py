@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from activities.attempt_logs import MaskedLog
+from activities.masking import MaskedLog
 from cli.render import ended_line, exit_code_of
 from tests.conftest import REPO, TRAIN_TINY_IN_REPO, make_spec
 from tests.test_cli import cli_env, vl  # noqa: F401 - cli_env is a fixture
