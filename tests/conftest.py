@@ -4,6 +4,7 @@ worker per test on its own task queue, and helpers to run the tiny example plain
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import shutil
 import subprocess
@@ -19,7 +20,7 @@ import pytest_asyncio
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
-from activities.providers.local import group_alive, group_members  # noqa: F401 - used by tests
+from activities.providers.local import group_alive, group_members, kill_group  # noqa: F401 - used by tests
 from tests.fakes.gce import gce, gce_hosts  # noqa: F401 - fixtures: a fake GCP project, its VMs played
 from tests.object_storage import gcs_server, s3_server  # noqa: F401 - session fixtures
 from vaultlayer import ui
@@ -66,11 +67,18 @@ def temporal_address(temporal_env) -> str:
 
 
 @pytest.fixture
-def vl_home(tmp_path: Path, monkeypatch) -> Path:
+def vl_home(tmp_path: Path, monkeypatch) -> Iterator[Path]:
+    """A fresh VL_HOME. Local hosts a failed test left running are killed afterwards: they would otherwise go on
+    (their control plane gone with the session) and load every later test. A test that checks its run released
+    its hosts checks it before this."""
     home = tmp_path / "vlhome"
     home.mkdir()
     monkeypatch.setenv("VL_HOME", str(home))
-    return home
+    yield home
+    for record in (home / "hosts").glob("*/*/host.json"):
+        pgid = json.loads(record.read_text()).get("pgid")
+        if pgid and group_alive(pgid):
+            kill_group(pgid)
 
 
 @pytest.fixture
