@@ -13,9 +13,11 @@ into, committed by the last rank to finish, so it is a checkpoint only when ever
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
 import functools
+import gc
 import math
 import os
 import shutil
@@ -99,6 +101,16 @@ class _Ranks:
         return [int(value) for value in flags.tolist()]
 
 
+@functools.cache
+def _collect_garbage_before_exit() -> None:
+    """Collect garbage at exit, before the interpreter's own teardown. A gloo process group left in a reference
+    cycle (after `destroy_process_group`, under DDP) was otherwise freed by the final collection, when its worker
+    threads can no longer take the GIL: in 9 of 85 runs of examples/train_ddp.py (2 ranks, gloo) one rank aborted at
+    exit ("terminate called without an active exception", SIGABRT) and torchrun failed a run that had finished;
+    0 of 72 with this collection. Plain DDP without the SDK did not abort in 16."""
+    atexit.register(gc.collect)
+
+
 def _find_ranks(known: _Ranks | None) -> _Ranks | None:
     """The world this process trains in now, or None outside torchrun (or with a world of one)."""
     dist = sys.modules.get("torch.distributed")
@@ -107,6 +119,7 @@ def _find_ranks(known: _Ranks | None) -> _Ranks | None:
     if known is not None and known.group() is dist.group.WORLD:
         return known
     ranks = _Ranks(dist, sys.modules["torch"])
+    _collect_garbage_before_exit()
     return ranks if ranks.world_size > 1 else None
 
 
