@@ -75,10 +75,13 @@ def vl_home(tmp_path: Path, monkeypatch) -> Iterator[Path]:
     home.mkdir()
     monkeypatch.setenv("VL_HOME", str(home))
     yield home
-    for record in (home / "hosts").glob("*/*/host.json"):
-        pgid = json.loads(record.read_text()).get("pgid")
-        if pgid and group_alive(pgid):
-            kill_group(pgid)
+    for pgid in host_pgids(home):
+        kill_group(pgid)
+
+
+def host_pgids(vl_home: Path) -> list[int]:
+    """The process group of every local host started under `vl_home`."""
+    return [json.loads(p.read_text())["pgid"] for p in (vl_home / "hosts").glob("*/*/host.json")]
 
 
 @pytest.fixture

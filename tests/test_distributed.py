@@ -18,9 +18,9 @@ import pytest
 import torch
 from temporalio.client import WorkflowFailureError
 
-from tests.conftest import REPO, assert_same_weights, group_alive, make_spec
+from tests.conftest import REPO, assert_same_weights, group_alive, host_pgids, make_spec
 from tests.helpers import wait_for_progress
-from tests.test_run_e2e import host_pgids, result_of
+from tests.test_run_e2e import result_of
 from vaultlayer import client as vl_client
 from vaultlayer import protocol
 from vaultlayer.models import AttemptOutcome, FailureCause, RunState

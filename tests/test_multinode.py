@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from temporalio.client import WorkflowFailureError
 
-from tests.conftest import REPO, assert_same_weights, group_alive, make_spec
+from tests.conftest import REPO, assert_same_weights, group_alive, host_pgids, make_spec
 from tests.helpers import (
     Failpoints,
     HeldScript,
@@ -30,7 +30,7 @@ from tests.helpers import (
     wait_until,
 )
 from tests.test_distributed import plain_env, rank_errors
-from tests.test_run_e2e import host_pgids, result_of
+from tests.test_run_e2e import result_of
 from vaultlayer import client as vl_client
 from vaultlayer import failpoints, protocol
 from vaultlayer.models import AttemptOutcome, Host, Pool, RunState

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from temporalio.client import WorkflowFailureError
 
-from tests.conftest import assert_same_weights, group_alive, make_spec
+from tests.conftest import assert_same_weights, group_alive, host_pgids, make_spec
 from tests.helpers import freeze, wait_for_progress, wait_for_uploads_settled, wait_until
 from vaultlayer import checkpoint
 from vaultlayer import client as vl_client
@@ -40,12 +40,6 @@ async def record_histories(client, run_id: str) -> None:
 
 async def live_status(client, run_id: str) -> RunStatus:
     return await vl_client.status(client, run_id)
-
-
-def host_pgids(vl_home: Path) -> list[int]:
-    import json
-
-    return [json.loads(p.read_text())["pgid"] for p in (vl_home / "hosts").glob("*/*/host.json")]
 
 
 # Each reclaim comes once the attempt has made this many steps of 300, so the run needs RECLAIMS + 1 attempts.
