@@ -218,6 +218,11 @@ class LocalProvider:
         while group_alive(pgid) and time.monotonic() < deadline:
             time.sleep(0.05)
         kill_group(pgid, signal.SIGKILL)
+        # A SIGKILLed process still runs its teardown in the kernel for a moment: released means gone, as a
+        # cloud's terminated instance is, so wait for that too (bounded: a process stuck in the kernel is left).
+        deadline = time.monotonic() + 5
+        while group_alive(pgid) and time.monotonic() < deadline:
+            time.sleep(0.02)
         self._update_tag(host, released=True)
         log.info("host released", host=host.host_id, pgid=pgid)
 
