@@ -1,4 +1,4 @@
-"""Control-plane activities: provision, release, describe, verify, reap, and reclaim injection.
+"""Control-plane activities: provision, release, describe, verify, reap, price quotes and reclaim injection.
 
 Built once by the control-plane worker. Provider SDKs block, so these run on the worker's thread pool
 (sync activities), except the reclaim injection, which waits out a grace period.
@@ -7,6 +7,10 @@ Built once by the control-plane worker. Provider SDKs block, so these run on the
 from __future__ import annotations
 
 import asyncio
+import os
+import re
+import threading
+import time
 from pathlib import Path
 
 import structlog
@@ -17,13 +21,17 @@ from activities.heartbeats import heartbeating
 from activities.providers import make_provider
 from activities.providers.base import NoCapacityError, Provider, ProviderConfigError
 from vaultlayer import checkpoint
+from vaultlayer.catalog import current_prices
 from vaultlayer.models import (
     Host,
     HostDescription,
     InjectReclaimInput,
+    Pool,
+    PriceQuotes,
     ProvisionInput,
     ProvisionResult,
     PruneInput,
+    QuotePricesInput,
     ReapInput,
     VerifyInput,
     VerifyResult,
@@ -31,12 +39,45 @@ from vaultlayer.models import (
 
 log = structlog.get_logger(__name__)
 
+# A pool's price is read at most once per this many seconds in a worker, however often runs place (AWS
+# throttles DescribeSpotPriceHistory, and spot prices move over hours, not seconds). Tests set the variable.
+PRICE_CACHE_SECONDS = 300.0
+PRICE_CACHE_VARIABLE = "VL_PRICE_CACHE_SECONDS"
+REASON_CHARACTERS = 200  # of a failed read's reason, in PriceQuotes.failed and the log
+
+
+def price_cache_seconds() -> float:
+    """PRICE_CACHE_SECONDS, or the number PRICE_CACHE_VARIABLE holds."""
+    value = os.environ.get(PRICE_CACHE_VARIABLE)
+    try:
+        return float(value) if value else PRICE_CACHE_SECONDS
+    except ValueError:
+        log.warning("not a number of seconds: using the default", variable=PRICE_CACHE_VARIABLE,
+                    default=PRICE_CACHE_SECONDS)
+        return PRICE_CACHE_SECONDS
+
+
+def price_cache_key(pool: Pool) -> str:
+    """Runs share the cache: a price the user gave is its run's own, so it is part of the key."""
+    return f"{pool.key}@{pool.price_per_hour}" if pool.price_given else pool.key
+
+
+def read_failure(err: Exception) -> str:
+    """A failed read, short: the error's type and the first line of its message, any user:password@ of a URL
+    in it removed. Never the request, the settings or the credentials."""
+    lines = str(err).strip().splitlines()
+    message = re.sub(r"//[^/\s@]+@", "//", lines[0] if lines else "")
+    return f"{type(err).__name__}: {message}"[:REASON_CHARACTERS] if message else type(err).__name__
+
 
 class ControlActivities:
     def __init__(self, vl_home: Path, temporal_env: dict[str, str]) -> None:
         self.vl_home = vl_home
         self.temporal_env = temporal_env
         self._providers: dict[str, Provider] = {}
+        # price_cache_key -> (time.monotonic() of the read, the price read: None when the provider has none)
+        self._prices: dict[str, tuple[float, float | None]] = {}
+        self._prices_lock = threading.Lock()
 
     def provider(self, name: str) -> Provider:
         if name not in self._providers:
@@ -83,6 +124,31 @@ class ControlActivities:
         if removed:
             log.info("checkpoints pruned", run_id=inp.run_id, removed=removed)
         return removed
+
+    @activity.defn(name="quote_prices")
+    @heartbeating
+    def quote_prices(self, inp: QuotePricesInput) -> PriceQuotes:
+        """What one host of each pool costs now (catalog.current_prices), each pool read at most once per
+        price_cache_seconds() in this worker. Never raises for a read that failed: the pool is named in `failed`
+        and keeps its last price read, however old, if there is one."""
+        max_age, now = price_cache_seconds(), time.monotonic()
+        with self._prices_lock:
+            cached = {pool.key: self._prices.get(price_cache_key(pool)) for pool in inp.pools}
+        due = [pool for pool in inp.pools if cached[pool.key] is None or now - cached[pool.key][0] >= max_age]
+        read, errors = current_prices(due)
+        with self._prices_lock:
+            for pool in due:
+                if pool.key in read:
+                    self._prices[price_cache_key(pool)] = cached[pool.key] = (now, read[pool.key])
+        quotes = PriceQuotes()
+        for pool in inp.pools:
+            if pool.key in errors:
+                quotes.failed[pool.key] = read_failure(errors[pool.key])
+                log.warning("price read failed", pool=pool.key, reason=quotes.failed[pool.key],
+                            last_price=cached[pool.key][1] if cached[pool.key] else None)
+            if cached[pool.key] is not None and cached[pool.key][1] is not None:
+                quotes.prices[pool.key] = cached[pool.key][1]
+        return quotes
 
     @activity.defn(name="reap_run")
     @heartbeating

@@ -252,6 +252,24 @@ class AttemptContext:
     log: structlog.typing.FilteringBoundLogger  # bound to the run, the attempt and the host
     setup: setup_commands.SetupOnHost | None = None  # the run's setup commands on this host, once prepared
     restore_world_size: int = 1  # how many ranks wrote the restored checkpoint (its manifest says)
+    # (step, monotonic time) when the first step past the restore was seen, and the latest new step: the speed the
+    # attempt trained at, with restore, start-up and setup left out (AttemptResult.trained_steps/_seconds).
+    first_step_seen: tuple[int, float] | None = None
+    last_step_seen: tuple[int, float] | None = None
+
+    def saw_step(self, step: int) -> None:
+        if step <= self.progress.start_step or (self.last_step_seen and step <= self.last_step_seen[0]):
+            return
+        self.last_step_seen = (step, time.monotonic())
+        self.first_step_seen = self.first_step_seen or self.last_step_seen
+
+    def speed_sample(self) -> dict[str, float | int | None]:
+        if self.first_step_seen is None or self.last_step_seen is None:
+            return {"trained_steps": None, "trained_seconds": None}
+        seconds = self.last_step_seen[1] - self.first_step_seen[1]
+        steps = self.last_step_seen[0] - self.first_step_seen[0]
+        return {"trained_steps": steps, "trained_seconds": seconds} if steps > 0 and seconds > 0 else \
+            {"trained_steps": None, "trained_seconds": None}
 
 
 @dataclass
@@ -529,6 +547,7 @@ class HostAgentActivities:
         if step is not None:
             progress.step = step
             progress.checkpoint_interval = read_interval(ctx.control)
+            ctx.saw_step(step)
         if run.snapshots is not None and run.snapshots.covered_notice is None:
             # After a notice: as soon as the directory holds still, and tagged with the notice.
             settle = POLL_SECONDS if run.notice is not None else SETTLE_SECONDS
@@ -550,6 +569,7 @@ class HostAgentActivities:
             durable_step=run.uploader.durable_step,
             notice=notice,
             emergency_save=emergency_save,
+            **ctx.speed_sample(),
             reason="reclaim notice" + ("" if emergency_save == "saved" else "; emergency save missed the deadline"),
         )
 
@@ -568,7 +588,7 @@ class HostAgentActivities:
         step = read_progress(ctx.control)
         ended = AttemptResult(outcome=AttemptOutcome.COMPLETED, start_step=ctx.progress.start_step,
                               end_step=step if step is not None else ctx.progress.step,
-                              durable_step=run.uploader.durable_step, exit_code=exit_code)
+                              durable_step=run.uploader.durable_step, exit_code=exit_code, **ctx.speed_sample())
         if exit_code != 0:
             cause, reason = setup_commands.failure(ctx.control) or (
                 FailureCause.SCRIPT, f"the script exited with code {exit_code}")

@@ -69,6 +69,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                                                  "list price; the local provider reports it, default 0)")
     run.add_argument("--on-demand-price", type=float, help="USD per hour of the same capacity on demand (the "
                                                            "price of --on-demand-fallback's pools)")
+    run.add_argument("--speed", type=float, help="one host's training speed relative to one V100 (default: the "
+                                                 "GPU class's; the speed the run measures replaces it)")
     run.add_argument("--changeover",
                      help="from a placement decision to training again, for the deadline rule (default 6m)")
     run.add_argument("--exclude-hosts-for", help="how long a host that failed is excluded (default: the whole run)")

@@ -18,7 +18,7 @@ from vaultlayer.models import (
     RunState,
     RunStatus,
 )
-from workflows import accounting, policy
+from workflows import accounting, policy, speed
 from workflows.policy import Keep, Place, Stop, Vacate, Wait, next_placement, review
 
 T0 = datetime(2026, 11, 27, tzinfo=UTC)
@@ -373,7 +373,7 @@ def test_work_left_comes_from_the_estimate_or_the_measured_speed():
     assert policy.deadline_plan(measured, history.status, history.now) is None  # no deadline, no plan
 
 
-@pytest.mark.parametrize("module", [policy, accounting], ids=["policy", "accounting"])
+@pytest.mark.parametrize("module", [policy, accounting, speed], ids=["policy", "accounting", "speed"])
 def test_the_policy_and_the_accounting_are_pure(module):
     import ast
     from pathlib import Path
@@ -382,7 +382,7 @@ def test_the_policy_and_the_accounting_are_pure(module):
     imported = {alias.name for node in ast.walk(ast.parse(source))
                 if isinstance(node, ast.Import | ast.ImportFrom)
                 for alias in (node.names if isinstance(node, ast.Import) else [ast.alias(node.module or "")])}
-    allowed = {"__future__", "math", "dataclasses", "datetime", "workflows.accounting"}
+    allowed = {"__future__", "math", "dataclasses", "datetime", "workflows.accounting", "workflows.speed"}
     assert {name for name in imported if not name.startswith("vaultlayer.")} <= allowed, imported
     assert "datetime.now" not in source and "time.time" not in source
 

@@ -75,6 +75,8 @@ class PoolConfig(ConfigModel):
     market: Literal["spot", "on-demand"] = "spot"
     price: float | None = Field(None, ge=0, description="USD per hour of a host (overrides the price list)")
     on_demand_price: float | None = Field(None, ge=0, description="USD per hour of the same capacity on demand")
+    speed: float | None = Field(None, gt=0, description="one host's training speed relative to one V100 (default: "
+                                "the GPU class's, vaultlayer/catalog/throughput.py); measured speed replaces it")
 
     @field_validator("gpu")
     @classmethod
@@ -308,7 +310,7 @@ class LoadedConfig(BaseModel):
         update = {name: getattr(given[0], name) for name in given[0].model_fields_set} if given else {}
         return [PoolRequest(provider=entry.provider, regions=entry.regions, zones=entry.zones, gpu=entry.gpu,
                             market=entry.market, price=entry.price, on_demand_price=entry.on_demand_price,
-                            where=f"{self.source}: resources.pools[{index}]").model_copy(update=update)
+                            speed=entry.speed, where=f"{self.source}: resources.pools[{index}]").model_copy(update=update)
                 for index, entry in enumerate(entries)]
 
 

@@ -73,6 +73,13 @@ class Pool(VLModel):
     # host of the pool was seen. The host a provider hands back carries what it actually costs.
     price_per_hour: float | None = None
     on_demand_price_per_hour: float | None = None
+    # price_per_hour is the user's (`--price`, a config file's `price`, `--on-demand-price` for a fallback pool),
+    # not the provider's: it wins over every price read later (catalog.current_prices). False in specs submitted
+    # before this field, whose pools' prices are then read like any list price.
+    price_given: bool = False
+    # How fast one host of the pool trains, relative to one V100 (vaultlayer/catalog/throughput.py, or the
+    # user's `speed`): the prior the policy ranks by until the run has measured itself there. None: unknown.
+    speed: float | None = Field(default=None, gt=0)
 
     @property
     def key(self) -> str:
@@ -219,6 +226,18 @@ class InjectReclaimInput(VLModel):
     with_notice: bool = True
 
 
+class QuotePricesInput(VLModel):
+    pools: list[Pool]
+
+
+class PriceQuotes(VLModel):
+    """What one host of each pool costs now, USD per hour (`quote_prices`), by `Pool.key`. A pool whose read
+    failed is in `failed` with a short reason, and in `prices` too when an earlier read of it is cached."""
+
+    prices: dict[str, float] = Field(default_factory=dict)
+    failed: dict[str, str] = Field(default_factory=dict)
+
+
 class ReapInput(VLModel):
     run_id: str
     providers: list[str]
@@ -362,6 +381,10 @@ class AttemptResult(VLModel):
     setup_seconds: float | None = None  # from the host's start on setup (its cache restore included) to its end
     setup_cache: str = ""  # "restored" from the run's storage, "stored" there by this attempt, or ""
     faulty_host: str | None = None  # a gang's host that failed for a host reason (it is excluded), when not node 0
+    # The script's speed as the agent saw it, the changeover left out: steps from the first step it saw past
+    # the restore to the last, and the seconds between them (workflows/speed.py measures pools by them).
+    trained_steps: int | None = None
+    trained_seconds: float | None = None
 
 
 class AttemptRecord(VLModel):
@@ -393,6 +416,8 @@ class AttemptRecord(VLModel):
     hosts: list[str] = Field(default_factory=list)  # a gang's hosts in node-rank order (`host` is node 0); else empty
     nodes: int = 1  # hosts the attempt holds (RunSpec.nodes): it is billed nodes x price_per_hour (one host's)
     faulty_host: str | None = None  # AttemptResult.faulty_host: the gang's host excluded for a host fault
+    trained_steps: int | None = None  # AttemptResult.trained_steps
+    trained_seconds: float | None = None  # AttemptResult.trained_seconds
 
 
 class RunState(StrEnum):
@@ -435,6 +460,10 @@ class RunStatus(VLModel):
     started_at: datetime | None = None
     ended_at: datetime | None = None
     continued_as_new: int = 0
+    # USD per hour of one host of each pool (by Pool.key), as last quoted before a placement (`quote_prices`); a
+    # pool whose read failed keeps its earlier quote. The policy ranks by these first (policy.pool_price).
+    price_quotes: dict[str, float] = Field(default_factory=dict)
+    price_quotes_at: datetime | None = None  # when the last quote came
 
     @property
     def current_attempt(self) -> AttemptRecord | None:

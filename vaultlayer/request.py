@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from vaultlayer import protocol
 from vaultlayer.catalog import KNOWN_PROVIDERS, priced_pools, validate_pools
+from vaultlayer.catalog.throughput import prior_speed
 from vaultlayer.durations import parse_duration, parse_interval
 from vaultlayer.home import default_storage_url, vl_home
 from vaultlayer.models import Limits, Market, Pool, RunSpec
@@ -52,6 +53,7 @@ class PoolRequest(BaseModel):
     market: str = "spot"
     price: float | None = None  # USD per hour of a host; overrides the provider's list price
     on_demand_price: float | None = None  # USD per hour of the same capacity on demand: the fallback pool's price
+    speed: float | None = None  # one host's training speed relative to one V100; default: the GPU class's
     where: str | None = None  # where it was written, such as "vl.yaml: resources.pools[0]", for messages
 
 
@@ -413,8 +415,10 @@ def _pools(request: RunRequest) -> list[Pool]:
             raise RunRequestError(f"{prefix}{err}") from None
         pools += made
     if request.on_demand_fallback:
+        # Before pricing, a pool's on-demand price can only be the user's (--on-demand-price).
         fallback = [pool.model_copy(update={"market": Market.ON_DEMAND,
-                                            "price_per_hour": pool.on_demand_price_per_hour})
+                                            "price_per_hour": pool.on_demand_price_per_hour,
+                                            "price_given": pool.on_demand_price_per_hour is not None})
                     for pool in pools if pool.market == Market.SPOT]
         try:
             validate_pools(fallback)
@@ -448,8 +452,12 @@ def _pools_of(wanted: PoolRequest) -> list[Pool]:
     for flag, price in (("--price", wanted.price), ("--on-demand-price", wanted.on_demand_price)):
         if price is not None and price < 0:
             raise ValueError(f"{flag} {price}: must be zero or more (USD per hour)")
+    if wanted.speed is not None and wanted.speed <= 0:
+        raise ValueError(f"--speed {wanted.speed}: must be more than zero (1 = one V100; an H100 is about 7.9)")
+    speed = wanted.speed if wanted.speed is not None else prior_speed(gpu, gpu_count)
     return [Pool(provider=wanted.provider, region=region, zone=zone, gpu=gpu, gpu_count=gpu_count, market=market,
-                 price_per_hour=wanted.price, on_demand_price_per_hour=wanted.on_demand_price)
+                 price_per_hour=wanted.price, on_demand_price_per_hour=wanted.on_demand_price,
+                 price_given=wanted.price is not None, speed=speed)
             for region, zone in places]
 
 

@@ -52,6 +52,7 @@ def create_worker(client: Client, task_queue: str | None = None, home: Path | No
             activities.prune_checkpoints,
             activities.reap_run,
             activities.inject_reclaim,
+            activities.quote_prices,
         ],
         activity_executor=ThreadPoolExecutor(max_workers=32),
         # The default pollers (5, only one of them for new workflow tasks) cap a worker at a few tasks a

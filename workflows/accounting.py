@@ -52,7 +52,8 @@ def close_attempt(status: RunStatus, attempt: int, result: AttemptResult, now: d
         "end_step": result.end_step, "durable_step": result.durable_step, "exit_code": result.exit_code,
         "ended_at": now, "log_tail": result.log_tail, "emergency_save": result.emergency_save,
         "cause": result.cause, "setup_seconds": result.setup_seconds, "setup_cache": result.setup_cache,
-        "faulty_host": result.faulty_host,
+        "faulty_host": result.faulty_host, "trained_steps": result.trained_steps,
+        "trained_seconds": result.trained_seconds,
     })
     update: dict = {}
     if record.running_at is not None:

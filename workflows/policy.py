@@ -41,6 +41,7 @@ from vaultlayer.models import (
     RunStatus,
 )
 from workflows.accounting import hourly_cost, running_cost
+from workflows.speed import Speeds, speeds
 
 # A pool that reclaimed is left for others for 5 min, doubled for each reclaim in the health window, up to
 # 30 min: over 90% of reclaims hit the same zone again within minutes. Once every other pool has been
@@ -63,6 +64,12 @@ PRIOR_HOURS = 2.0
 DEADLINE_MARGIN_FRACTION = 0.02
 ON_DEMAND_REVIEW_SECONDS = 30 * 60
 MIN_REVIEW_SECONDS = 60
+# A move off a running spot host for a cheaper pool (cost per unit of work) must save this share of what the
+# work left costs where it is, and at least MOVE_PAYBACK times what the move itself costs (the changeover and
+# notice, paid without progress): a measured speed is noisy, and a move that only breaks even is a reclaim risk.
+MOVE_SAVING_FRACTION = 0.2
+MOVE_PAYBACK = 2.0
+SPEED_REVIEW_SECONDS = 10 * 60
 
 
 @dataclass(frozen=True)
@@ -191,7 +198,9 @@ def hours(seconds: float) -> str:
 # ---------------------------------------------------------------- decisions
 
 
-def next_placement(spec: RunSpec, status: RunStatus, now: datetime) -> Place | Wait | Stop:
+def next_placement(spec: RunSpec, status: RunStatus, now: datetime, by_work: bool = True) -> Place | Wait | Stop:
+    """`by_work=False`: the ranking by price per hour and one speed for the whole run, as before pools were told
+    apart by speed; kept for bench/goodput.py to compare against."""
     stop = limit_reached(spec, status, now)
     if stop is not None:
         return stop
@@ -202,23 +211,29 @@ def next_placement(spec: RunSpec, status: RunStatus, now: datetime) -> Place | W
         return Stop(RunState.FAILED, "no pool can take the run: "
                     + "; ".join(f"{h.pool.key} {h.blocked}" for h in health))
     if not spot:
-        return place_or_wait(spec, status, now, on_demand)
-    plan = deadline_plan(spec, status, now)
-    best, wait = choose(spot, spec, status, now)
+        return place_or_wait(spec, status, now, on_demand, by_work=by_work)
+    best, wait = choose(spot, spec, status, now, by_work=by_work)
+    bridge = choose(on_demand, spec, status, now, by_work=by_work) if on_demand else None
+    plan = deadline_plan(spec, status, now, (bridge[0] if bridge else best).pool if by_work else None)
+    if by_work and bridge is not None and wait == 0 and bridge[1] == 0:
+        rates = speeds(spec, status)
+        if cost_per_work(bridge[0], status, spec, rates) < cost_per_work(best, status, spec, rates):
+            return place(spec, status, now, bridge[0].pool,
+                         f"{bridge[0].pool.key} costs less per unit of work than any spot pool")
     if plan is not None:
         at_risk = not plan.spot_allowed()
         if on_demand and (at_risk or plan.room() <= 0):
             since = round_start(status, now, plan)
             unasked = [h for h in spot if h.last_asked is None or h.last_asked < since]
             if not at_risk and unasked:
-                again = choose(unasked, spec, status, now, ignore_cooldowns=True)[0]
+                again = choose(unasked, spec, status, now, ignore_cooldowns=True, by_work=by_work)[0]
                 if wait == 0 and again is best:
                     return place(spec, status, now, best.pool, why_chosen(best, len(spot), status))
                 return place(spec, status, now, again.pool,
                              f"the slack is at its line: asking {again.pool.key} again before paying for on-demand")
-            if choose(on_demand, spec, status, now)[1] == 0:
+            if choose(on_demand, spec, status, now, by_work=by_work)[1] == 0:
                 why = "deadline at risk" if at_risk else "every spot pool is cooling and the slack is at its line"
-                return place_or_wait(spec, status, now, on_demand, f"{why}: {plan.describe()}")
+                return place_or_wait(spec, status, now, on_demand, f"{why}: {plan.describe()}", by_work=by_work)
         if at_risk and wait > 0:
             return place(spec, status, now, best.pool,
                          f"deadline at risk and no on-demand pool usable: trying {best.pool.key} now")
@@ -229,8 +244,9 @@ def next_placement(spec: RunSpec, status: RunStatus, now: datetime) -> Place | W
     return place(spec, status, now, best.pool, why_chosen(best, len(spot), status))
 
 
-def review(spec: RunSpec, status: RunStatus, now: datetime) -> Keep | Vacate:
-    """For the running attempt: a limit reached, spot safe again (from on-demand), or keep it."""
+def review(spec: RunSpec, status: RunStatus, now: datetime, by_work: bool = True) -> Keep | Vacate:
+    """For the running attempt: a limit reached, spot safe again (from on-demand), a slower spot pool about to
+    miss the deadline, a pool much cheaper per unit of work (from spot), or keep it."""
     running = status.current_attempt
     limits = spec.limits
     if limits.deadline is not None and now >= limits.deadline:
@@ -242,15 +258,92 @@ def review(spec: RunSpec, status: RunStatus, now: datetime) -> Keep | Vacate:
     if limits.max_cost is not None and hourly_cost(running):  # a gang spends its hosts' prices together
         checks.append(now + timedelta(hours=(limits.max_cost - spent) / hourly_cost(running)))
     pool = next((p for p in spec.pools if p.key == running.pool), None)
-    plan = deadline_plan(spec, status, now)
-    spot = [h for h in pool_health(spec, status, now) if h.pool.market == Market.SPOT and not h.blocked]
-    if pool is not None and pool.market == Market.ON_DEMAND and spot and plan is not None:
-        best, wait = choose(spot, spec, status, now)  # asking costs nothing: the run stays
-        if wait == 0 and plan.spot_safe_again():
-            return Vacate(f"spot is safe again: {plan.describe()}", to=best.pool)
-        later = max(wait, min(plan.seconds_until_safe(), ON_DEMAND_REVIEW_SECONDS), MIN_REVIEW_SECONDS)
-        checks.append(now + timedelta(seconds=later))
+    health = pool_health(spec, status, now)
+    spot = [h for h in health if h.pool.market == Market.SPOT and not h.blocked]
+    on_demand = [h for h in health if h.pool.market == Market.ON_DEMAND and not h.blocked]
+    if pool is not None and pool.market == Market.ON_DEMAND and spot:
+        plan = deadline_plan(spec, status, now, pool if by_work else None)
+        if plan is not None:
+            best, wait = choose(spot, spec, status, now, by_work=by_work)  # asking costs nothing: the run stays
+            here = next((h for h in health if h.pool.key == pool.key), None)
+            cheaper = (not by_work or here is None
+                       or cost_per_work(best, status, spec, speeds(spec, status))
+                       < cost_per_work(here, status, spec, speeds(spec, status)))
+            if wait == 0 and cheaper and plan.spot_safe_again():
+                return Vacate(f"spot is safe again: {plan.describe()}", to=best.pool)
+            later = max(wait, min(plan.seconds_until_safe(), ON_DEMAND_REVIEW_SECONDS), MIN_REVIEW_SECONDS)
+            checks.append(now + timedelta(seconds=later))
+    elif by_work and pool is not None and pool.market == Market.SPOT:
+        verdict = review_spot(spec, status, now, pool, spot, on_demand)
+        if isinstance(verdict, Vacate):
+            return verdict
+        checks += [verdict] if verdict is not None else []
     return Keep(min(checks) if checks else None)
+
+
+def review_spot(spec: RunSpec, status: RunStatus, now: datetime, pool: Pool, spot: list[PoolHealth],
+                on_demand: list[PoolHealth]) -> Vacate | datetime | None:
+    """A spot attempt: off to on-demand when this pool trains too slowly for on-demand to still make the deadline
+    after it; to another spot pool that costs much less per unit of work, once this one's speed is measured.
+    Else when to look again (None: not before the attempt ends)."""
+    rates = speeds(spec, status)
+    when: list[datetime] = []
+    if on_demand:
+        bridge, ready = choose(on_demand, spec, status, now)
+        plan = deadline_plan(spec, status, now, bridge.pool)
+        here, there = rates.steps_per_second(pool), rates.steps_per_second(bridge.pool)
+        if plan is not None and here and there and here < there:
+            if not plan.spot_allowed() and ready == 0:
+                return Vacate(f"{pool.key} trains too slowly to leave on-demand the time it needs: "
+                              f"{plan.describe()}", to=bridge.pool)
+            erosion = 1 - here / there  # slack lost per second trained here, in on-demand's terms
+            seconds = (plan.slack - plan.spot_try - plan.reserve) / erosion
+            if now + timedelta(seconds=min(seconds, 1e9)) < spec.limits.deadline:
+                when.append(now + timedelta(seconds=max(MIN_REVIEW_SECONDS, seconds)))
+    here = next((h for h in spot if h.pool.key == pool.key), None)
+    others = [h for h in spot if h.pool.key != pool.key]
+    if here is None or not others:
+        return min(when, default=None)
+    best, wait = choose(others, spec, status, now)
+    move = cheaper_elsewhere(spec, status, now, here, best, rates) if wait == 0 else None
+    if move is not None:
+        return move
+    if max(rates.relative(h.pool) for h in spot) > (1 + MOVE_SAVING_FRACTION / 2) * min(
+            rates.relative(h.pool) for h in spot):  # speeds differ: what is measured may yet make a move pay
+        when.append(now + timedelta(seconds=max(wait, SPEED_REVIEW_SECONDS)))
+    return min(when, default=None)
+
+
+def cheaper_elsewhere(spec: RunSpec, status: RunStatus, now: datetime, here: PoolHealth, best: PoolHealth,
+                      rates: Speeds) -> Vacate | None:
+    """A move to `best` when this pool's measured speed makes it dearer per unit of work by MOVE_SAVING_FRACTION
+    and the saving over the work left pays MOVE_PAYBACK times for the move."""
+    if rates.measured_steps_per_second(here.pool) is None or not spec.total_steps:
+        return None
+    cost_here, cost_there = (cost_per_work(h, status, spec, rates) for h in (here, best))
+    if cost_here is None or cost_there is None or cost_there > (1 - MOVE_SAVING_FRACTION) * cost_here:
+        return None
+    plan = deadline_plan(spec, status, now, best.pool)
+    if plan is not None and not plan.spot_allowed():
+        return None
+    step = status.durable_step or 0
+    running = status.current_attempt
+    if running is not None and running.running_at is not None:
+        trained = max(0.0, (now - running.started_at).total_seconds() - spec.changeover_seconds)
+        step = max(step, running.start_step + int(trained * (rates.steps_per_second(here.pool) or 0.0)))
+    left = max(0, spec.total_steps - step)
+    saving = (cost_here - cost_there) * left / 3600  # USD per host: cost per work is USD/h per step/s
+    move_hours = (spec.changeover_seconds + spec.notice_seconds) / 3600
+    move = ((pool_price(here.pool, status) or 0.0) + (pool_price(best.pool, status) or 0.0)) * move_hours
+    if saving < MOVE_PAYBACK * move:
+        return None
+    return Vacate(f"{best.pool.key} costs {1 - cost_there / cost_here:.0%} less per unit of work than "
+                  f"{here.pool.key} at the speeds measured ({speed_text(rates, here.pool)} here)", to=best.pool)
+
+
+def speed_text(rates: Speeds, pool: Pool) -> str:
+    rate = rates.steps_per_second(pool)
+    return f"{rate:.3g} steps/s" if rate is not None else f"speed {rates.relative(pool):.3g}"
 
 
 def round_start(status: RunStatus, now: datetime, plan: DeadlinePlan) -> datetime:
@@ -268,8 +361,8 @@ def place(spec: RunSpec, status: RunStatus, now: datetime, pool: Pool, reason: s
 
 
 def place_or_wait(spec: RunSpec, status: RunStatus, now: datetime, candidates: list[PoolHealth],
-                  reason: str = "") -> Place | Wait:
-    best, wait = choose(candidates, spec, status, now)
+                  reason: str = "", by_work: bool = True) -> Place | Wait:
+    best, wait = choose(candidates, spec, status, now, by_work=by_work)
     if wait > 0:
         return Wait(wait, f"every pool is cooling down; {best.pool.key} is usable in {hours(wait)}")
     return place(spec, status, now, best.pool, reason or why_chosen(best, len(candidates), status))
@@ -414,30 +507,44 @@ def refused_together(pool: Pool, record: AttemptRecord, pools: list[Pool]) -> li
 
 
 def pool_price(pool: Pool, status: RunStatus) -> float | None:
-    """What a host of the pool costs: the last host it handed over, else the pool's list price."""
+    """What a host of the pool costs: its price quoted last before a placement (`RunStatus.price_quotes`: the
+    provider's price now, or the user's), else what the last host it handed over cost, else its list price."""
+    if pool.key in status.price_quotes:
+        return status.price_quotes[pool.key]
     for record in reversed(status.attempts):
         if record.pool == pool.key and record.price_per_hour is not None:
             return record.price_per_hour
     return pool.price_per_hour
 
 
+def cost_per_work(h: PoolHealth, status: RunStatus, spec: RunSpec, rates: Speeds | None) -> float | None:
+    """Expected USD per unit of work on the pool: its price over its speed (`workflows.speed`), raised by what
+    its reclaims cost (each a changeover and a notice of paid time, and a slower pool holds the work longer, so
+    it meets more of them). `rates` None: every pool taken as equally fast (price per hour). None: no price."""
+    price = pool_price(h.pool, status)
+    if price is None:
+        return None
+    speed = rates.relative(h.pool) if rates is not None else 1.0
+    move_hours = (spec.changeover_seconds + spec.notice_seconds) / 3600
+    return price / speed * (1 + h.reclaim_rate * move_hours)
+
+
 def choose(candidates: list[PoolHealth], spec: RunSpec, status: RunStatus, now: datetime,
-           ignore_cooldowns: bool = False) -> tuple[PoolHealth, float]:
+           ignore_cooldowns: bool = False, by_work: bool = True) -> tuple[PoolHealth, float]:
     """The best pool usable now (wait 0), else the one usable first and how long until it is.
 
     Cooldowns (`PoolHealth.usable_at`) take the pools in turn: a reclaim steers the run to the others, a
     refusal sends it round them before the same pool is asked again. Best: calm before troubled (no
-    reclaim in its region, then no trouble of its own, in the last RECENT_TROUBLE), then the lowest price
-    with the pool's expected reclaims priced in (each costs a changeover and a notice of paid time), then
-    fewer reclaims, then the spec's order. Pools of unknown price come after priced ones.
+    reclaim in its region, then no trouble of its own, in the last RECENT_TROUBLE), then the lowest expected
+    cost per unit of work (`cost_per_work`; per hour with `by_work=False`), then fewer reclaims, then the spec's
+    order. Pools of unknown price come after priced ones.
     `ignore_cooldowns`: for when the alternative is paying for on-demand.
     """
-    move_hours = (spec.changeover_seconds + spec.notice_seconds) / 3600
+    rates = speeds(spec, status) if by_work else None
 
     def rank(h: PoolHealth) -> tuple:
-        price = pool_price(h.pool, status)
-        effective = (price or 0.0) * (1 + h.reclaim_rate * move_hours)
-        return (price is None, h.region_troubled, h.troubled, effective, h.reclaim_rate, h.index)
+        cost = cost_per_work(h, status, spec, rates)
+        return (cost is None, h.region_troubled, h.troubled, cost or 0.0, h.reclaim_rate, h.index)
 
     ready = {h.pool.key: now if ignore_cooldowns else h.usable_at(candidates, now) for h in candidates}
     first = min(candidates, key=lambda h: (ready[h.pool.key], rank(h)))
@@ -447,14 +554,28 @@ def choose(candidates: list[PoolHealth], spec: RunSpec, status: RunStatus, now: 
 # ---------------------------------------------------------------- deadline rule
 
 
-def remaining_work_seconds(spec: RunSpec, status: RunStatus, now: datetime) -> float | None:
-    """Uninterrupted seconds of work left: from `work_seconds`, or the speed measured on earlier attempts.
+def remaining_work_seconds(spec: RunSpec, status: RunStatus, now: datetime, pool: Pool | None = None) -> float | None:
+    """Uninterrupted seconds of work left on `pool` (`workflows.speed`: a slower pool has more of them), or with
+    no pool, at the one speed of the whole run (`work_seconds`, else measured over every attempt).
 
-    A running attempt is taken to train at full speed once its changeover is over.
+    A running attempt is taken to train at its pool's speed once its changeover is over.
     """
     if not spec.total_steps:
         return None
     left_steps = max(0, spec.total_steps - (status.durable_step or 0))
+    running = status.current_attempt
+    trained = 0.0
+    if running is not None and running.running_at is not None:
+        trained = max(0.0, (now - running.started_at).total_seconds() - spec.changeover_seconds)
+    if pool is not None:
+        rates = speeds(spec, status)
+        there = rates.steps_per_second(pool)
+        if there is None:
+            return None
+        if trained:
+            on = next((p for p in spec.pools if p.key == running.pool), pool)
+            left_steps = max(0.0, left_steps - trained * (rates.steps_per_second(on) or there))
+        return left_steps / there
     if spec.work_seconds:
         left = spec.work_seconds * left_steps / spec.total_steps
     else:
@@ -462,10 +583,7 @@ def remaining_work_seconds(spec: RunSpec, status: RunStatus, now: datetime) -> f
         if speed is None:
             return None
         left = left_steps / speed
-    running = status.current_attempt
-    if running is not None and running.running_at is not None:
-        left -= max(0.0, (now - running.started_at).total_seconds() - spec.changeover_seconds)
-    return max(0.0, left)
+    return max(0.0, left - trained)
 
 
 def measured_steps_per_second(status: RunStatus) -> float | None:
@@ -486,14 +604,18 @@ def unnoticed_loss_seconds(spec: RunSpec) -> float:
     return max(0.0, spec.heartbeat_timeout_seconds + every - spec.notice_seconds)
 
 
-def deadline_plan(spec: RunSpec, status: RunStatus, now: datetime) -> DeadlinePlan | None:
-    """The deadline rule's numbers, or None without a deadline or a way to tell how much work is left."""
+def deadline_plan(spec: RunSpec, status: RunStatus, now: datetime, pool: Pool | None = None) -> DeadlinePlan | None:
+    """The deadline rule's numbers for finishing on `pool` (the on-demand pool that would bridge, when the run
+    has one), or None without a deadline or a way to tell how much work is left. No pool: one speed for the run."""
     if spec.limits.deadline is None:
         return None
-    left = remaining_work_seconds(spec, status, now)
+    left = remaining_work_seconds(spec, status, now, pool)
     if left is None:
         return None
-    work = spec.work_seconds or spec.total_steps / measured_steps_per_second(status)
+    if pool is not None:
+        work = spec.total_steps / speeds(spec, status).steps_per_second(pool)
+    else:
+        work = spec.work_seconds or spec.total_steps / measured_steps_per_second(status)
     start = spec.submitted_at or status.started_at or now
     initial_slack = max(0.0, (spec.limits.deadline - start).total_seconds() - work)
     return DeadlinePlan(

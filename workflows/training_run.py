@@ -45,6 +45,7 @@ with workflow.unsafe.imports_passed_through():
         ProvisionInput,
         ProvisionResult,
         PruneInput,
+        QuotePricesInput,
         ReapInput,
         ReclaimAck,
         ReclaimRequest,
@@ -75,6 +76,8 @@ NO_PROGRESS_PATCH = "max-attempts-without-progress"
 # A cancel asks the attempt to stop and waits for it (bounded by its heartbeat timeout), so the agent can store
 # the script's outputs before the host is released.
 OUTPUTS_ON_CANCEL_PATCH = "attempt-stops-before-cancel"
+# Before each placement the pools' prices now are quoted (`quote_prices`) and kept in the status.
+CURRENT_PRICES_PATCH = "current-prices"
 
 
 def control_options(start_to_close: timedelta, retry: RetryPolicy = CONTROL_RETRY) -> dict[str, Any]:
@@ -89,6 +92,9 @@ DESCRIBE = control_options(timedelta(minutes=2))  # ask the provider about a hos
 PROVISION = control_options(timedelta(minutes=15))  # capacity can take a while to come up
 VERIFY = control_options(timedelta(minutes=30))  # read the manifests and files of the run's checkpoints
 PRUNE = control_options(timedelta(minutes=30), retry=PRUNE_RETRY)  # remove checkpoints; never holds the run up
+# Price quotes: short, tried twice, and never more than that: a placement goes on with the quotes it has.
+QUOTE = {"start_to_close_timeout": timedelta(seconds=60),
+         "retry_policy": RetryPolicy(initial_interval=timedelta(seconds=1), maximum_attempts=2)}
 
 
 def reclaims_in(spec: RunSpec, pool: Pool) -> bool:
@@ -158,6 +164,8 @@ class TrainingRun:
                     await self._run_moved()
                     continue
                 decision = policy.next_placement(spec, self.status, workflow.now())
+                if isinstance(decision, policy.Place) and await self._quote_prices():
+                    decision = policy.next_placement(spec, self.status, workflow.now())  # by the prices now
                 # Asked only when the limit is reached: a history recorded before it then replays unchanged.
                 stalled = None if isinstance(decision, policy.Stop) else policy.no_progress_stop(spec, self.status)
                 if stalled is not None and workflow.patched(NO_PROGRESS_PATCH):
@@ -201,6 +209,28 @@ class TrainingRun:
         providers = sorted({pool.provider for pool in self.spec.pools})
         await workflow.execute_activity_method(
             ControlActivities.reap_run, ReapInput(run_id=self.spec.run_id, providers=providers), **RELEASE)
+
+    async def _quote_prices(self) -> bool:
+        """The pools' prices now (`quote_prices`) into the status, which the policy ranks by, before a placement
+        (not before a wait or a stop: nothing is placed then); a pool whose read failed keeps its earlier quote.
+        If the activity fails, the run places with the quotes it has. Whether a quote came."""
+        if not workflow.patched(CURRENT_PRICES_PATCH):
+            return False
+        try:
+            quotes = await workflow.execute_activity_method(
+                ControlActivities.quote_prices, QuotePricesInput(pools=self.spec.pools), **QUOTE)
+        except ActivityError as err:
+            if is_cancelled_exception(err):
+                raise
+            workflow.logger.warning("price quotes failed; placing with the last ones: %s", err)
+            return False
+        if quotes.failed:
+            workflow.logger.warning("prices not read, last ones kept: %s", quotes.failed)
+        if not quotes.prices:
+            return False
+        self.status.price_quotes = {**self.status.price_quotes, **quotes.prices}
+        self.status.price_quotes_at = workflow.now()
+        return True
 
     async def _release(self, host: Host) -> None:
         await workflow.execute_activity_method(ControlActivities.release, host, **RELEASE)

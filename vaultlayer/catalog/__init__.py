@@ -5,7 +5,8 @@ The ground floor, so that the one function turning a run request into a RunSpec 
 pools. One module per provider, imported on first use; none imports a cloud SDK at module level (the
 few checks that need one, such as AWS credentials and spot prices, import it inside the function).
 Each module has `validate_pool(pool) -> None` (raises ValueError naming the bad field and the fix),
-`is_configured(vl_home) -> bool` (whether this machine has the provider's settings) and, where the
+`is_configured(vl_home) -> bool` (whether this machine has the provider's settings), `current_price(pool) ->
+float | None` (USD per hour of one host of the pool now; a price the user gave wins over any read) and, where the
 provider has a price list, `priced(pool) -> Pool`.
 """
 
@@ -43,6 +44,23 @@ def priced_pools(pools: list[Pool]) -> list[Pool]:
     """The pools with the list prices their provider knows (`priced(pool)`), so the policy ranks by price;
     providers without a price list leave them as they are. Raises ValueError when prices are unreadable."""
     return [getattr(catalog(pool.provider), "priced", lambda same: same)(pool) for pool in pools]
+
+
+def current_prices(pools: list[Pool]) -> tuple[dict[str, float | None], dict[str, Exception]]:
+    """What one host of each pool costs now, by `Pool.key`, from its provider's `current_price` (AWS: the spot
+    price in effect, read from EC2; GCP: the published table; local and harness: the pool's own price). A pool
+    whose read raised is in the second mapping with its error instead; one pool's failure never stops the
+    others. None: the provider knows no price for the pool."""
+    prices: dict[str, float | None] = {}
+    errors: dict[str, Exception] = {}
+    for pool in pools:
+        if pool.key in prices or pool.key in errors:
+            continue
+        try:
+            prices[pool.key] = catalog(pool.provider).current_price(pool)
+        except Exception as err:  # noqa: BLE001 - a read may fail any way (network, settings, SDK missing)
+            errors[pool.key] = err
+    return prices, errors
 
 
 def configured_providers(vl_home: Path) -> list[str]:

@@ -78,6 +78,9 @@ REFUSALS: dict[str, Refusal] = {
 THROTTLING = {"RequestLimitExceeded", "Throttling", "ThrottlingException", "TooManyRequestsException",
               "RequestThrottled", "SlowDown"}
 CALL_ATTEMPTS, BACKOFF_BASE_SECONDS, BACKOFF_MAX_SECONDS = 6, 0.5, 20.0
+# A price quote before a placement is worth less than the run's time: one retry, short timeouts (at worst about
+# 50 s, inside the quote's 60 s), and the control plane keeps the last good price when it fails.
+QUOTE_CALL_ATTEMPTS, QUOTE_CONNECT_SECONDS, QUOTE_READ_SECONDS = 2, 5, 20
 # Where `temporal_settings` may point: a Secrets Manager secret or an SSM SecureString parameter.
 TEMPORAL_SETTINGS_STORES = ("secretsmanager", "ssm")
 
@@ -205,14 +208,15 @@ def is_transient(err: Exception) -> bool:
     return error_code(err) in THROTTLING or status >= 500
 
 
-def call(operation, **kwargs):
-    """One AWS call; throttling, 5xx and dropped connections are retried with jittered backoff.
-    Capacity errors (InsufficientInstanceCapacity is a 500) are not: the next zone is a better bet."""
-    for attempt in range(CALL_ATTEMPTS):
+def call(operation, attempts: int = CALL_ATTEMPTS, **kwargs):
+    """One AWS call (`kwargs` are its parameters); throttling, 5xx and dropped connections are retried with
+    jittered backoff, up to `attempts` tries. Capacity errors (InsufficientInstanceCapacity is a 500) are not:
+    the next zone is a better bet."""
+    for attempt in range(attempts):
         try:
             return operation(**kwargs)
         except Exception as err:
-            if not is_transient(err) or attempt == CALL_ATTEMPTS - 1:
+            if not is_transient(err) or attempt == attempts - 1:
                 raise
             delay = min(BACKOFF_MAX_SECONDS, BACKOFF_BASE_SECONDS * 2**attempt) * random.uniform(0.5, 1.0)
             log.warning("aws call retried", operation=operation.__name__, error=error_code(err) or type(err).__name__,
@@ -220,24 +224,26 @@ def call(operation, **kwargs):
             time.sleep(delay)
 
 
-def new_client(service: str, region: str | None):
+def new_client(service: str, region: str | None, connect_timeout: float = 10, read_timeout: float = 60):
     """A boto3 client with botocore's retries off: `call` does them, and knows capacity errors."""
     from botocore.config import Config
 
     return import_boto3().session.Session().client(
         service, region_name=region,
-        config=Config(retries={"mode": "standard", "total_max_attempts": 1}, connect_timeout=10, read_timeout=60),
+        config=Config(retries={"mode": "standard", "total_max_attempts": 1}, connect_timeout=connect_timeout,
+                      read_timeout=read_timeout),
     )
 
 
-def spot_prices(ec2, types: list[str], zones: list[str] | None) -> dict[tuple[str, str], float]:
+def spot_prices(ec2, types: list[str], zones: list[str] | None,
+                attempts: int = CALL_ATTEMPTS) -> dict[tuple[str, str], float]:
     """The spot price in effect now per (zone, type), of `zones` or all. The zone is filtered here, not
     in the request: with StartTime=EndTime=now EC2 returns the price in effect for every zone."""
     now = datetime.now(UTC)
     prices: dict[tuple[str, str], tuple[datetime, float]] = {}
     token = None
     while True:
-        page = call(ec2.describe_spot_price_history, InstanceTypes=types, ProductDescriptions=["Linux/UNIX"],
+        page = call(ec2.describe_spot_price_history, attempts, InstanceTypes=types, ProductDescriptions=["Linux/UNIX"],
                     StartTime=now, EndTime=now, **({"NextToken": token} if token else {}))
         for entry in page["SpotPriceHistory"]:
             key = (entry["AvailabilityZone"], entry["InstanceType"])
@@ -248,6 +254,11 @@ def spot_prices(ec2, types: list[str], zones: list[str] | None) -> dict[tuple[st
             return {key: price for key, (_, price) in prices.items()}
 
 
+def cheapest_on_demand(settings: AwsSettings, types: list[str]) -> float | None:
+    """The table's (with aws.toml's overrides) cheapest on-demand price of `types`."""
+    return min((price for t in types if (price := settings.on_demand_price(t)) is not None), default=None)
+
+
 def priced(pool: Pool) -> Pool:
     """The pool with list prices for the policy's ranking: the cheapest spot price now over its zones and
     types (from the spot price history), and the cheapest on-demand price of its types (the table)."""
@@ -255,7 +266,7 @@ def priced(pool: Pool) -> Pool:
         return pool
     settings = load_settings(default_vl_home())
     types = settings.types_for(pool.gpu or "", pool.gpu_count)
-    on_demand = min((price for t in types if (price := settings.on_demand_price(t)) is not None), default=None)
+    on_demand = cheapest_on_demand(settings, types)
     price = on_demand
     if pool.market == Market.SPOT:
         region = pool_region(pool)
@@ -265,3 +276,19 @@ def priced(pool: Pool) -> Pool:
             raise ValueError(f"cannot read spot prices in {region}: {error_code(err) or err}") from None
         price = min(found.values(), default=None)
     return pool.model_copy(update={"price_per_hour": price, "on_demand_price_per_hour": on_demand})
+
+
+def current_price(pool: Pool) -> float | None:
+    """USD per hour of one host of the pool now: the user's price where given (never read); on demand, the
+    table's cheapest of its types; spot, the cheapest spot price in effect now over its zone (all zones of its
+    region without one) and types, read with QUOTE_CALL_ATTEMPTS tries. None: no price known. Raises what the
+    read raises (the `quote_prices` activity keeps the last good price then)."""
+    if pool.price_given:
+        return pool.price_per_hour
+    settings = load_settings(default_vl_home())
+    types = settings.types_for(pool.gpu or "", pool.gpu_count)
+    if pool.market == Market.ON_DEMAND:
+        return cheapest_on_demand(settings, types)
+    ec2 = new_client("ec2", pool_region(pool), connect_timeout=QUOTE_CONNECT_SECONDS, read_timeout=QUOTE_READ_SECONDS)
+    found = spot_prices(ec2, types, [pool.zone] if pool.zone else None, attempts=QUOTE_CALL_ATTEMPTS)
+    return min(found.values(), default=None)

@@ -209,6 +209,19 @@ def priced(pool: Pool) -> Pool:
                                    "on_demand_price_per_hour": on_demand})
 
 
+def current_price(pool: Pool) -> float | None:
+    """USD per hour of one host of the pool now: the user's price where given; else the table's (with gcp.toml's
+    overrides) price in the pool's market. The table is Google's published Spot prices, which change up to once a
+    month: there is no live price to read. None: a part of the pool's shape has no price."""
+    if pool.price_given:
+        return pool.price_per_hour
+    prices = prices_of(shape_for(pool), pool.region or region_of(pool.zone), load_settings(default_vl_home()).prices)
+    if prices is None:
+        return None
+    spot, on_demand = prices
+    return spot if pool.market == Market.SPOT else on_demand
+
+
 def default_credentials():
     """Application Default Credentials, or a ValueError saying how to get them."""
     import google.auth
