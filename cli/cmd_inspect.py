@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from cli.context import UsageError, connect, fail
-from cli.render import attempt_line, cost_line, format_seconds, no_progress_line, status_json
+from cli.render import attempt_line, cost_line, format_seconds, no_progress_line, pool_speed_lines, pool_speeds, status_json
 from vaultlayer.workdir import human_bytes
 
 if TYPE_CHECKING:
@@ -93,7 +93,8 @@ async def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         code = spec.code.model_dump(mode="json") if spec.code else None
         print(json.dumps(status_json(status) | {"code": code,
-                                                "outputs": outputs.model_dump(mode="json") if outputs else None},
+                                                "outputs": outputs.model_dump(mode="json") if outputs else None,
+                                                "pool_speeds": pool_speeds(spec, status)},
                          indent=2))
         return 0
     print(f"run {status.run_id}: {status.state.value}")
@@ -112,6 +113,9 @@ async def cmd_status(args: argparse.Namespace) -> int:
         print(f"checkpoint interval: {status.checkpoint_interval}")
     if status.waiting_on:
         print(f"waiting on {status.waiting_on} (saves are retried; the run carries on)")
+    print("speed per pool:")
+    for line in pool_speed_lines(spec, status):
+        print(line)
     for record in status.attempts:
         print(attempt_line(record))
     if status.stop_reason:

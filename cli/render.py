@@ -21,9 +21,10 @@ from rich.live import Live
 from rich.table import Table
 
 from cli.context import EXIT_CANCELLED, Connection
-from vaultlayer.models import AttemptOutcome, AttemptRecord, FailureCause, RunState, RunStatus
+from vaultlayer.models import AttemptOutcome, AttemptRecord, FailureCause, RunSpec, RunState, RunStatus
 from workflows.accounting import running_cost
 from workflows.policy import attempts_without_progress
+from workflows.speed import speeds
 
 # ---------------------------------------------------------------- lines
 
@@ -49,6 +50,34 @@ def cost_line(status: RunStatus) -> str:
     if status.on_demand_cost_usd > 0:
         line += f" ({status.cost_usd / status.on_demand_cost_usd:.0%} of on-demand)"
     return line
+
+
+def pool_speeds(spec: RunSpec, status: RunStatus) -> dict[str, dict]:
+    """`vl status --json`: per pool, the steps per second measured there (None: never trained there), the seconds
+    they were measured over, the policy's estimate and the prior."""
+    rates = speeds(spec, status)
+    return {pool.key: {"measured_steps_per_second": rates.measured_steps_per_second(pool),
+                       "measured_seconds": rates.measured.get(pool.key, (0.0, 0.0))[1],
+                       "estimated_steps_per_second": rates.steps_per_second(pool), "prior_speed": pool.speed}
+            for pool in spec.pools}
+
+
+def pool_speed_lines(spec: RunSpec, status: RunStatus) -> list[str]:
+    """Each pool's speed as the policy sees it: measured on the run's attempts there, else its prior."""
+    rates = speeds(spec, status)
+    lines = []
+    for pool in spec.pools:
+        measured = rates.measured.get(pool.key)
+        prior = f"prior {pool.speed:g}x a V100" if pool.speed else "no prior"
+        if measured:
+            steps, seconds = measured
+            lines.append(f"  {pool.key}: {steps / seconds:.3g} steps/s measured over {format_seconds(seconds)} "
+                         f"({prior})")
+        else:
+            estimate = rates.steps_per_second(pool)
+            guess = f"about {estimate:.3g} steps/s, " if estimate else ""
+            lines.append(f"  {pool.key}: not measured ({guess}{prior})")
+    return lines
 
 
 def attempt_line(record: AttemptRecord) -> str:

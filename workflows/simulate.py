@@ -45,6 +45,21 @@ class Trace:
     zone: str
     gap_seconds: float
     counts: tuple[int, ...]  # hosts the zone had at each tick
+    # The zone's GPU class (the mixed-class scenario, `with_classes`): how fast it trains relative to the
+    # model's work (which is measured at speed 1), and its prices as a multiple of the model's.
+    gpu: str | None = None
+    speed: float = 1.0
+    price_scale: float = 1.0
+    # Its spot price at each tick (a fraction of its on-demand price; `with_prices`), repeating like `counts`;
+    # None: the model's fixed spot price.
+    prices: tuple[float, ...] | None = None
+    price_gap_seconds: float = 3600.0
+
+    def spot_price_ratio(self, at: float, default: float) -> float:
+        """The zone's spot price at `at` seconds, as a fraction of its on-demand price."""
+        if not self.prices:
+            return default
+        return self.prices[int(at // self.price_gap_seconds) % len(self.prices)]
 
     @property
     def seconds(self) -> float:
@@ -87,8 +102,17 @@ def check_gang_size(traces: list[Trace], nodes: int, source: Path | str) -> None
             f"{min(short.values())}")
 
 
+# Synthetic markets: (availability range, median uptime range in hours, hours between region-wide shortages,
+# hours between market-wide ones). "mixed" is the one every earlier figure used.
+MARKETS: dict[str, tuple[tuple[float, float], tuple[float, float], float, float]] = {
+    "mixed": ((0.15, 0.95), (0.2, 1.5), 36, 96),
+    "calm": ((0.6, 0.98), (2.0, 12.0), 96, 240),  # capacity that mostly stays: long uptimes, rare shortages
+    "choppy": ((0.3, 0.8), (0.05, 0.3), 24, 72),  # capacity that comes and goes within minutes
+}
+
+
 def synthetic_traces(seed: int, regions: int = 3, zones_per_region: int = 3, days: float = 45.0,
-                     gap_seconds: float = 300.0, nodes: int = 1) -> list[Trace]:
+                     gap_seconds: float = 300.0, nodes: int = 1, market: str = "mixed") -> list[Trace]:
     """Traces no constant was ever chosen on. Each zone alternates up and down periods drawn from
     heavy-tailed (lognormal) laws, as spot capacity is: most uptimes are short, a few last for days
     (availability 15-95%, median uptime 0.2-1.5 h, spread drawn per zone). Shortages take most zones
@@ -98,7 +122,9 @@ def synthetic_traces(seed: int, regions: int = 3, zones_per_region: int = 3, day
     With `nodes` > 1 each zone counts `nodes` hosts, each going up and down on its own with the zone's
     laws, and the shortages take them all: the drawn availability is the whole gang's (each host is up
     a share availability ** (1 / nodes) of the time), and the gang breaks whenever any host goes down.
-    `nodes` = 1 draws exactly the single-host traces."""
+    `nodes` = 1 draws exactly the single-host traces. `market` picks the laws' ranges (MARKETS): "calm" and
+    "choppy" markets are drawn the same way from other ranges."""
+    (lowest, highest), (shortest_up, longest_up), region_every, market_every = MARKETS[market]
     rng = random.Random(seed)
     ticks = int(days * 86400 / gap_seconds)
 
@@ -110,14 +136,14 @@ def synthetic_traces(seed: int, regions: int = 3, zones_per_region: int = 3, day
             marks[tick:tick + length] = [True] * len(marks[tick:tick + length])
         return marks
 
-    market = shortages(96, 0.5, 5)
+    market_wide = shortages(market_every, 0.5, 5)
     traces = []
     for region in range(regions):
-        regional = shortages(36, 0.5, 8)
+        regional = shortages(region_every, 0.5, 8)
         for zone in range(zones_per_region):
-            availability = rng.uniform(0.15, 0.95) ** (1 / nodes)  # of one host
+            availability = rng.uniform(lowest, highest) ** (1 / nodes)  # of one host
             up_spread, down_spread = rng.uniform(1.0, 2.0), rng.uniform(0.8, 1.5)
-            median_up = math.exp(rng.uniform(math.log(0.2), math.log(1.5))) * 3600
+            median_up = math.exp(rng.uniform(math.log(shortest_up), math.log(longest_up))) * 3600
             mean_up = median_up * math.exp(up_spread ** 2 / 2)
             median_down = mean_up * (1 - availability) / availability / math.exp(down_spread ** 2 / 2)
             in_region, in_market = rng.random() < 0.8, rng.random() < 0.7
@@ -130,10 +156,57 @@ def synthetic_traces(seed: int, regions: int = 3, zones_per_region: int = 3, day
                     up = not up
                 hosts.append(data[:ticks])
             counts = [0 if (in_region and r) or (in_market and m) else sum(ups)
-                      for r, m, ups in zip(regional, market, zip(*hosts))]
-            traces.append(Trace(zone=f"s{seed}-r{region}-{'abcdefgh'[zone]}", gap_seconds=gap_seconds,
+                      for r, m, ups in zip(regional, market_wide, zip(*hosts))]
+            name = f"s{seed}-r{region}-{'abcdefgh'[zone]}" if market == "mixed" else f"{market}{seed}-r{region}-{'abcdefgh'[zone]}"
+            traces.append(Trace(zone=name, gap_seconds=gap_seconds,
                                 counts=tuple(counts)))
     return traces
+
+
+def with_classes(traces: list[Trace], fast_speed: float, fast_price: float) -> list[Trace]:
+    """The mixed-class scenario: every other zone (in the order given) holds a second GPU class, `fast_speed`
+    times as fast as the first at `fast_price` times its prices, spot and on-demand."""
+    return [replace(t, gpu="fast", speed=fast_speed, price_scale=fast_price) if i % 2 else replace(t, gpu="slow")
+            for i, t in enumerate(traces)]
+
+
+def load_prices(traces: list[Trace], directory: Path) -> list[Trace]:
+    """Spot price series from `directory`: one file per zone, named like its trace (`<zone>_*.json`), in the
+    traces' format, `{"metadata": {"gap_seconds": G}, "data": [p, ...]}`, p = the spot price as a fraction of
+    on-demand. A zone without a file keeps the model's fixed price."""
+    found = {}
+    for path in sorted(Path(directory).rglob("*.json")):
+        document = json.loads(path.read_text())
+        try:
+            gap, data = float(document["metadata"]["gap_seconds"]), [float(p) for p in document["data"]]
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"{path}: not a price file ({{'metadata': {{'gap_seconds': ...}}, 'data': [...]}})") \
+                from err
+        if not data or min(data) <= 0:
+            raise ValueError(f"{path}: prices must be more than zero (fractions of the on-demand price)")
+        found[path.stem.split("_")[0]] = (gap, tuple(data))
+    unknown = set(found) - {t.zone for t in traces}
+    if unknown:
+        raise ValueError(f"price files for zones with no availability trace: {', '.join(sorted(unknown))}")
+    return [replace(t, price_gap_seconds=found[t.zone][0], prices=found[t.zone][1]) if t.zone in found else t
+            for t in traces]
+
+
+def synthetic_prices(traces: list[Trace], seed: int, mean: float, days: float = 45.0) -> list[Trace]:
+    """A price walk per zone, hourly: mean-reverting (half-life about a day) around a level drawn per zone
+    (0.7-1.4 x `mean`), with steps of about 4% of it, and kept within 0.1-0.9 of on-demand. AWS spot prices
+    have moved this way since 2017: slowly, and by zone."""
+    rng = random.Random(seed)
+    walked = []
+    for trace in traces:
+        level = mean * rng.uniform(0.7, 1.4)
+        price, series = level, []
+        for _ in range(int(days * 24)):
+            price += 0.03 * (level - price) + rng.gauss(0, 0.04 * level)
+            price = min(0.9, max(0.1, price))
+            series.append(round(price, 4))
+        walked.append(replace(trace, prices=tuple(series), price_gap_seconds=3600.0))
+    return walked
 
 
 def region_of(zone: str) -> str:
@@ -153,6 +226,17 @@ class World:
     @property
     def seconds(self) -> float:
         return min(t.seconds for t in self.traces.values())
+
+    def price(self, pool: Pool, at: float, model: Model) -> float | None:
+        """What a host of `pool` costs at `at`: its zone's price series, else the pool's price."""
+        trace = self.traces.get(pool.zone or "")
+        if pool.market != Market.SPOT or trace is None or not trace.prices:
+            return pool.price_per_hour
+        return pool.on_demand_price_per_hour * trace.spot_price_ratio(at, model.spot_price_ratio)
+
+    def quotes(self, spec: RunSpec, at: float, model: Model) -> dict[str, float]:
+        """Every priced pool's price now, as the workflow's price read gives them before a placement."""
+        return {pool.key: price for pool in spec.pools if (price := self.price(pool, at, model)) is not None}
 
     def available(self, zone: str, at: float, nodes: int) -> bool:
         trace = self.traces[zone]
@@ -193,7 +277,7 @@ class Model:
 
     work_hours: float = 24.0
     deadline_hours: float = 36.0
-    on_demand_price: float = 1.0  # USD per hour; costs are reported relative to on-demand
+    on_demand_price: float = 1.0  # USD per hour of an on-demand host (of the first GPU class); costs are also relative
     spot_price_ratio: float = 0.30  # SkyPilot's BERT run: $18.4 on spot against $61.2 on demand
     changeover_seconds: float = 360.0  # placement decision -> training again (provisioning + restore)
     notice_seconds: float = 120.0  # AWS spot interruption notice
@@ -214,11 +298,16 @@ class Model:
         return work + self.checkpoint_seconds * math.floor((work - 1e-9) / self.checkpoint_every_seconds)
 
     def spec(self, traces: list[Trace], checkpoints: bool) -> RunSpec:
+        """A spot pool per trace, and an on-demand pool per GPU class (one, unless the traces were given
+        classes), the first trace's class first."""
         od = self.on_demand_price
-        pools = [Pool(provider=PROVIDER, region=region_of(t.zone), zone=t.zone, market=Market.SPOT,
-                      price_per_hour=od * self.spot_price_ratio, on_demand_price_per_hour=od) for t in traces]
-        pools.append(Pool(provider=PROVIDER, region="on-demand", market=Market.ON_DEMAND,
-                          price_per_hour=od, on_demand_price_per_hour=od))
+        pools = [Pool(provider=PROVIDER, region=region_of(t.zone), zone=t.zone, gpu=t.gpu, market=Market.SPOT,
+                      price_per_hour=od * t.price_scale * self.spot_price_ratio,
+                      on_demand_price_per_hour=od * t.price_scale, speed=t.speed) for t in traces]
+        classes = list(dict.fromkeys((t.gpu, t.speed, t.price_scale) for t in traces))
+        pools += [Pool(provider=PROVIDER, region="on-demand", gpu=gpu, market=Market.ON_DEMAND,
+                       price_per_hour=od * scale, on_demand_price_per_hour=od * scale, speed=speed)
+                  for gpu, speed, scale in classes]
         return RunSpec(
             run_id="simulated", command=["train"], workdir="/", storage_url="file:///simulated", pools=pools,
             notice_seconds=self.notice_seconds, changeover_seconds=self.changeover_seconds,
@@ -232,6 +321,9 @@ class Model:
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """The model's flags, shared by `vl simulate` and bench/goodput.py; defaults in docs/policy.md."""
     default = Model()
+    parser.add_argument("--on-demand-usd", type=float, default=3.06,
+                        help="USD per hour of an on-demand host, for the mean cost in dollars (default 3.06: "
+                             "p3.2xlarge, 1 V100, us-east-1, the traces' instance type)")
     parser.add_argument("--spot-price", type=float, default=default.spot_price_ratio,
                         help="spot price as a fraction of on-demand (default 0.30: SkyPilot's BERT run, "
                              "$18.4 spot against $61.2 on demand)")
@@ -253,6 +345,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def model_from_args(args: argparse.Namespace, work_hours: float, deadline_hours: float) -> Model:
     for flag, value in (("--spot-price", args.spot_price), ("--changeover-minutes", args.changeover_minutes),
+                        ("--on-demand-usd", args.on_demand_usd),
                         ("--checkpoint-seconds", args.checkpoint_seconds),
                         ("--checkpoint-minutes", args.checkpoint_minutes), ("--starts", args.starts),
                         ("--nodes", args.nodes)):
@@ -264,6 +357,7 @@ def model_from_args(args: argparse.Namespace, work_hours: float, deadline_hours:
     if work_hours <= 0 or deadline_hours < work_hours:
         raise ValueError(f"the deadline ({deadline_hours:g} h) must be at least the work ({work_hours:g} h)")
     return Model(work_hours=work_hours, deadline_hours=deadline_hours, spot_price_ratio=args.spot_price,
+                 on_demand_price=args.on_demand_usd,
                  changeover_seconds=args.changeover_minutes * 60, notice_seconds=args.notice_seconds,
                  checkpoint_seconds=args.checkpoint_seconds, checkpoint_every_seconds=args.checkpoint_minutes * 60,
                  refusal_seconds=args.refusal_seconds, nodes=args.nodes)
@@ -290,6 +384,19 @@ class VaultLayer:
     review = staticmethod(policy.review)
 
 
+class PriceOnly(VaultLayer):
+    """The same policy ranking pools by price per hour, with one speed for the whole run: what it did before
+    it told GPU classes apart (`by_work=False`)."""
+
+    @staticmethod
+    def next_placement(spec: RunSpec, status: RunStatus, now: datetime) -> policy.Place | policy.Wait | policy.Stop:
+        return policy.next_placement(spec, status, now, by_work=False)
+
+    @staticmethod
+    def review(spec: RunSpec, status: RunStatus, now: datetime) -> policy.Keep | policy.Vacate:
+        return policy.review(spec, status, now, by_work=False)
+
+
 StrategyFactory = Callable[[World, Model, float, int], Strategy]  # (world, model, start, run index): a fresh one
 
 
@@ -304,21 +411,26 @@ class RunResult:
 
 @dataclass
 class _Attempt:
-    """Where one attempt's training stands, in seconds since the run started."""
+    """Where one attempt's training stands, in seconds since the run started. Work is counted at speed 1 (the
+    model's `work_hours`); a host of speed `speed` does that much work per second of training."""
 
     model: Model
     strategy: Strategy
     kept_before: float  # work stored when the attempt began
     train_from: float  # training starts here (after the changeover)
+    speed: float = 1.0
 
-    def progress(self, at: float) -> float:
+    def _trained(self, at: float) -> float:
+        """Seconds spent training (saves' stalls left out) by `at`."""
         elapsed = max(0.0, at - self.train_from)
         if not self.strategy.checkpoints:
-            return min(self.model.work_seconds, self.kept_before + elapsed)
+            return elapsed
         cycle = self.model.checkpoint_every_seconds + self.model.checkpoint_seconds
         full, within = divmod(elapsed, cycle)
-        done = self.kept_before + full * self.model.checkpoint_every_seconds
-        return min(self.model.work_seconds, done + min(within, self.model.checkpoint_every_seconds))
+        return full * self.model.checkpoint_every_seconds + min(within, self.model.checkpoint_every_seconds)
+
+    def progress(self, at: float) -> float:
+        return min(self.model.work_seconds, self.kept_before + self._trained(at) * self.speed)
 
     def stored(self, at: float) -> float:
         """Work a periodic save has stored by `at` (nothing, without checkpoints)."""
@@ -326,10 +438,10 @@ class _Attempt:
             return 0.0
         cycle = self.model.checkpoint_every_seconds + self.model.checkpoint_seconds
         saves = math.floor(max(0.0, at - self.train_from) / cycle)
-        return self.kept_before + saves * self.model.checkpoint_every_seconds
+        return min(self.model.work_seconds, self.kept_before + saves * self.model.checkpoint_every_seconds * self.speed)
 
     def finishes_at(self) -> float:
-        left = self.model.work_seconds - self.kept_before
+        left = (self.model.work_seconds - self.kept_before) / self.speed
         return self.train_from + self.model.wall_seconds(left, self.strategy.checkpoints)
 
 
@@ -348,7 +460,7 @@ def _provision(pool: Pool, reason: str, status: RunStatus, world: World, model: 
         answered = at + timedelta(seconds=model.refusal_seconds)
         status = accounting.close_attempt(status, record.attempt, refused, answered)
         return status, status.attempts[-1]
-    record.running_at, record.price_per_hour = at, pool.price_per_hour
+    record.running_at, record.price_per_hour = at, world.price(pool, start + now, model)
     record.on_demand_price_per_hour = pool.on_demand_price_per_hour
     return status, record
 
@@ -375,6 +487,8 @@ def simulate(strategy: Strategy, world: World, model: Model, start: float,
     moved_to: AttemptRecord | None = None  # a host a move provisioned: the next attempt runs there
     while now < horizon and finished is None:
         if moved_to is None:
+            if any(t.prices for t in world.traces.values()):
+                status.price_quotes = world.quotes(spec, start + now, model)
             decision = strategy.next_placement(spec, status, at(now))
             if isinstance(decision, policy.Stop):
                 reason = decision.reason
@@ -394,7 +508,7 @@ def simulate(strategy: Strategy, world: World, model: Model, start: float,
         status = accounting.charge_lost_steps(status, record.start_step)
         pool = pools[record.pool]
         spot = pool.market == Market.SPOT
-        attempt = _Attempt(model, strategy, kept, now + model.changeover_seconds)
+        attempt = _Attempt(model, strategy, kept, now + model.changeover_seconds, pool.speed or 1.0)
         lost = world.lost_at(pool.zone, start + now, spec.nodes) - start if spot else math.inf
         taken = max(now, lost - model.notice_seconds) if strategy.saves_on_notice else lost
         finish = attempt.finishes_at()
@@ -430,8 +544,11 @@ def simulate(strategy: Strategy, world: World, model: Model, start: float,
         else:  # the horizon: the run is cut short here
             kept, released = attempt.progress(ended), ended
             outcome, why = AttemptOutcome.CANCELLED, "the simulation's horizon"
+        trained = max(0.0, ended - attempt.train_from)  # the agent's measure: the changeover left out
         result = AttemptResult(outcome=outcome, reason=why, start_step=record.start_step,
-                               end_step=int(attempt.progress(ended)), durable_step=int(kept))
+                               end_step=int(attempt.progress(ended)), durable_step=int(kept),
+                               trained_steps=int(attempt.progress(ended)) - record.start_step or None,
+                               trained_seconds=trained or None)
         status = accounting.close_attempt(status, record.attempt, result, at(released))
         if not spot:
             on_demand_hours += (released - now) / 3600
@@ -456,13 +573,14 @@ class Summary:
     mean_completion_h: float | None
     p95_completion_h: float | None  # None: more than 5% of runs never finished
     cost_vs_ondemand: float
+    mean_cost: float  # per run, in the model's currency (USD at `Model.on_demand_price` an hour)
     mean_reclaims: float
     horizon_h: float  # a run not finished by then never finished
     results: list[RunResult] = field(repr=False, default_factory=list)
 
     def as_dict(self) -> dict:
         return {"policy": self.policy, "deadline_h": self.deadline_h, "attainment": round(self.attainment, 4),
-                "cost_vs_ondemand": round(self.cost_vs_ondemand, 4),
+                "cost_vs_ondemand": round(self.cost_vs_ondemand, 4), "mean_cost_usd": round(self.mean_cost, 2),
                 "p95_completion_h": None if self.p95_completion_h is None else round(self.p95_completion_h, 2),
                 "mean_completion_h": None if self.mean_completion_h is None else round(self.mean_completion_h, 2),
                 "mean_reclaims": round(self.mean_reclaims, 2), "runs": self.runs}
@@ -497,6 +615,7 @@ def summarize(name: str, model: Model, results: list[RunResult]) -> Summary:
         p95_completion_h=None if p95 == math.inf else p95,
         cost_vs_ondemand=sum(r.cost for r in results) / len(results)
         / (model.work_hours * model.on_demand_price * model.nodes),
+        mean_cost=sum(r.cost for r in results) / len(results),
         mean_reclaims=sum(r.reclaims for r in results) / len(results),
         horizon_h=model.horizon_factor * model.deadline_hours,
         results=results,
@@ -509,9 +628,10 @@ def format_table(summaries: list[Summary]) -> str:
         return f">{summary.horizon_h:.0f}h" if value is None else f"{value:.1f}h"
 
     header = ("policy", "deadline", "mean completion", "p95 completion", "attainment", "cost vs on-demand",
-              "reclaims")
+              "mean cost", "reclaims")
     rows = [(s.policy, f"{s.deadline_h:g}h", hours_text(s.mean_completion_h, s), hours_text(s.p95_completion_h, s),
-             f"{s.attainment:.1%}", f"{s.cost_vs_ondemand:.2%}", f"{s.mean_reclaims:.1f}") for s in summaries]
+             f"{s.attainment:.1%}", f"{s.cost_vs_ondemand:.2%}", f"${s.mean_cost:,.2f}", f"{s.mean_reclaims:.1f}")
+            for s in summaries]
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows]]
     lines.insert(1, "  ".join("-" * w for w in widths))
