@@ -1,5 +1,6 @@
 """The `local` provider: a host is a `vl agent` process group on this machine (provider.py), warned of a
-reclaim through a metadata directory shaped like AWS IMDS (host.py)."""
+reclaim through a metadata directory shaped like AWS IMDS (host.py), slowed down where its zone says so
+(throttle.py)."""
 
 from activities.providers.local.host import (
     HOST,
@@ -7,7 +8,8 @@ from activities.providers.local.host import (
     NOTICE_RELATIVE_PATH,
     MetadataDirNoticeSource,
 )
-from activities.providers.local.provider import LocalProvider, group_alive, group_members, kill_group
+from activities.providers.local.provider import LocalProvider, kill_group
+from activities.providers.local.throttle import group_alive, group_members
 
 __all__ = ["HOST", "METADATA_DIR_VARIABLE", "NOTICE_RELATIVE_PATH", "LocalProvider", "MetadataDirNoticeSource",
            "group_alive", "group_members", "kill_group"]

@@ -19,13 +19,16 @@ import sys
 import threading
 import time
 import tomllib
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
 import structlog
 
-from activities.providers.base import NoCapacityError, host_queue
+from activities.providers.base import NoCapacityError, ProviderConfigError, host_queue
+from activities.providers.local import throttle
 from activities.providers.local.host import METADATA_DIR_VARIABLE, NOTICE_RELATIVE_PATH
+from activities.providers.local.throttle import group_alive
 from vaultlayer import failpoints, protocol
 from vaultlayer.models import (
     Host,
@@ -40,31 +43,10 @@ from vaultlayer.models import (
 log = structlog.get_logger(__name__)
 
 LOOPBACK = "127.0.0.1"  # every local host's address: a gang's hosts reach each other here
-LOCAL_SETTINGS_FILE = "local.toml"  # in VL_HOME: `[capacity]` zone = hosts it holds at once (for trying placement)
-
-
-def group_members(pgid: int) -> list[tuple[int, str]]:
-    """(pid, state) of every process in the group, read from /proc."""
-    members = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid:
-            members.append((int(stat.parent.name), fields[0]))
-    return members
-
-
-def group_alive(pgid: int) -> bool:
-    """True while any process of the group runs; zombies waiting for a reaper do not count."""
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return any(state != "Z" for _, state in group_members(pgid))
+# In VL_HOME, for trying placement: `[capacity]` zone = hosts it holds at once; `[slowdown]` zone = factor above 1
+# (its hosts get about 1/factor of the CPU time, throttle.py).
+LOCAL_SETTINGS_FILE = "local.toml"
+SETTINGS_TABLES = ("capacity", "slowdown")
 
 
 def kill_group(pgid: int, sig: int = signal.SIGKILL) -> None:
@@ -87,23 +69,70 @@ def announced_deadline(deadline: float) -> datetime:
     return datetime.fromtimestamp(math.ceil(deadline), UTC)
 
 
+@dataclass(frozen=True)
+class LocalSettings:
+    """`VL_HOME/local.toml`, checked: zone label -> hosts it holds at once, and zone label -> slowdown factor."""
+
+    capacity: dict[str, int] = field(default_factory=dict)
+    slowdown: dict[str, float] = field(default_factory=dict)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def load_settings(vl_home: Path) -> LocalSettings:
+    """The local provider's settings, every value checked, so that a mistake fails the provision before any host
+    starts, naming the file, the zone and the fix (ProviderConfigError: no retry can mend a file)."""
+    path = vl_home / LOCAL_SETTINGS_FILE
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        return LocalSettings()
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
+        raise ProviderConfigError(f"{path} cannot be read as TOML ({err}); fix it, or remove it to have no "
+                                  "local capacity limits and no slowdowns") from None
+    unknown = sorted(set(raw) - set(SETTINGS_TABLES))
+    if unknown:
+        raise ProviderConfigError(f"{path}: unknown {', '.join(map(repr, unknown))}; the local provider reads only "
+                                  f"the tables {', '.join(f'[{name}]' for name in SETTINGS_TABLES)}")
+    for name in SETTINGS_TABLES:
+        if not isinstance(raw.get(name, {}), dict):
+            raise ProviderConfigError(f"{path}: {name} must be a table, [{name}] with lines of zone = value")
+    capacity, slowdown = raw.get("capacity", {}), raw.get("slowdown", {})
+    for zone, hosts in capacity.items():
+        if not (isinstance(hosts, int) and not isinstance(hosts, bool) and hosts >= 0):
+            raise ProviderConfigError(f"{path}: [capacity] {zone} = {hosts!r} is not a number of hosts; set it to a "
+                                      "whole number, 0 or more, or remove the line for no limit")
+    for zone, factor in slowdown.items():
+        if not (_is_number(factor) and factor > 1):
+            raise ProviderConfigError(f"{path}: [slowdown] {zone} = {factor!r} is not a slowdown factor; set it to a "
+                                      "number above 1 (4.0 gives the zone's hosts about a quarter of the CPU time), "
+                                      "or remove the line to run them at full speed")
+    return LocalSettings(capacity=dict(capacity), slowdown={zone: float(f) for zone, f in slowdown.items()})
+
+
 class LocalProvider:
     name = "local"
 
     def __init__(self, vl_home: Path, temporal_env: dict[str, str]) -> None:
         self.hosts_root = vl_home / "hosts"
         self.temporal_env = temporal_env
+        self._throttles: dict[int, subprocess.Popen] = {}  # pgid -> throttle this provider started (slowed zones)
 
     def host_dir(self, run_id: str, host_id: str) -> Path:
         return self.hosts_root / run_id / host_id
 
     def provision(self, request: ProvisionInput) -> ProvisionResult:
         """One host, or a gang of `placement.nodes` hosts on 127.0.0.1 with a free rendezvous port. A zone with a
-        capacity (`local.toml`) that cannot hold the whole gang gives what it can, which is released at once."""
+        capacity (`local.toml`) that cannot hold the whole gang gives what it can, which is released at once; a zone
+        with a slowdown gets each of its hosts a throttle. The settings are checked before any host starts."""
         nodes = request.placement.nodes
-        free = self._free_capacity(request.placement.pool.zone)
+        settings = load_settings(self.hosts_root.parent)
+        slowdown = settings.slowdown.get(request.placement.pool.zone or "")
+        free = self._free_capacity(request.placement.pool.zone, settings)
         if free is not None and free < nodes:
-            began, held = time.time(), [self._provision_one(request, self._host_id(request, rank))
+            began, held = time.time(), [self._provision_one(request, self._host_id(request, rank), slowdown)
                                         for rank in range(free)]
             for host in held:
                 self.release(host)
@@ -115,7 +144,7 @@ class LocalProvider:
         for rank in range(nodes):
             if nodes > 1:
                 failpoints.reach_blocking(failpoints.provisioning_node(request.placement.attempt, rank))
-            hosts.append(self._provision_one(request, self._host_id(request, rank)))
+            hosts.append(self._provision_one(request, self._host_id(request, rank), slowdown))
         return ProvisionResult(hosts=hosts, master_port=free_port() if nodes > 1 else 29500)
 
     @staticmethod
@@ -123,13 +152,10 @@ class LocalProvider:
         attempt = request.placement.attempt
         return f"h-{attempt}" if request.placement.nodes == 1 else f"h-{attempt}-n{node_rank}"
 
-    def _free_capacity(self, zone: str | None) -> int | None:
+    def _free_capacity(self, zone: str | None, settings: LocalSettings) -> int | None:
         """How many more hosts the zone holds now (`local.toml`: `[capacity]` zone = hosts), None without a limit.
         Counts every run's live hosts of the zone, as a cloud zone's capacity does."""
-        settings = self.hosts_root.parent / LOCAL_SETTINGS_FILE
-        if not settings.exists():
-            return None
-        capacity = tomllib.loads(settings.read_text()).get("capacity", {}).get(zone or "")
+        capacity = settings.capacity.get(zone or "")
         if capacity is None:
             return None
         used = 0
@@ -137,9 +163,9 @@ class LocalProvider:
             tag = json.loads(tag_file.read_text())
             if tag.get("zone") == zone and not tag.get("released") and group_alive(tag["pgid"]):
                 used += 1
-        return max(int(capacity) - used, 0)
+        return max(capacity - used, 0)
 
-    def _provision_one(self, request: ProvisionInput, host_id: str) -> Host:
+    def _provision_one(self, request: ProvisionInput, host_id: str, slowdown: float | None = None) -> Host:
         placement = request.placement
         directory = self.host_dir(request.run_id, host_id)
         tag_file = directory / "host.json"
@@ -185,8 +211,18 @@ class LocalProvider:
             "zone": placement.pool.zone,
             "created_at": time.time(),
         }
+        if slowdown is not None:
+            # It ends by itself once the group is gone: release, reap and `vl down` kill the group as they always did.
+            try:
+                slower = throttle.start(process.pid, slowdown, directory / "throttle.log")
+            except OSError:
+                kill_group(process.pid)  # no host left untagged
+                raise
+            threading.Thread(target=slower.wait, daemon=True).start()
+            self._throttles[process.pid] = slower
+            tag.update(slowdown=slowdown, throttle_pid=slower.pid)
         tag_file.write_text(json.dumps(tag))
-        log.info("host provisioned", run_id=request.run_id, host=host_id, pgid=process.pid)
+        log.info("host provisioned", run_id=request.run_id, host=host_id, pgid=process.pid, slowdown=slowdown)
         return self._host(request, host_id, process.pid)
 
     def _host(self, request: ProvisionInput, host_id: str, pgid: int) -> Host:
@@ -223,8 +259,20 @@ class LocalProvider:
         deadline = time.monotonic() + 5
         while group_alive(pgid) and time.monotonic() < deadline:
             time.sleep(0.02)
+        self._await_throttle(pgid)
         self._update_tag(host, released=True)
         log.info("host released", host=host.host_id, pgid=pgid)
+
+    def _await_throttle(self, pgid: int) -> None:
+        """A slowed host's throttle ends by itself once its group is gone (within a period, or a second where only
+        zombies are left): wait for it, bounded, where this provider started it (else it ends unwatched)."""
+        slower = self._throttles.pop(pgid, None)
+        if slower is None:
+            return
+        try:
+            slower.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            log.warning("host throttle still running", pgid=pgid, throttle_pid=slower.pid)
 
     def describe(self, host: Host) -> HostDescription:
         pgid = int(host.handle["pgid"])
