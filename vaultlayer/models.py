@@ -138,6 +138,9 @@ class RunSpec(VLModel):
     total_steps: int | None = None
     work_seconds: float | None = None
     changeover_seconds: float = 360.0  # from a placement decision to training again (provision + restore)
+    # How many seconds of training measured on a pool its speed prior is worth (workflows/speed.py): the default
+    # 10 min keeps one short attempt from swinging the ranking; tests of seconds-long attempts set it lower.
+    speed_prior_seconds: float = Field(default=600.0, ge=0)
     reclaim_only_in: list[str] = Field(default_factory=list)  # zones/regions --reclaim-every applies to
     # Zero-code mode: the script writes its own checkpoints here; the agent restores and snapshots it.
     checkpoint_dir: str | None = None

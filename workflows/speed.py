@@ -8,8 +8,9 @@ itself as that adds up:
   (`AttemptRecord.trained_steps/_seconds`); an attempt recorded without them counts from its host's handover;
 - unit: steps per second per unit of prior, over every measured pool; before any measurement, the work
   estimate (`total_steps` in `work_seconds`) taken on the first pool of the spec;
-- a pool's steps per second: its measured steps plus PRIOR_SECONDS of the unit's guess, over its measured
-  seconds plus PRIOR_SECONDS, so one short attempt does not swing the ranking and ten minutes do.
+- a pool's steps per second: its measured steps plus `RunSpec.speed_prior_seconds` (10 min) of the unit's
+  guess, over its measured seconds plus those, so one short attempt does not swing the ranking and ten
+  minutes do.
 
 Pools of unknown prior (no GPU class in the table, no `speed`) are taken as fast as the first pool with a
 prior, so a run of such pools only ever ranks by what it measures.
@@ -20,9 +21,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from vaultlayer.models import AttemptRecord, Pool, RunSpec, RunStatus
-
-PRIOR_SECONDS = 600.0  # a pool's prior weighs as much as 10 min of training measured on it
-
 
 def sample(record: AttemptRecord) -> tuple[float, float] | None:
     """(steps, seconds) an ended attempt trained, or None when it made no measurable progress."""
@@ -39,6 +37,7 @@ class Speeds:
     priors: dict[str, float]  # pool key -> prior speed (relative to one V100)
     measured: dict[str, tuple[float, float]]  # pool key -> (steps, seconds) measured there
     unit: float | None  # steps per second per unit of prior; None: no measurement and no work estimate
+    prior_seconds: float  # RunSpec.speed_prior_seconds
 
     def relative(self, pool: Pool) -> float:
         """The pool's speed for ranking: steps per second once the run has a scale, else its prior."""
@@ -50,7 +49,9 @@ class Speeds:
         if self.unit is None:
             return steps / seconds if seconds > 0 else None
         guess = self.unit * self.priors[pool.key]
-        return (steps + guess * PRIOR_SECONDS) / (seconds + PRIOR_SECONDS)
+        if seconds + self.prior_seconds <= 0:
+            return guess
+        return (steps + guess * self.prior_seconds) / (seconds + self.prior_seconds)
 
     def measured_steps_per_second(self, pool: Pool) -> float | None:
         steps, seconds = self.measured.get(pool.key, (0.0, 0.0))
@@ -72,4 +73,4 @@ def speeds(spec: RunSpec, status: RunStatus) -> Speeds:
         unit = sum(steps for steps, _ in measured.values()) / weighted
     elif spec.total_steps and spec.work_seconds and spec.pools:
         unit = spec.total_steps / spec.work_seconds / priors[spec.pools[0].key]
-    return Speeds(priors, measured, unit)
+    return Speeds(priors, measured, unit, spec.speed_prior_seconds)

@@ -76,6 +76,13 @@ NO_PROGRESS_PATCH = "max-attempts-without-progress"
 # A cancel asks the attempt to stop and waits for it (bounded by its heartbeat timeout), so the agent can store
 # the script's outputs before the host is released.
 OUTPUTS_ON_CANCEL_PATCH = "attempt-stops-before-cancel"
+# An attempt whose agent never started is diagnosed like one whose heartbeats stopped: the provider says whether
+# the host was taken (a reclaim) or is still there (a fault of its own).
+UNSTARTED_DIAGNOSIS_PATCH = "diagnose-unstarted-agent"
+# A host the run moved off is waited for (its notice, its heartbeat timeout, this grace) and no longer: an agent
+# that never started would otherwise hold the run until its start timeout.
+VACATE_BOUND_PATCH = "vacated-host-bounded-wait"
+VACATE_GRACE_SECONDS = 15.0
 # Before each placement the pools' prices now are quoted (`quote_prices`) and kept in the status.
 CURRENT_PRICES_PATCH = "current-prices"
 
@@ -392,10 +399,20 @@ class TrainingRun:
                 with contextlib.suppress(ActivityError):
                     await attempt
             raise
+        left = False  # the host was vacated and its agent never answered: the attempt was given up on
         try:
+            if vacated and workflow.patched(VACATE_BOUND_PATCH):
+                # Told to go, a started agent reports within the notice (then the host is taken, and its heartbeats
+                # stop); one that never started would hold the run until its start timeout.
+                bound = spec.notice_seconds + spec.heartbeat_timeout_seconds + VACATE_GRACE_SECONDS
+                try:
+                    await workflow.wait_condition(attempt.done, timeout=bound)
+                except asyncio.TimeoutError:
+                    left = True
+                    attempt.cancel()
             result = await attempt
         except ActivityError as err:
-            if is_cancelled_exception(err):
+            if is_cancelled_exception(err) and not left:
                 raise
             result = await self._diagnose(host, record, err)
         if pruning is not None:
@@ -562,7 +579,14 @@ class TrainingRun:
             except ValidationError:  # a broken or foreign host: diagnose without its details, never fail the task
                 workflow.logger.warning("attempt %d: unreadable heartbeat details ignored", record.attempt)
         base = dict(start_step=record.start_step, end_step=progress.step, durable_step=progress.durable_step)
-        if isinstance(cause, TimeoutError) and cause.type == TimeoutType.SCHEDULE_TO_START:
+        never_started = isinstance(cause, TimeoutError) and cause.type == TimeoutType.SCHEDULE_TO_START
+        if never_started or is_cancelled_exception(err):  # the latter: given up on after a move (`_run_on_host`)
+            if is_cancelled_exception(err) or workflow.patched(UNSTARTED_DIAGNOSIS_PATCH):
+                # A host taken (a reclaim, or a move off it) before its agent started is a reclaim, not a fault.
+                described = await workflow.execute_activity_method(ControlActivities.describe_host, host, **DESCRIBE)
+                if described.state == HostState.GONE:
+                    return AttemptResult(outcome=AttemptOutcome.RECLAIMED, host_gone=True,
+                                         reason=f"host gone before its agent started ({described.reason})", **base)
             return AttemptResult(outcome=AttemptOutcome.HOST_FAULT, reason="the host agent never started", **base)
         if not isinstance(cause, TimeoutError):
             return AttemptResult(outcome=AttemptOutcome.HOST_FAULT,
