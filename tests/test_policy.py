@@ -414,3 +414,19 @@ def test_an_attempt_that_stores_a_checkpoint_ends_the_streak():
     history.add(EAST_A, AttemptOutcome.RECLAIMED, minutes(0.1), durable_step=5)
     assert policy.attempts_without_progress(history.status) == 0
     assert policy.no_progress_stop(spec(), history.status) is None
+
+
+def test_the_reserve_for_a_host_lost_without_notice_follows_how_the_run_loses_its_hosts():
+    run = spec(checkpoint_every="30m")
+    worst = policy.unnoticed_loss_seconds(run)
+    assert worst == pytest.approx(run.heartbeat_timeout_seconds + 1800 - run.notice_seconds)
+    history = History()
+    assert policy.unnoticed_loss_seconds(run, history.status) == pytest.approx(worst / 2)  # one in two, before any
+    for _ in range(10):
+        history.add(EAST_A, AttemptOutcome.RECLAIMED)
+        history.status.attempts[-1].emergency_save = "saved"  # the agent saw the notice
+    noticed = policy.unnoticed_loss_seconds(run, history.status)
+    assert noticed == pytest.approx(worst / 12)
+    history.add(EAST_A, AttemptOutcome.RECLAIMED)  # heartbeats stopped, no notice seen
+    silent = policy.unnoticed_loss_seconds(run, history.status)
+    assert silent == pytest.approx(worst * 2 / 13) and silent > noticed

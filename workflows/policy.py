@@ -23,7 +23,7 @@ What an ended attempt leaves in the status the policy reads (outcome, cost, fenc
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
 from vaultlayer.durations import parse_interval
@@ -62,6 +62,9 @@ PRIOR_HOURS = 2.0
 # What must be left when on-demand takes over, beyond its changeover and what a host lost without notice
 # costs: enough for a work estimate 2% short.
 DEADLINE_MARGIN_FRACTION = 0.02
+# Before a run has lost a host, one loss in two is assumed to come without notice (`unnoticed_loss_seconds`).
+NOTICE_PRIOR_SILENT = 1.0
+NOTICE_PRIOR_LOSSES = 2.0
 ON_DEMAND_REVIEW_SECONDS = 30 * 60
 MIN_REVIEW_SECONDS = 60
 # A move off a running spot host for a cheaper pool (cost per unit of work) must save this share of what the
@@ -304,13 +307,20 @@ def review_spot(spec: RunSpec, status: RunStatus, now: datetime, pool: Pool, spo
     others = [h for h in spot if h.pool.key != pool.key]
     if here is None or not others:
         return min(when, default=None)
-    best, wait = choose(others, spec, status, now)
-    move = cheaper_elsewhere(spec, status, now, here, best, rates) if wait == 0 else None
-    if move is not None:
-        return move
+    # The running attempt asked its pool too: a pool cooling since before it was in the round's turn.
+    asked = replace(here, last_asked=max(here.last_asked or status.current_attempt.started_at,
+                                         status.current_attempt.started_at))
+    spot = [asked if h is here else h for h in spot]
+    usable = [h for h in others if h.usable_at(spot, now) <= now]  # cooldowns as the whole round sees them
+    if usable:
+        move = cheaper_elsewhere(spec, status, now, here, choose(usable, spec, status, now, ignore_cooldowns=True)[0],
+                                 rates)
+        if move is not None:
+            return move
     if max(rates.relative(h.pool) for h in spot) > (1 + MOVE_SAVING_FRACTION / 2) * min(
             rates.relative(h.pool) for h in spot):  # speeds differ: what is measured may yet make a move pay
-        when.append(now + timedelta(seconds=max(wait, SPEED_REVIEW_SECONDS)))
+        soonest = min(h.usable_at(spot, now) for h in others)
+        when.append(max(soonest, now + timedelta(seconds=SPEED_REVIEW_SECONDS)))
     return min(when, default=None)
 
 
@@ -595,13 +605,21 @@ def measured_steps_per_second(status: RunStatus) -> float | None:
     return steps / seconds if steps > 0 and seconds > 0 else None
 
 
-def unnoticed_loss_seconds(spec: RunSpec) -> float:
-    """What a host lost without notice costs beyond a reclaim with one: the heartbeat timeout and the work
-    since the last checkpoint (at most one interval)."""
+def unnoticed_loss_seconds(spec: RunSpec, status: RunStatus | None = None) -> float:
+    """What a host lost without notice costs beyond a reclaim with one (the heartbeat timeout and the work since
+    the last checkpoint, at most one interval), weighed by how often the run's hosts went without one: losses
+    with a notice (the agent saw it: an emergency save made or missed) against those without, one of each assumed
+    before any. Spot providers give notice of nearly every reclaim; a run that has seen twenty noticed reclaims
+    keeps a twentieth of this in hand, not all of it, and one whose hosts vanish keeps nearly all."""
     unit, every = parse_interval(spec.checkpoint_every or spec.checkpoint_max)
     if unit == "steps":
         every = every * spec.work_seconds / spec.total_steps if spec.work_seconds and spec.total_steps else 0.0
-    return max(0.0, spec.heartbeat_timeout_seconds + every - spec.notice_seconds)
+    worst = max(0.0, spec.heartbeat_timeout_seconds + every - spec.notice_seconds)
+    if status is None:
+        return worst
+    lost = [r for r in status.attempts if r.outcome == AttemptOutcome.RECLAIMED]
+    silent = sum(r.emergency_save is None for r in lost)
+    return worst * (silent + NOTICE_PRIOR_SILENT) / (len(lost) + NOTICE_PRIOR_LOSSES)
 
 
 def deadline_plan(spec: RunSpec, status: RunStatus, now: datetime, pool: Pool | None = None) -> DeadlinePlan | None:
@@ -620,7 +638,7 @@ def deadline_plan(spec: RunSpec, status: RunStatus, now: datetime, pool: Pool | 
     initial_slack = max(0.0, (spec.limits.deadline - start).total_seconds() - work)
     return DeadlinePlan(
         slack=(spec.limits.deadline - now).total_seconds() - left,
-        reserve=spec.changeover_seconds + unnoticed_loss_seconds(spec) + DEADLINE_MARGIN_FRACTION * left,
+        reserve=spec.changeover_seconds + unnoticed_loss_seconds(spec, status) + DEADLINE_MARGIN_FRACTION * left,
         spot_try=spec.changeover_seconds + spec.notice_seconds,
         entitled=initial_slack * left / work,
         rate=initial_slack / work,

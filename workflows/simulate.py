@@ -545,7 +545,8 @@ def simulate(strategy: Strategy, world: World, model: Model, start: float,
             kept, released = attempt.progress(ended), ended
             outcome, why = AttemptOutcome.CANCELLED, "the simulation's horizon"
         trained = max(0.0, ended - attempt.train_from)  # the agent's measure: the changeover left out
-        result = AttemptResult(outcome=outcome, reason=why, start_step=record.start_step,
+        noticed = "saved" if outcome == AttemptOutcome.RECLAIMED and saved_at_notice else None
+        result = AttemptResult(outcome=outcome, reason=why, start_step=record.start_step, emergency_save=noticed,
                                end_step=int(attempt.progress(ended)), durable_step=int(kept),
                                trained_steps=int(attempt.progress(ended)) - record.start_step or None,
                                trained_seconds=trained or None)
