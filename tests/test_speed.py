@@ -168,3 +168,17 @@ def test_price_walks_are_seeded_and_stay_within_bounds():
     walked = simulate.synthetic_prices(traces, seed=9, mean=0.3, days=3)
     assert walked == simulate.synthetic_prices(traces, seed=9, mean=0.3, days=3)
     assert all(0.1 <= p <= 0.9 for t in walked for p in t.prices) and len({t.prices for t in walked}) == len(traces)
+
+
+def test_vl_status_shows_the_speed_measured_on_each_pool():
+    from cli.render import pool_speed_lines, pool_speeds
+
+    history = History().add(EAST, 2.0, timedelta(minutes=31))
+    run = spec(EAST, A100)
+    lines = pool_speed_lines(run, history.status)
+    assert lines[0] == f"  {EAST.key}: 2 steps/s measured over 30m00s (no prior)"
+    # Unmeasured: the run's unit (EAST, of unknown class, taken as fast as the first pool with a prior) times its prior.
+    assert lines[1] == f"  {A100.key}: not measured (about 2 steps/s, prior 2.5x a V100)"
+    speeds_json = pool_speeds(run, history.status)
+    assert speeds_json[EAST.key]["measured_steps_per_second"] == pytest.approx(2.0)
+    assert speeds_json[A100.key]["measured_steps_per_second"] is None and speeds_json[A100.key]["prior_speed"] == 2.5
