@@ -75,14 +75,15 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps([summary.as_dict() for summary in summaries], indent=2))
         return 0
     source = f"synthetic seed {args.synthetic}" if args.synthetic is not None else str(args.traces)
-    gang = f"gangs of {args.nodes} hosts; " if args.nodes > 1 else ""
+    scenario = f"gangs of {args.nodes} hosts; " if args.nodes > 1 else ""
     if args.mixed:
-        gang += (f"every other zone {args.fast_speed:g}x as fast at {args.fast_price:g}x the price "
+        scenario += (f"every other zone {args.fast_speed:g}x as fast at {args.fast_price:g}x the price "
                  f"(work measured on the slow class); ")
     if args.prices is not None or args.price_walk is not None:
-        gang += f"spot prices from {args.prices or f'a walk, seed {args.price_walk}'}; "
-    print(f"{len(traces)} pools from {source}; {gang}{args.work:g} h of work from {args.starts} start offsets; "
-          f"on-demand ${args.on_demand_usd:g}/h, spot at {args.spot_price:.2f} of it, {args.changeover_minutes:g} min changeover, "
+        scenario += f"spot prices from {args.prices or f'a walk, seed {args.price_walk}'}; "
+    print(f"{len(traces)} pools from {source}; {scenario}{args.work:g} h of work from {args.starts} start offsets; "
+          f"on-demand ${args.on_demand_usd:g}/h, spot at {args.spot_price:.2f} of it, "
+          f"{args.changeover_minutes:g} min changeover, "
           f"{args.notice_seconds:g} s notice, {args.checkpoint_seconds:g} s per checkpoint every "
           f"{args.checkpoint_minutes:g} min")
     print(simulate.format_table(summaries))

@@ -17,7 +17,15 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from cli.context import UsageError, connect, fail
-from cli.render import attempt_line, cost_line, format_seconds, no_progress_line, pool_speed_lines, pool_speeds, status_json
+from cli.render import (
+    attempt_line,
+    cost_line,
+    format_seconds,
+    no_progress_line,
+    pool_speed_lines,
+    pool_speeds,
+    status_json,
+)
 from vaultlayer.workdir import human_bytes
 
 if TYPE_CHECKING:
