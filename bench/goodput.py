@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     scenario = f"gangs of {args.nodes} hosts; " if args.nodes > 1 else ""
     if args.mixed:
         scenario += (f"every other zone {args.fast_speed:g}x as fast at {args.fast_price:g}x the price "
-                 f"(work measured on the slow class); ")
+                     f"(work measured on the slow class); ")
     if args.prices is not None or args.price_walk is not None:
         scenario += f"spot prices from {args.prices or f'a walk, seed {args.price_walk}'}; "
     print(f"{len(traces)} pools from {source}; {scenario}{args.work:g} h of work from {args.starts} start offsets; "
