@@ -294,12 +294,12 @@ def review_spot(spec: RunSpec, status: RunStatus, now: datetime, pool: Pool, spo
     if on_demand:
         bridge, ready = choose(on_demand, spec, status, now)
         plan = deadline_plan(spec, status, now, bridge.pool)
-        here, there = rates.steps_per_second(pool), rates.steps_per_second(bridge.pool)
-        if plan is not None and here and there and here < there:
+        speed_here, speed_there = rates.steps_per_second(pool), rates.steps_per_second(bridge.pool)
+        if plan is not None and speed_here and speed_there and speed_here < speed_there:
             if not plan.spot_allowed() and ready == 0:
                 return Vacate(f"{pool.key} trains too slowly to leave on-demand the time it needs: "
                               f"{plan.describe()}", to=bridge.pool)
-            erosion = 1 - here / there  # slack lost per second trained here, in on-demand's terms
+            erosion = 1 - speed_here / speed_there  # slack lost per second trained here, in on-demand's terms
             seconds = (plan.slack - plan.spot_try - plan.reserve) / erosion
             if now + timedelta(seconds=min(seconds, 1e9)) < spec.limits.deadline:
                 when.append(now + timedelta(seconds=max(MIN_REVIEW_SECONDS, seconds)))
