@@ -25,6 +25,7 @@ from activities.providers.local import LocalProvider, group_alive, group_members
 from tests.conftest import host_pgids, make_spec
 from tests.faults.conftest import counter_command
 from tests.helpers import wait_for_progress, wait_until
+from tests.test_run_e2e import record_histories
 from vaultlayer import client as vl_client
 from vaultlayer.models import AttemptOutcome, Placement, Pool, ProvisionInput, RunState
 from workflows.speed import speeds
@@ -238,6 +239,7 @@ async def test_a_run_moves_to_the_pool_with_the_lower_cost_per_step(temporal_env
     await vl_client.cancel(client, spec.run_id)
     with pytest.raises(WorkflowFailureError):
         await asyncio.wait_for(handle.result(), GUARD_SECONDS)
+    await record_histories(client, spec.run_id)  # VL_RECORD_HISTORIES: the replay guard covers a move for speed
     status = await vl_client.status(client, spec.run_id)
     assert status.state == RunState.CANCELLED
     # No heartbeat went missing on the slowed hosts: a lost one would be a host fault.
