@@ -5,9 +5,9 @@ The ground floor, so that the one function turning a run request into a RunSpec 
 pools. One module per provider, imported on first use; none imports a cloud SDK at module level (the
 few checks that need one, such as AWS credentials and spot prices, import it inside the function).
 Each module has `validate_pool(pool) -> None` (raises ValueError naming the bad field and the fix),
-`is_configured(vl_home) -> bool` (whether this machine has the provider's settings), `current_price(pool) ->
-float | None` (USD per hour of one host of the pool now; a price the user gave wins over any read) and, where the
-provider has a price list, `priced(pool) -> Pool`.
+`is_configured(vl_home) -> bool` (whether this machine has the provider's settings) and, where the provider has
+a price list, `priced(pool) -> Pool` and `current_price(pool) -> float | None` (USD per hour of one host of the
+pool now; `current_prices` gives a price the user gave without asking it).
 """
 
 from __future__ import annotations
@@ -56,8 +56,13 @@ def current_prices(pools: list[Pool]) -> tuple[dict[str, float | None], dict[str
     for pool in pools:
         if pool.key in prices or pool.key in errors:
             continue
+        if pool.price_given:  # the user's price wins over any read
+            prices[pool.key] = pool.price_per_hour
+            continue
         try:
-            prices[pool.key] = catalog(pool.provider).current_price(pool)
+            # A provider without a price to read (local, harness) costs what the pool says.
+            read = getattr(catalog(pool.provider), "current_price", lambda same: same.price_per_hour)
+            prices[pool.key] = read(pool)
         except Exception as err:  # noqa: BLE001 - a read may fail any way (network, settings, SDK missing)
             errors[pool.key] = err
     return prices, errors

@@ -243,8 +243,9 @@ def spot_prices(ec2, types: list[str], zones: list[str] | None,
     prices: dict[tuple[str, str], tuple[datetime, float]] = {}
     token = None
     while True:
-        page = call(ec2.describe_spot_price_history, attempts, InstanceTypes=types, ProductDescriptions=["Linux/UNIX"],
-                    StartTime=now, EndTime=now, **({"NextToken": token} if token else {}))
+        page = call(ec2.describe_spot_price_history, attempts, InstanceTypes=types,
+                    ProductDescriptions=["Linux/UNIX"], StartTime=now, EndTime=now,
+                    **({"NextToken": token} if token else {}))
         for entry in page["SpotPriceHistory"]:
             key = (entry["AvailabilityZone"], entry["InstanceType"])
             if (zones is None or key[0] in zones) and (key not in prices or entry["Timestamp"] > prices[key][0]):
@@ -269,26 +270,29 @@ def priced(pool: Pool) -> Pool:
     on_demand = cheapest_on_demand(settings, types)
     price = on_demand
     if pool.market == Market.SPOT:
-        region = pool_region(pool)
         try:
-            found = spot_prices(new_client("ec2", region), types, [pool.zone] if pool.zone else None)
+            price = cheapest_spot_now(pool, types)
         except Exception as err:
-            raise ValueError(f"cannot read spot prices in {region}: {error_code(err) or err}") from None
-        price = min(found.values(), default=None)
+            raise ValueError(f"cannot read spot prices in {pool_region(pool)}: {error_code(err) or err}") from None
     return pool.model_copy(update={"price_per_hour": price, "on_demand_price_per_hour": on_demand})
 
 
+def cheapest_spot_now(pool: Pool, types: list[str], quick: bool = False) -> float | None:
+    """The cheapest spot price in effect now over the pool's zone (all zones of its region without one) and
+    `types`. `quick`: QUOTE_CALL_ATTEMPTS tries with short timeouts, for a quote before a placement."""
+    timeouts = {"connect_timeout": QUOTE_CONNECT_SECONDS, "read_timeout": QUOTE_READ_SECONDS} if quick else {}
+    ec2 = new_client("ec2", pool_region(pool), **timeouts)
+    found = spot_prices(ec2, types, [pool.zone] if pool.zone else None,
+                        attempts=QUOTE_CALL_ATTEMPTS if quick else CALL_ATTEMPTS)
+    return min(found.values(), default=None)
+
+
 def current_price(pool: Pool) -> float | None:
-    """USD per hour of one host of the pool now: the user's price where given (never read); on demand, the
-    table's cheapest of its types; spot, the cheapest spot price in effect now over its zone (all zones of its
-    region without one) and types, read with QUOTE_CALL_ATTEMPTS tries. None: no price known. Raises what the
-    read raises (the `quote_prices` activity keeps the last good price then)."""
-    if pool.price_given:
-        return pool.price_per_hour
+    """USD per hour of one host of the pool now: on demand, the table's cheapest of its types; spot, the cheapest
+    spot price in effect now (`cheapest_spot_now`, quick). None: no price known. Raises what the read raises (the
+    `quote_prices` activity keeps the last good price then)."""
     settings = load_settings(default_vl_home())
     types = settings.types_for(pool.gpu or "", pool.gpu_count)
     if pool.market == Market.ON_DEMAND:
         return cheapest_on_demand(settings, types)
-    ec2 = new_client("ec2", pool_region(pool), connect_timeout=QUOTE_CONNECT_SECONDS, read_timeout=QUOTE_READ_SECONDS)
-    found = spot_prices(ec2, types, [pool.zone] if pool.zone else None, attempts=QUOTE_CALL_ATTEMPTS)
-    return min(found.values(), default=None)
+    return cheapest_spot_now(pool, types, quick=True)

@@ -210,11 +210,8 @@ def priced(pool: Pool) -> Pool:
 
 
 def current_price(pool: Pool) -> float | None:
-    """USD per hour of one host of the pool now: the user's price where given; else the table's (with gcp.toml's
-    overrides) price in the pool's market. The table is Google's published Spot prices, which change up to once a
+    """USD per hour of one host of the pool now: the table's (with gcp.toml's overrides) price in the pool's market. The table is Google's published Spot prices, which change up to once a
     month: there is no live price to read. None: a part of the pool's shape has no price."""
-    if pool.price_given:
-        return pool.price_per_hour
     prices = prices_of(shape_for(pool), pool.region or region_of(pool.zone), load_settings(default_vl_home()).prices)
     if prices is None:
         return None

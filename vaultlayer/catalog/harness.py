@@ -14,8 +14,3 @@ def is_configured(vl_home: Path) -> bool:
 
 def validate_pool(pool: Pool) -> None:
     """Any pool: the harness plays whatever host it is asked for."""
-
-
-def current_price(pool: Pool) -> float | None:
-    """The pool's own `price_per_hour`, read from nowhere: the harness's hosts cost what the pool says."""
-    return pool.price_per_hour

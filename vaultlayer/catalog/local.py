@@ -19,8 +19,3 @@ def validate_pool(pool: Pool) -> None:
     if pool.region != "local":
         raise ValueError("the local provider has no regions; leave --region out (--zone takes any label, "
                          "so that a run can have several local pools)")
-
-
-def current_price(pool: Pool) -> float | None:
-    """The pool's own `price_per_hour`, read from nowhere: a local host costs what the user says (`--price`)."""
-    return pool.price_per_hour
