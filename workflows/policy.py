@@ -269,9 +269,9 @@ def review(spec: RunSpec, status: RunStatus, now: datetime, by_work: bool = True
         if plan is not None:
             best, wait = choose(spot, spec, status, now, by_work=by_work)  # asking costs nothing: the run stays
             here = next((h for h in health if h.pool.key == pool.key), None)
-            cheaper = (not by_work or here is None
-                       or cost_per_work(best, status, spec, speeds(spec, status))
-                       < cost_per_work(here, status, spec, speeds(spec, status)))
+            rates = speeds(spec, status) if by_work else None
+            cheaper = (here is None or rates is None
+                       or cost_per_work(best, status, spec, rates) < cost_per_work(here, status, spec, rates))
             if wait == 0 and cheaper and plan.spot_safe_again():
                 return Vacate(f"spot is safe again: {plan.describe()}", to=best.pool)
             later = max(wait, min(plan.seconds_until_safe(), ON_DEMAND_REVIEW_SECONDS), MIN_REVIEW_SECONDS)
