@@ -24,9 +24,10 @@ from activities.providers.base import ProviderConfigError
 from activities.providers.local import LocalProvider, group_alive, group_members, kill_group, throttle
 from tests.conftest import host_pgids, make_spec
 from tests.faults.conftest import counter_command
-from tests.helpers import wait_for_progress, wait_until
+from tests.helpers import Failpoints, wait_for_progress, wait_until
 from tests.test_run_e2e import record_histories
 from vaultlayer import client as vl_client
+from vaultlayer import failpoints
 from vaultlayer.models import AttemptOutcome, Placement, Pool, ProvisionInput, RunState
 from workflows.speed import speeds
 
@@ -199,18 +200,26 @@ def test_a_zone_without_a_slowdown_gets_no_throttle(vl_home):
 
 
 
-async def test_a_run_moves_to_the_pool_with_the_lower_cost_per_step(temporal_env, control, vl_home, tmp_path):
+async def test_a_run_moves_to_the_pool_with_the_lower_cost_per_step(temporal_env, control, vl_home, tmp_path,
+                                                                    monkeypatch):
     """Two local pools that no prior tells apart: "slow" (1.0 an hour, its hosts throttled 10x) and "fast" (1.2 an
     hour). The run starts on the cheaper per hour; once it has trained on both (each left by a reclaim with notice),
     the policy knows "fast" costs less per step, and moves the run there from the "slow" host it was given while
-    "fast" cooled down. The slowed hosts keep their heartbeats (no host fault), and a cancel leaves no host, no
-    throttle. The script has far more steps than the test waits for, so no step of it races the test."""
+    "fast" cooled down. That third host's agent is held before it polls (a failpoint), so the move always leaves a host
+    whose agent never started: the run waits for it a bounded while (notice, heartbeat timeout, a grace), not its whole
+    start timeout, and the provider's word that it is gone makes it a move, not a host fault. The slowed hosts keep
+    their heartbeats (no host fault), and a cancel leaves no host, no throttle. The script has far more steps than
+    the test waits for, so no step of it races the test."""
+    points = Failpoints(tmp_path / "failpoints").install(monkeypatch)
+    unstarted = failpoints.before_poll("h-3")
+    points.arm(unstarted)
     (vl_home / "local.toml").write_text("[slowdown]\nslow = 10.0\n")
     out = tmp_path / "out.json"
     slow, fast = Pool(zone="slow", price_per_hour=1.0), Pool(zone="fast", price_per_hour=1.2)
     spec = make_spec(tmp_path, steps=100_000, out=out, command=counter_command(100_000, out, step_time=0.01),
                      pools=[slow, fast], total_steps=100_000, changeover_seconds=2.0, notice_seconds=5.0,
-                     speed_prior_seconds=0.0)  # seconds of measurement are all the policy goes by
+                     speed_prior_seconds=0.0,  # seconds of measurement are all the policy goes by
+                     start_timeout_seconds=300.0)  # the product's: a move that waited it out would pass the guard
     client = temporal_env.client
     handle = client.get_workflow_handle(spec.run_id)
     await vl_client.submit(client, spec, queue=control)
@@ -224,17 +233,19 @@ async def test_a_run_moves_to_the_pool_with_the_lower_cost_per_step(temporal_env
         current = status.current_attempt
         return status if current is not None and current.attempt == 4 and status.current_host else None
     try:
-        # The third host may be left before its slowed agent started: the run waits for it a bounded while
-        # (notice, heartbeat timeout, a grace), not its whole start timeout.
+        # Whether its agent reached the point or was still starting when its host was taken, it never polled.
         status = await wait_until(moved, GUARD_SECONDS, "the fourth attempt running, the third ended")
     except AssertionError as err:
         status = await vl_client.status(client, spec.run_id)
         seen = [(r.pool, r.outcome, r.reason, r.trained_steps, r.trained_seconds) for r in status.attempts]
         raise AssertionError(f"{err}: {seen}") from None
+    finally:
+        points.release(unstarted)  # its host is gone by now; the point must not outlive the test
     pools = [record.pool for record in status.attempts]
     assert pools == [slow.key, fast.key, slow.key, fast.key], status.attempts
     detour = status.attempts[2]
     assert detour.outcome == AttemptOutcome.VACATED and "less per unit of work" in detour.reason, detour
+    assert detour.end_step is None and detour.trained_steps is None, "the third host's agent never ran the attempt"
     measured = speeds(spec, status)
     assert measured.measured_steps_per_second(fast) > 1.5 * measured.measured_steps_per_second(slow)
 

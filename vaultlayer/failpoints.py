@@ -26,6 +26,12 @@ def before_restore(attempt: int) -> str:
     return f"a{attempt}-before-restore"
 
 
+def before_poll(host_id: str) -> str:
+    """The point where a host's agent has started and not yet polled its task queue: its host exists, and the
+    workflow's attempt waits unstarted (a host lost here is a host whose agent never started)."""
+    return f"{host_id}-before-poll"
+
+
 def provisioning_node(attempt: int, node_rank: int) -> str:
     """The point in a gang's provisioning where its hosts before `node_rank` exist and this one does not yet."""
     return f"a{attempt}-provisioning-node-{node_rank}"

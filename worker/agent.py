@@ -20,6 +20,7 @@ from temporalio.worker import Worker
 from activities import providers
 from activities.host import HostAgentActivities
 from vaultlayer import client as vl_client
+from vaultlayer import failpoints
 from vaultlayer.logs import configure_logging
 
 log = structlog.get_logger(__name__)
@@ -48,6 +49,7 @@ async def serve(task_queue: str, host_id: str, host_dir: Path, run_id: str) -> N
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     log.info("host agent started", task_queue=task_queue, pid=os.getpid())
+    await failpoints.reach(failpoints.before_poll(host_id))
     async with worker:
         await stop.wait()
 

@@ -1,5 +1,5 @@
-"""Faults of a host: its agent SIGKILLed while the script it started lives on, and a reclaim without notice during
-the very first step, before any checkpoint exists. Each run ends identical to an uninterrupted one, with no
+"""Faults of a host: its agent SIGKILLed while the script it started lives on, a reclaim without notice during
+the very first step, before any checkpoint exists, and a reclaim before the host's agent started at all. Each run ends identical to an uninterrupted one, with no
 host left (an orphaned script included: it is in the host's process group).
 """
 
@@ -12,8 +12,8 @@ import signal
 
 from tests.conftest import assert_same_weights, group_members, make_spec
 from tests.faults.conftest import assert_no_host_left, counter_command, status_of
-from tests.helpers import freeze, wait_until
-from vaultlayer import checkpoint, protocol
+from tests.helpers import Failpoints, freeze, wait_until
+from vaultlayer import checkpoint, failpoints, protocol
 from vaultlayer import client as vl_client
 from vaultlayer.models import AttemptOutcome, RunState
 
@@ -83,3 +83,40 @@ async def test_reclaim_during_the_very_first_step_resumes_from_scratch(temporal_
     assert out.read_text() == counter_reference(steps)
     assert_no_host_left(vl_home)
     figure(steps_lost=status.steps_lost, first_attempt_end_step=first.end_step)
+
+
+async def test_a_host_reclaimed_before_its_agent_started_is_a_reclaim_not_a_fault(temporal_env, control, vl_home,
+                                                                                 tmp_path, monkeypatch,
+                                                                                 counter_reference, figure):
+    """The first host's agent is held before it polls (a failpoint), and the host is taken there. Its attempt never
+    starts, so it ends on its start timeout, which alone would read as an agent that cannot start; the workflow asks
+    the provider, hears the host is gone, and counts a reclaim: no host fault, no host excluded, and the run
+    finishes on the next host."""
+    points = Failpoints(tmp_path / "failpoints").install(monkeypatch)
+    held = failpoints.before_poll("h-1")
+    points.arm(held)
+    out = tmp_path / "out.json"
+    steps = 20
+    # The start timeout runs from the attempt's scheduling; the agent reaches the point, and the host is taken,
+    # within it by a wide margin even on a loaded machine, and the next host's agent starts within it.
+    spec = make_spec(tmp_path, steps=steps, out=out, command=counter_command(steps, out),
+                     start_timeout_seconds=30.0)
+    client = temporal_env.client
+    await vl_client.submit(client, spec, queue=control)
+    try:
+        await points.wait_reached(held)
+        await vl_client.reclaim(client, spec.run_id, with_notice=False)
+        await asyncio.wait_for(client.get_workflow_handle(spec.run_id).result(), 180)
+    finally:
+        points.release(held)
+    status = await status_of(client, spec.run_id)
+    first = status.attempts[0]
+    assert first.outcome == AttemptOutcome.RECLAIMED, first
+    assert "host gone before its agent started" in first.reason, first
+    assert status.host_faults == 0 and status.excluded_hosts == [], status
+    assert [record.outcome for record in status.attempts[1:]] == [AttemptOutcome.COMPLETED], status.attempts
+    assert status.state == RunState.SUCCEEDED
+    assert out.read_text() == counter_reference(steps)
+    assert "script started" not in (vl_home / "hosts" / spec.run_id / "h-1" / "agent.log").read_text()
+    assert_no_host_left(vl_home)
+    figure(attempts=len(status.attempts), steps_lost=status.steps_lost)
