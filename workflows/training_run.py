@@ -85,6 +85,11 @@ VACATE_BOUND_PATCH = "vacated-host-bounded-wait"
 VACATE_GRACE_SECONDS = 15.0
 # Before each placement the pools' prices now are quoted (`quote_prices`) and kept in the status.
 CURRENT_PRICES_PATCH = "current-prices"
+# While an attempt may still be waiting for its agent (its start timeout), the provider is asked about the host
+# every START_WATCH_SECONDS: a host taken during start-up (a spot VM preempted while it boots) has no agent to
+# see a notice or miss a heartbeat, and would otherwise hold the run for the whole start timeout.
+START_WATCH_PATCH = "watch-host-during-start"
+START_WATCH_SECONDS = 30.0
 
 
 def control_options(start_to_close: timedelta, retry: RetryPolicy = CONTROL_RETRY) -> dict[str, Any]:
@@ -391,6 +396,8 @@ class TrainingRun:
             self.injections.append(asyncio.create_task(self._reclaim_on_schedule(host)))
         pruning = asyncio.create_task(self._prune_while_running(attempt.done, record)) \
             if workflow.patched(RETENTION_PATCH) else None
+        watch = asyncio.create_task(self._watch_start(host, attempt)) \
+            if workflow.patched(START_WATCH_PATCH) else None
         try:
             vacated = await self._review_until_done(attempt.done, host)
         except asyncio.CancelledError:
@@ -412,7 +419,8 @@ class TrainingRun:
                     attempt.cancel()
             result = await attempt
         except ActivityError as err:
-            if is_cancelled_exception(err) and not left:
+            # The watch gave up on it too when the host was gone during start-up and its agent never answered.
+            if is_cancelled_exception(err) and not left and not (watch is not None and await watch):
                 raise
             result = await self._diagnose(host, record, err)
         if pruning is not None:
@@ -524,6 +532,36 @@ class TrainingRun:
             except asyncio.TimeoutError:
                 pass
         return ""
+
+    async def _watch_start(self, host: Host, attempt: asyncio.Task) -> bool:
+        """Ask the provider about the host while its agent may not have started yet (the start timeout). Once it
+        is gone, a started agent's attempt ends on its own within its heartbeat timeout; one still running after
+        that never started, and is cancelled (then diagnosed as a host gone before its agent started). Returns
+        whether it cancelled the attempt; ends by itself once the attempt has (after a question in flight)."""
+        spec, watched = self.spec, 0.0
+        while watched < spec.start_timeout_seconds:
+            try:
+                await workflow.wait_condition(attempt.done, timeout=START_WATCH_SECONDS)
+                return False
+            except asyncio.TimeoutError:
+                watched += START_WATCH_SECONDS
+            try:
+                described = await workflow.execute_activity_method(ControlActivities.describe_host, host,
+                                                                   **DESCRIBE)
+            except ActivityError as err:  # the provider cannot say now: the start timeout still bounds the wait
+                workflow.logger.warning("host %s could not be described during start-up: %s", host.host_id, err)
+                continue
+            if described.state != HostState.GONE:
+                continue
+            try:
+                await workflow.wait_condition(attempt.done,
+                                              timeout=spec.heartbeat_timeout_seconds + VACATE_GRACE_SECONDS)
+                return False
+            except asyncio.TimeoutError:
+                workflow.logger.info("host %s gone before its agent started: %s", host.host_id, described.reason)
+                attempt.cancel()
+                return True
+        return False
 
     async def _prune_while_running(self, done: Callable[[], bool], record: AttemptRecord) -> None:
         """Retention during a long attempt; ends once the attempt has, never in the middle of a removal."""

@@ -13,6 +13,7 @@ import signal
 from tests.conftest import assert_same_weights, group_members, make_spec
 from tests.faults.conftest import assert_no_host_left, counter_command, status_of
 from tests.helpers import Failpoints, freeze, wait_until
+from tests.test_run_e2e import record_histories
 from vaultlayer import checkpoint, failpoints, protocol
 from vaultlayer import client as vl_client
 from vaultlayer.models import AttemptOutcome, RunState
@@ -88,33 +89,41 @@ async def test_reclaim_during_the_very_first_step_resumes_from_scratch(temporal_
 async def test_a_host_reclaimed_before_its_agent_started_is_a_reclaim_not_a_fault(temporal_env, control, vl_home,
                                                                                  tmp_path, monkeypatch,
                                                                                  counter_reference, figure):
-    """The first host's agent is held before it polls (a failpoint), and the host is taken there. Its attempt never
-    starts, so it ends on its start timeout, which alone would read as an agent that cannot start; the workflow asks
-    the provider, hears the host is gone, and counts a reclaim: no host fault, no host excluded, and the run
-    finishes on the next host."""
+    """The first host's agent is held before it polls (a failpoint), and the host is taken there: no agent sees a
+    notice or misses a heartbeat. The workflow's start watch asks the provider, hears the host is gone, waits a
+    heartbeat timeout for an agent that might have started, then gives the attempt up rather than waiting out its
+    5-minute start timeout; a host gone is a reclaim: no host fault, no host excluded, and the run finishes on the
+    next host."""
     points = Failpoints(tmp_path / "failpoints").install(monkeypatch)
     held = failpoints.before_poll("h-1")
     points.arm(held)
     out = tmp_path / "out.json"
     steps = 20
-    # The start timeout runs from the attempt's scheduling; the agent reaches the point, and the host is taken,
-    # within it by a wide margin even on a loaded machine, and the next host's agent starts within it.
     spec = make_spec(tmp_path, steps=steps, out=out, command=counter_command(steps, out),
-                     start_timeout_seconds=30.0)
+                     start_timeout_seconds=300.0)  # the product's: waited out, the run would outlast the guard
     client = temporal_env.client
+    handle = client.get_workflow_handle(spec.run_id)
     await vl_client.submit(client, spec, queue=control)
     try:
         await points.wait_reached(held)
         await vl_client.reclaim(client, spec.run_id, with_notice=False)
-        await asyncio.wait_for(client.get_workflow_handle(spec.run_id).result(), 180)
+        await asyncio.wait_for(handle.result(), 200)
     finally:
         points.release(held)
+    await record_histories(client, spec.run_id)  # VL_RECORD_HISTORIES: the replay guard covers the start watch
     status = await status_of(client, spec.run_id)
     first = status.attempts[0]
     assert first.outcome == AttemptOutcome.RECLAIMED, first
     assert "host gone before its agent started" in first.reason, first
     assert status.host_faults == 0 and status.excluded_hosts == [], status
     assert [record.outcome for record in status.attempts[1:]] == [AttemptOutcome.COMPLETED], status.attempts
+    # Given up on by the watch, not ended by the start timeout.
+    events = []  # of every run of the chain: the status carried on continue-as-new
+    async for execution in client.list_workflows(f'WorkflowId = "{spec.run_id}"'):
+        run = client.get_workflow_handle(spec.run_id, run_id=execution.run_id)
+        events += [event async for event in run.fetch_history_events()]
+    assert not any(event.HasField("activity_task_timed_out_event_attributes") for event in events)
+    assert any(event.HasField("activity_task_canceled_event_attributes") for event in events)
     assert status.state == RunState.SUCCEEDED
     assert out.read_text() == counter_reference(steps)
     assert "script started" not in (vl_home / "hosts" / spec.run_id / "h-1" / "agent.log").read_text()
