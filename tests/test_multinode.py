@@ -30,7 +30,7 @@ from tests.helpers import (
     wait_until,
 )
 from tests.test_distributed import plain_env, rank_errors
-from tests.test_run_e2e import result_of
+from tests.test_run_e2e import record_histories, result_of
 from vaultlayer import client as vl_client
 from vaultlayer import failpoints, protocol
 from vaultlayer.models import AttemptOutcome, Host, Pool, RunState
@@ -190,4 +190,40 @@ async def test_a_cancel_while_a_gang_is_provisioned_leaves_no_host(temporal_env,
         await asyncio.wait_for(handle.result(), 60)
     assert (await vl_client.status(client, spec.run_id)).state == RunState.CANCELLED
     assert len(host_pgids(vl_home)) == 2
+    assert_no_host_left(vl_home)
+
+
+async def test_a_gang_node_taken_before_its_agent_started_is_a_reclaim_and_the_gang_is_released(
+        temporal_env, control, vl_home, tmp_path, monkeypatch):
+    """Node 1's agent is held before it polls (a failpoint) and its host taken there, while node 0's agent has
+    answered the roll call: the start watch finds node 1 gone and gives its call up rather than waiting out the
+    5-minute start timeout, and the attempt is a reclaim (no host fault, nothing excluded) with both hosts released.
+    The run is cancelled once the next attempt has its hosts: no script of this test need run."""
+    points = Failpoints(tmp_path / "failpoints").install(monkeypatch)
+    held = failpoints.before_poll("h-1-n1")
+    points.arm(held)
+    spec = gang_spec(tmp_path, tmp_path / "w.pt", ranks_per_node=1, steps=10,
+                     start_timeout_seconds=300.0)  # the product's: waited out, the test would outlast its guard
+    client = temporal_env.client
+    handle = client.get_workflow_handle(spec.run_id)
+    await vl_client.submit(client, spec, queue=control)
+    try:
+        await points.wait_reached(held)
+        await vl_client.reclaim(client, spec.run_id, with_notice=False, node=1)
+
+        async def next_attempt():
+            status = await vl_client.status(client, spec.run_id)
+            return status if len(status.attempts) >= 2 and status.attempts[0].outcome is not None else None
+
+        status = await wait_until(next_attempt, 150, "the first attempt given up on and the next one begun")
+    finally:
+        points.release(held)
+    first = status.attempts[0]
+    assert first.outcome == AttemptOutcome.RECLAIMED, first
+    assert "node 1 (h-1-n1): host gone before its agent started" in first.reason, first
+    assert status.host_faults == 0 and status.excluded_hosts == [], status
+    await vl_client.cancel(client, spec.run_id)
+    with pytest.raises(WorkflowFailureError):
+        await asyncio.wait_for(handle.result(), 120)
+    await record_histories(client, spec.run_id)  # VL_RECORD_HISTORIES: the replay guard covers the gang's watch
     assert_no_host_left(vl_home)

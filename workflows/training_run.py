@@ -436,6 +436,13 @@ class TrainingRun:
         gang's result is the cause (workflows/gang.py)."""
         hosts, spec = provisioned.hosts, self.spec
         absent = await self._roll_call(hosts)
+        if absent is not None and workflow.patched(START_WATCH_PATCH):
+            described = await workflow.execute_activity_method(ControlActivities.describe_host, hosts[absent],
+                                                               **DESCRIBE)
+            if described.state == HostState.GONE:  # taken while it booted: a reclaim, not a fault of the host
+                return AttemptResult(outcome=AttemptOutcome.RECLAIMED, start_step=record.start_step, host_gone=True,
+                                     reason=f"node {absent} ({hosts[absent].host_id}): host gone before its agent "
+                                            f"started ({described.reason}); the gang was released")
         if absent is not None:
             return AttemptResult(outcome=AttemptOutcome.HOST_FAULT, start_step=record.start_step,
                                  faulty_host=hosts[absent].host_id,
@@ -488,15 +495,20 @@ class TrainingRun:
                 raise ending.exception()
 
     async def _roll_call(self, hosts: list[Host]) -> int | None:
-        """Every agent of the gang answers before any script starts; the node rank of one that did not, if any."""
+        """Every agent of the gang answers before any script starts; the node rank of one that did not (within the
+        start timeout, or before its host was found gone), if any."""
         calls = [workflow.start_activity("agent_ready", host, result_type=str, task_queue=host.task_queue,
                                          schedule_to_start_timeout=timedelta(seconds=self.spec.start_timeout_seconds),
                                          start_to_close_timeout=timedelta(minutes=1),
                                          retry_policy=RetryPolicy(maximum_attempts=1))
                  for host in hosts]
+        # A host taken while it boots is found during the start timeout, and its call given up on (`_watch_start`).
+        watches = [asyncio.create_task(self._watch_start(host, call)) for host, call in zip(hosts, calls)] \
+            if workflow.patched(START_WATCH_PATCH) else []
         answers = await asyncio.gather(*calls, return_exceptions=True)
-        for answer in answers:
-            if isinstance(answer, BaseException) and is_cancelled_exception(answer):
+        given_up = [watch.done() and watch.result() for watch in watches] or [False] * len(hosts)
+        for answer, gave_up in zip(answers, given_up):
+            if isinstance(answer, BaseException) and is_cancelled_exception(answer) and not gave_up:
                 raise answer
         return next((rank for rank, answer in enumerate(answers) if isinstance(answer, BaseException)), None)
 
