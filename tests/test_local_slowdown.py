@@ -219,7 +219,7 @@ async def test_a_run_moves_to_the_pool_with_the_lower_cost_per_step(temporal_env
     spec = make_spec(tmp_path, steps=100_000, out=out, command=counter_command(100_000, out, step_time=0.01),
                      pools=[slow, fast], total_steps=100_000, changeover_seconds=2.0, notice_seconds=5.0,
                      speed_prior_seconds=0.0,  # seconds of measurement are all the policy goes by
-                     start_timeout_seconds=300.0)  # the product's: a move that waited it out would pass the guard
+                     start_timeout_seconds=300.0)  # the product's: a move that waited it out would outlast the guard
     client = temporal_env.client
     handle = client.get_workflow_handle(spec.run_id)
     await vl_client.submit(client, spec, queue=control)

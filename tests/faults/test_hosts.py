@@ -1,6 +1,7 @@
 """Faults of a host: its agent SIGKILLed while the script it started lives on, a reclaim without notice during
-the very first step, before any checkpoint exists, and a reclaim before the host's agent started at all. Each run ends identical to an uninterrupted one, with no
-host left (an orphaned script included: it is in the host's process group).
+the very first step, before any checkpoint exists, and a reclaim before the host's agent started at all. Each run
+ends identical to an uninterrupted one, with no host left (an orphaned script included: it is in the host's
+process group).
 """
 
 from __future__ import annotations
