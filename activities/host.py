@@ -155,6 +155,9 @@ class Uploader:
             return True
         self.busy = True
         gang = self.inp.gang
+        began = time.monotonic()
+        if save.emergency:  # with its end below, says where a notice's seconds went when a save misses its deadline
+            log.info("emergency save upload began", step=save.step, attempt=self.inp.attempt)
         try:
             if save.step not in self.parts_stored:
                 await asyncio.to_thread(
@@ -190,7 +193,8 @@ class Uploader:
         if save.emergency and save.notice_id:
             self.emergency_stored.add(save.notice_id)
         shutil.rmtree(save.directory, ignore_errors=True)
-        log.info("checkpoint stored", step=save.step, attempt=self.inp.attempt)
+        log.info("checkpoint stored", step=save.step, attempt=self.inp.attempt, emergency=save.emergency,
+                 upload_seconds=round(time.monotonic() - began, 3))
         return True
 
 
