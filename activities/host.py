@@ -65,6 +65,8 @@ SETUP_CACHE_DIR = "setup-cache"  # in the host's directory: what setup's package
 # stored (best effort) for as long as the second bound allows, while the workflow waits for the attempt to end.
 CANCEL_GRACE_SECONDS = 5.0
 OUTPUTS_ON_CANCEL_SECONDS = 60.0
+# How long an attempt waits for its storage client before it starts the script anyway (_connect_storage).
+STORAGE_CONNECT_SECONDS = 15.0
 # Waits between tries of a failing upload: a storage outage delays checkpoints, it never loses them.
 UPLOAD_BACKOFF_SECONDS = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
 
@@ -370,15 +372,18 @@ class HostAgentActivities:
         for directory in (ctx.restore, ctx.staging, ctx.control):
             directory.mkdir(parents=True)
         heartbeats = asyncio.create_task(self._heartbeat(ctx.progress, inp.heartbeat_interval_seconds))
+        storage_connected = asyncio.create_task(_connect_storage(ctx))  # alongside the code and the restore
         try:
             await failpoints.reach(failpoints.before_restore(inp.attempt))
             if (failed := await self._unpack_code(ctx) or await self._restore(ctx)) is not None:
                 return failed
             if inp.output_dir:  # there to write into, as on the laptop (where it is often left out of the code)
                 (ctx.workdir / inp.output_dir).mkdir(parents=True, exist_ok=True)
+            await storage_connected  # before the script: its first save, an emergency one maybe, finds it ready
             return await self._supervise(ctx)
         finally:
             heartbeats.cancel()
+            storage_connected.cancel()
 
     async def _heartbeat(self, progress: AttemptProgress, interval: float) -> None:
         while True:
@@ -638,6 +643,19 @@ class HostAgentActivities:
     def _forward_notice(control: Path, notice: Notice, notice_id: str) -> None:
         protocol.write_notice(control, protocol.NoticeDocument(id=notice_id, deadline=notice.deadline.timestamp(),
                                                                kind=notice.kind))
+
+
+async def _connect_storage(ctx: AttemptContext) -> None:
+    """Open the storage client before the script starts (checkpoint.connect says why), within a bound: storage
+    that does not answer now is no reason to hold the script, whose saves wait and are retried as ever."""
+    began = time.monotonic()
+    try:
+        await asyncio.wait_for(asyncio.to_thread(checkpoint.connect, ctx.inp.storage_url), STORAGE_CONNECT_SECONDS)
+    except Exception as err:  # noqa: BLE001 - any backend's error, or the bound: the uploader copes later
+        ctx.log.warning("storage not reachable before the script started; its saves will be retried",
+                        error=str(err) or type(err).__name__)
+        return
+    ctx.log.info("storage connected", seconds=round(time.monotonic() - began, 3))
 
 
 async def _flush_uploads(ctx: AttemptContext, run: RunningScript) -> None:

@@ -90,6 +90,13 @@ async def wait_for_uploads_settled(client, run_id: str, storage_url: str, stagin
     return await wait_until(settled, timeout, "the uploads to settle")
 
 
+def agent_events(vl_home: Path, run_id: str) -> dict[str, list[str]]:
+    """What each local host's agent logged (its JSON lines' events, in order), by host id."""
+    return {log.parent.name: [json.loads(line)["event"] for line in log.read_text(errors="replace").splitlines()
+                              if line.startswith("{")]
+            for log in sorted((vl_home / "hosts" / run_id).glob("*/agent.log"))}
+
+
 def control_dir(vl_home: Path, run_id: str, host_id: str, attempt: int) -> Path:
     """Where a local host's agent and script exchange progress and notices (protocol.py)."""
     return vl_home / "hosts" / run_id / host_id / f"a{attempt}" / "control"

@@ -33,7 +33,7 @@ from vaultlayer.checkpoint.listing import (
     verify_checkpoint,
 )
 from vaultlayer.checkpoint.retention import prune_checkpoints, retention_plan
-from vaultlayer.checkpoint.storage import StorageUnusable, check_writable, validate_storage_url
+from vaultlayer.checkpoint.storage import StorageUnusable, check_writable, connect, validate_storage_url
 from vaultlayer.checkpoint.transfer import (
     commit_gang_checkpoint,
     gang_nodes_missing,
@@ -57,6 +57,7 @@ __all__ = [
     "classify",
     "classify_checkpoints",
     "commit_gang_checkpoint",
+    "connect",
     "describe_checkpoints",
     "gang_nodes_missing",
     "list_checkpoints",
