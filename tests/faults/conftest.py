@@ -142,12 +142,14 @@ class DevServer:
 
 class CuttableProxy:
     """A TCP proxy on loopback in front of one port. `cut()` is a partition: every open connection is reset
-    and new ones are closed at once; `heal()` lets connections through again. Runs on its own thread."""
+    and new ones are closed at once; `slow(seconds)` holds every chunk that long each way; `heal()` lets
+    connections through again at full speed. Runs on its own thread."""
 
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
         self.port = 0
         self.cut_off = False
+        self.delay_seconds = 0.0
         self._writers: set[asyncio.StreamWriter] = set()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
@@ -171,8 +173,12 @@ class CuttableProxy:
 
         asyncio.run_coroutine_threadsafe(reset_all(), self._loop).result()
 
+    def slow(self, seconds: float) -> None:
+        self.delay_seconds = seconds
+
     def heal(self) -> None:
         self.cut_off = False
+        self.delay_seconds = 0.0
 
     def stop(self) -> None:
         self.cut()
@@ -195,6 +201,8 @@ class CuttableProxy:
         async def pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             try:
                 while data := await reader.read(1 << 16):
+                    if self.delay_seconds:
+                        await asyncio.sleep(self.delay_seconds)
                     writer.write(data)
                     await writer.drain()
             except OSError:  # either side went away, or the cut reset it
