@@ -62,7 +62,6 @@ from tests.object_storage import S3Server  # noqa: E402
 KINDS = ("reclaim-long-notice", "reclaim-short-notice", "reclaim-no-notice", "agent-kill", "script-crash",
          "host-partition", "control-worker-restart", "server-restart", "storage-outage", "slow-storage",
          "corrupt-newest", "cancel-resume")
-STORAGE_KINDS = ("storage-outage", "slow-storage")
 LONG_NOTICE_SECONDS, SHORT_NOTICE_SECONDS = 30.0, 3.0
 CHECKPOINT_EVERY = 10  # steps
 STEP_SECONDS = 0.2
@@ -108,6 +107,8 @@ class Lineage:
 
 @dataclasses.dataclass
 class Injected:
+    """A fault as it was injected (or skipped), and how long its run took to train past where it was."""
+
     at: float
     kind: str
     slot: int
@@ -117,10 +118,11 @@ class Injected:
     recovered_seconds: float | None = None
     step_at: int | None = None
     began: float = 0.0  # time.time()
-    ended: float | None = None  # time.time(), for faults that last (storage, processes)
 
 
 class Soak:
+    """One soak: its services, its runs (a slot each, one lineage after another), the faults and the watch."""
+
     def __init__(self, args: argparse.Namespace, scratch: Path) -> None:
         self.args = args
         self.scratch = scratch
@@ -363,7 +365,6 @@ class Soak:
         await asyncio.sleep(fault.seconds)  # every other fault waits too: they need the server
         self.server.start()
         self.client = await self.server.connect(timeout=60)
-        record.ended = time.time()
         return f"dev server killed, started again on its database after {fault.seconds} s"
 
     async def _storage_outage(self, fault, lineage, record) -> str:
@@ -473,12 +474,16 @@ class Soak:
     # --- checkpoints, watched while the soak runs ------------------------------------------------------------
     async def watch_checkpoints(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
-            await self.sample_checkpoints()
+            await self.sample_checkpoints(running_only=True)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 3.0)
 
-    async def sample_checkpoints(self) -> None:
+    async def sample_checkpoints(self, running_only: bool = False) -> None:
+        """Note each complete checkpoint's manifest, and any seen before that changed or went wrongly. While
+        the soak runs only the running lineages are looked at (an ended run's storage is still); at the end all."""
         for lineage in list(self.lineages):
+            if running_only and lineage.final is not None:
+                continue
             for run_id in lineage.run_ids:
                 spec = self.spec(lineage, run_id)
                 try:
