@@ -68,6 +68,12 @@ STEP_SECONDS = 0.2
 WARM_UP_SECONDS = 20.0  # before the first fault: the runs' first hosts start
 MEAN_GAP_SECONDS = 12.0  # between faults
 RECOVERY_BOUND_SECONDS = 300.0
+# How a fault's recovery is timed (`Soak.recovery`): from the fault until a later attempt (or the resumed run)
+# trains past the step the run was at; from the end of a spell until the run trains (or, storage, stores) past
+# where it was then. A corrupted checkpoint does nothing until a resume picks it: no time of its own.
+ENDS_THE_ATTEMPT = ("reclaim-long-notice", "reclaim-short-notice", "reclaim-no-notice", "agent-kill",
+                    "script-crash", "cancel-resume")
+STORAGE_SPELLS = ("storage-outage", "slow-storage")
 FINISH_BOUND_SECONDS = 900.0  # after the last fault, for every run to end
 
 
@@ -115,9 +121,12 @@ class Injected:
     run_id: str | None
     detail: str
     skipped: bool = False
+    failed: bool = False  # the injection itself raised: the soak did not do what it says
     recovered_seconds: float | None = None
     step_at: int | None = None
+    attempt_at: int | None = None
     began: float = 0.0  # time.time()
+    spell_over: asyncio.Event = dataclasses.field(default_factory=asyncio.Event, repr=False)  # set when it ends
 
 
 class Soak:
@@ -221,8 +230,6 @@ class Soak:
 
     async def run_slot(self, slot: int, soak_end: float) -> None:
         """Keep a run going in this slot until the soak's faults end, one lineage after another."""
-        from vaultlayer import client as vl_client
-
         while time.monotonic() < soak_end:
             self.counter += 1
             lineage = Lineage(slot=slot, steps=random.Random(self.counter).choice((300, 450, 600)),
@@ -232,16 +239,17 @@ class Soak:
             lineage.out.parent.mkdir(exist_ok=True)
             self.lineages.append(lineage)
             spec = self.spec(lineage, lineage.run_ids[0])
-            await self.call(lambda spec=spec: vl_client.submit(self.client, spec, queue=self.queue), "submit")
+            await self.submit(spec)
             self.log(f"slot {slot}: started {spec.run_id} ({lineage.steps} steps, {lineage.storage})")
             lineage.final = await self.finished(lineage)
             self.log(f"slot {slot}: {lineage.run_ids[-1]} {lineage.final.state.value}")
 
     async def finished(self, lineage: Lineage):
+        """The lineage's last run once it has ended (a cancel and resume in progress is waited out)."""
         while True:
             if not lineage.busy:
                 status = await self.status(lineage.run_ids[-1])
-                if status.state.finished and status.run_id not in lineage.cancelled:
+                if status.state.finished and not lineage.busy:
                     return status
             await asyncio.sleep(2.0)
 
@@ -257,7 +265,7 @@ class Soak:
             self.injected.append(record)
             self.log(f"{fault.kind} slot {fault.slot} ({record.run_id or '-'}): "
                      f"{'skipped: ' if record.skipped else ''}{record.detail}")
-            if not record.skipped and record.run_id:
+            if not (record.skipped or record.failed) and record.run_id:
                 self.spawn(self.recovery(record))
 
     def spawn(self, coroutine) -> None:
@@ -271,11 +279,17 @@ class Soak:
         record = Injected(at=round(time.monotonic() - self.started, 1), kind=fault.kind, slot=fault.slot,
                           run_id=run_id, detail="", began=time.time())
         if lineage is not None and not lineage.busy:
-            record.step_at = (await self.status(run_id)).step or 0
+            status = await self.status(run_id)
+            record.step_at = status.step or 0
+            record.attempt_at = status.current_attempt.attempt if status.current_attempt else None
+        if fault.kind not in ("host-partition", "control-worker-restart", *STORAGE_SPELLS):
+            record.spell_over.set()  # over at once (a server restart is over when its handler returns)
         try:
             record.detail = await getattr(self, "_" + fault.kind.replace("-", "_"))(fault, lineage, record)
         except Skip as skip:
             record.skipped, record.detail = True, str(skip)
+        except Exception as err:  # noqa: BLE001 - the soak goes on; the end reports the fault as not injected
+            record.failed, record.detail = True, f"could not inject: {type(err).__name__}: {err}"
         return record
 
     async def host_of(self, lineage: Lineage | None, record: Injected):
@@ -339,6 +353,7 @@ class Soak:
         async def rejoin() -> None:
             await asyncio.sleep(seconds)
             self.partitions.rejoin(agent)
+            record.spell_over.set()
             self.log(f"host {host.host_id} of {record.run_id} reaches the server again")
 
         self.spawn(rejoin())
@@ -353,6 +368,7 @@ class Soak:
         async def restart() -> None:
             await asyncio.sleep(fault.seconds)
             self.start_worker()
+            record.spell_over.set()
             self.log("control worker started again")
 
         self.spawn(restart())
@@ -380,6 +396,7 @@ class Soak:
             self.s3.start()
             self.s3_down = False
             spell[1] = time.time()
+            record.spell_over.set()
             self.log("S3 back")
 
         self.spawn(back())
@@ -398,6 +415,7 @@ class Soak:
             await asyncio.sleep(fault.seconds * 2)
             self.proxy.heal()
             spell[1] = time.time()
+            record.spell_over.set()
             self.log("S3 at full speed")
 
         self.spawn(heal())
@@ -444,32 +462,64 @@ class Soak:
             await self.call(lambda: vl_client.cancel(self.client, old), f"cancel {old}")
             while not (await self.status(old)).state.finished:
                 await asyncio.sleep(1.0)
-            try:
-                new = await AsyncClient(self.client, self.queue).resume(old)
-                lineage.run_ids.append(new.run_id)
-                return f"cancelled; resumed as {new.run_id} from {new.resumed_from.name}"
-            except ClientError as err:
-                if "no verified checkpoint" not in str(err):
-                    raise
-            spec = self.spec(lineage, f"chaos-{self.counter}-{uuid.uuid4().hex[:6]}")  # nothing stored yet: anew
-            await self.call(lambda: vl_client.submit(self.client, spec, queue=self.queue), "submit")
-            lineage.run_ids.append(spec.run_id)
-            return f"cancelled before its first checkpoint; started anew as {spec.run_id}"
+            new_id = f"chaos-{self.counter}-r{uuid.uuid4().hex[:6]}"  # one id for every try: a retry finds it taken
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    new = await AsyncClient(self.client, self.queue).resume(old, new_id=new_id)
+                    detail = f"cancelled; resumed as {new_id} from {new.resumed_from.name}"
+                    break
+                except ClientError as err:
+                    if "is taken" in str(err):  # an earlier try got through before the server went
+                        detail = f"cancelled; resumed as {new_id}"
+                        break
+                    if "no verified checkpoint" not in str(err):
+                        raise
+                    spec = self.spec(lineage, new_id)  # nothing stored yet: anew
+                    await self.submit(spec)
+                    detail = f"cancelled before its first checkpoint; started anew as {new_id}"
+                    break
+                except Exception:  # noqa: BLE001 - the server restarting: try again
+                    if time.monotonic() > deadline:
+                        raise
+                    await asyncio.sleep(1.0)
+            lineage.run_ids.append(new_id)
+            return detail
         finally:
             lineage.busy = False
 
+    async def submit(self, spec) -> None:
+        from temporalio.exceptions import WorkflowAlreadyStartedError
+
+        from vaultlayer import client as vl_client
+
+        async def once() -> None:
+            with contextlib.suppress(WorkflowAlreadyStartedError):  # an earlier try got through
+                await vl_client.submit(self.client, spec, queue=self.queue)
+
+        await self.call(once, f"submit {spec.run_id}")
+
     async def recovery(self, record: Injected) -> None:
-        """Seconds from the fault until the run (or its resumption) trained past the step it was at."""
+        """How long the run took to get back to where the fault found it (ENDS_THE_ATTEMPT says how it is timed)."""
+        if record.kind == "corrupt-newest":
+            return
         lineage = next(lin for lin in self.lineages if record.run_id in lin.run_ids)
-        began = time.monotonic()
+        await record.spell_over.wait()
+        began, baseline = time.monotonic(), None
+        storage = record.kind in STORAGE_SPELLS
         while time.monotonic() - began < RECOVERY_BOUND_SECONDS:
-            await asyncio.sleep(1.0)
-            if lineage.busy:
-                continue
-            status = await self.status(lineage.run_ids[-1])
-            if status.state.finished or (status.step or 0) > (record.step_at or 0):
-                record.recovered_seconds = round(time.monotonic() - began, 1)
-                return
+            if not lineage.busy:
+                status = await self.status(lineage.run_ids[-1])
+                progress = (status.durable_step if storage else status.step) or 0
+                attempt = status.current_attempt.attempt if status.current_attempt else None
+                if baseline is None:  # where the run was when the fault hit, or when its spell ended
+                    baseline = (record.step_at or 0) if record.kind in ENDS_THE_ATTEMPT else progress
+                newer = (record.kind not in ENDS_THE_ATTEMPT or status.run_id != record.run_id
+                         or (attempt or 0) > (record.attempt_at or 0))
+                if status.state.finished or (newer and progress > baseline):
+                    record.recovered_seconds = round(time.monotonic() - began, 1)
+                    return
+            await asyncio.sleep(0.5)
 
     # --- checkpoints, watched while the soak runs ------------------------------------------------------------
     async def watch_checkpoints(self, stop: asyncio.Event) -> None:
@@ -521,7 +571,10 @@ class Soak:
 
         from workflows.training_run import TrainingRun
 
-        results = []
+        failed = [f"{r.kind} at {r.at} s: {r.detail}" for r in self.injected if r.failed]
+        results = [("every scheduled fault was injected, or skipped with nothing to act on", not failed,
+                    "; ".join(failed[:3]) or f"{sum(not r.skipped for r in self.injected)} injected, "
+                                             f"{sum(r.skipped for r in self.injected)} skipped")]
         references: dict[int, str] = {}
         wrong = []
         for lineage in self.lineages:
@@ -742,7 +795,7 @@ def summary(soak: Soak, faults: list[Fault], results, seconds: float) -> dict:
     by_kind = {}
     for kind in KINDS:
         records = [r for r in soak.injected if r.kind == kind]
-        done = [r for r in records if not r.skipped]
+        done = [r for r in records if not (r.skipped or r.failed)]
         recovered = sorted(r.recovered_seconds for r in done if r.recovered_seconds is not None)
         by_kind[kind] = {"scheduled": len(records), "injected": len(done),
                          "recovered_median_s": recovered[len(recovered) // 2] if recovered else None,
@@ -754,7 +807,8 @@ def summary(soak: Soak, faults: list[Fault], results, seconds: float) -> dict:
         "reclaims": sum(s.reclaims for s in statuses), "host_faults": sum(s.host_faults for s in statuses),
         "steps_lost": sum(s.steps_lost for s in statuses),
         "invariants": [{"invariant": name, "held": ok, "detail": detail} for name, ok, detail in results],
-        "log": [dataclasses.asdict(r) for r in soak.injected],
+        "log": [{field.name: getattr(r, field.name) for field in dataclasses.fields(r) if field.name != "spell_over"}
+                for r in soak.injected],
     }
 
 

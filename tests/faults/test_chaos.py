@@ -54,6 +54,6 @@ def test_the_short_soak_holds_every_invariant(tmp_path):
     result = json.loads(report.read_text())
     broken = [row for row in result["invariants"] if not row["held"]]
     assert not broken and done.returncode == 0, broken or done.stdout[-3000:]
-    assert len(result["invariants"]) == 6
+    assert len(result["invariants"]) == 7
     injected = {kind for kind, row in result["faults"].items() if row["injected"]}
     assert len(injected) >= len(chaos.KINDS) - 2, result["faults"]  # a fault whose run just ended is skipped
