@@ -756,7 +756,16 @@ def removed_rightly(name: str, present: dict[str, str], fences: dict[int, int]) 
     return any((parsed := parse_checkpoint_name(other)) and parsed[0] > step for other in present)
 
 
+def quiet_client_retries() -> None:
+    """The soak's client retries through every server restart on purpose: only errors of its core are printed."""
+    from temporalio.runtime import LoggingConfig, Runtime, TelemetryConfig, TelemetryFilter
+
+    quiet = LoggingConfig(filter=TelemetryFilter(core_level="ERROR", other_level="ERROR"))
+    Runtime.set_default(Runtime(telemetry=TelemetryConfig(logging=quiet)))
+
+
 async def main_async(args: argparse.Namespace) -> int:
+    quiet_client_retries()
     faults = schedule(args.seed, args.minutes, args.runs)
     scratch = Path(tempfile.mkdtemp(prefix="vl-chaos-"))
     soak = Soak(args, scratch)
