@@ -9,14 +9,13 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from activities.providers.local import group_members
+from activities.providers.local import free_port, group_members  # free_port: the local provider's, for tests too
 from vaultlayer import checkpoint, failpoints, protocol
 from vaultlayer import client as vl_client
 from vaultlayer.models import RunStatus
@@ -50,12 +49,6 @@ async def cancel_taken(handle) -> bool:
                          if event.HasField("workflow_execution_cancel_requested_event_attributes")), None)
     return cancelled_at is not None and any(event.HasField("workflow_task_completed_event_attributes")
                                             for event in events[cancelled_at:])
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 async def wait_for_progress(client, run_id: str, steps: int, timeout: float = 120, durable: int = 0,

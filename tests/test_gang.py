@@ -160,3 +160,20 @@ def test_vl_status_json_shows_the_gangs_hosts_per_attempt_and_now():
     assert shown["attempts"][0]["hosts"] == ["h-1-n0", "h-1-n1"] and shown["hosts"] == ["h-1-n0", "h-1-n1"]
     assert shown["host"] == "h-1-n0" and "current_hosts" not in shown
     assert "hosts h-1-n0,h-1-n1" in attempt_line(record)
+
+
+def test_a_local_rendezvous_port_is_free_below_the_ephemeral_range_and_never_picked_twice():
+    """A port from a bind to port 0 lies in the ephemeral range, where any connection the machine opens may take
+    it before the rendezvous listens (a loaded test run saw that happen to a Temporal port)."""
+    import socket
+
+    from activities.providers.local import free_port
+    from activities.providers.local.provider import LISTEN_PORTS_FROM, _ephemeral_low
+
+    picked = [free_port() for _ in range(50)]
+    assert len(set(picked)) == len(picked)
+    assert all(LISTEN_PORTS_FROM <= port < _ephemeral_low() for port in picked)
+    with socket.socket() as taken:  # one already listened on is passed over
+        taken.bind(("127.0.0.1", picked[-1] + 1))
+        taken.listen()
+        assert free_port() != picked[-1] + 1

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import uuid
 
 import pytest
@@ -17,16 +16,10 @@ from temporalio.testing import WorkflowEnvironment
 
 from tests.browser import Browser, chromium
 from tests.conftest import make_spec, temporal_binary
-from tests.helpers import wait_until
+from tests.helpers import free_port, wait_until
 from tests.test_cli import cli_env, vl  # noqa: F401 - cli_env is a fixture
 from vaultlayer import client as vl_client
 from vaultlayer import ui
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture

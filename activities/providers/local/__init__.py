@@ -8,8 +8,8 @@ from activities.providers.local.host import (
     NOTICE_RELATIVE_PATH,
     MetadataDirNoticeSource,
 )
-from activities.providers.local.provider import LocalProvider, kill_group
+from activities.providers.local.provider import LocalProvider, free_port, kill_group
 from activities.providers.local.throttle import group_alive, group_members
 
 __all__ = ["HOST", "METADATA_DIR_VARIABLE", "NOTICE_RELATIVE_PATH", "LocalProvider", "MetadataDirNoticeSource",
-           "group_alive", "group_members", "kill_group"]
+           "free_port", "group_alive", "group_members", "kill_group"]

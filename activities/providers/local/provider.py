@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import itertools
 import math
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -56,11 +58,38 @@ def kill_group(pgid: int, sig: int = signal.SIGKILL) -> None:
         pass
 
 
+# Ports to listen on are picked below the kernel's ephemeral range (`free_port`); from this one up.
+LISTEN_PORTS_FROM = 10000
+_EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(_EPHEMERAL_RANGE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
+_next_port = itertools.count(random.randrange(1 << 16))
+
+
 def free_port() -> int:
-    """A TCP port nothing listens on now: a gang's rendezvous port, its hosts all sharing 127.0.0.1."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind((LOOPBACK, 0))
-        return probe.getsockname()[1]
+    """A TCP port nothing listens on now (a gang's rendezvous port, its hosts all sharing 127.0.0.1), from below
+    the kernel's ephemeral range. A port the kernel gives a bind to port 0 lies in that range, and until its
+    user listens on it, any connection this machine opens may take it as its local port: on a busy machine
+    that happened between a pick and the listen. Below the range only listeners bind. Picks go on from a random
+    start, so processes that pick at once rarely try the same port, and a process never picks one twice."""
+    low = _ephemeral_low()
+    span = low - LISTEN_PORTS_FROM
+    for _ in range(span):
+        port = LISTEN_PORTS_FROM + next(_next_port) % span
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind((LOOPBACK, port))
+            except OSError:
+                continue
+            return port
+    raise OSError(f"no free port from {LISTEN_PORTS_FROM} to {low - 1}")
 
 
 def announced_deadline(deadline: float) -> datetime:
