@@ -245,11 +245,13 @@ class Soak:
             self.log(f"slot {slot}: {lineage.run_ids[-1]} {lineage.final.state.value}")
 
     async def finished(self, lineage: Lineage):
-        """The lineage's last run once it has ended (a cancel and resume in progress is waited out)."""
+        """The lineage's last run once it has ended. A cancel and resume is waited out, including one that began
+        and ended while the status was asked: then the answer is the cancelled run's, not the last run's."""
         while True:
             if not lineage.busy:
-                status = await self.status(lineage.run_ids[-1])
-                if status.state.finished and not lineage.busy:
+                asked = lineage.run_ids[-1]
+                status = await self.status(asked)
+                if status.state.finished and not lineage.busy and lineage.run_ids[-1] == asked:
                     return status
             await asyncio.sleep(2.0)
 
