@@ -598,7 +598,7 @@ class Soak:
         await asyncio.sleep(5.0)  # released hosts' groups end
         tags = host_tags(self.home)
         left = [t["host_id"] + "@" + t["run_id"] for t in tags
-                if not t.get("released") or _group_alive(int(t["pgid"]))]
+                if not t.get("released") or _host_alive(int(t["pgid"]), self.home / "hosts" / t["run_id"] / t["host_id"])]
         scripts = scripts_alive(self.home / "hosts")
         results.append(("no host process or group left", not left and not scripts,
                         f"{len(tags)} hosts; left: {left or 'none'}; scripts alive: {scripts or 'none'}"))
@@ -708,10 +708,13 @@ def _local_ports(pid: int) -> set[int]:
     return ports
 
 
-def _group_alive(pgid: int) -> bool:
+def _host_alive(pgid: int, host_dir: Path) -> bool:
+    """A live process of the host's group that is the host's own: its environment names the host's directory.
+    Three soaks side by side start processes fast enough that a dead host's group id is soon someone else's."""
     from activities.providers.local import group_members
 
-    return any(state != "Z" for _, state in group_members(pgid))
+    marker = f"={host_dir}".encode()
+    return any(state != "Z" and marker in _read(Path(f"/proc/{pid}/environ")) for pid, state in group_members(pgid))
 
 
 def _read(path: Path) -> bytes:
@@ -736,10 +739,12 @@ def manifests(storage_url: str, run_id: str) -> dict[str, str]:
 
     fs, root = url_to_fs(storage.checkpoints_url(storage_url, run_id))
     fs.invalidate_cache()  # s3fs and gcsfs keep listings: a stale one would list what retention removed since
-    if not fs.exists(root):
+    try:  # not fs.exists: s3fs answers False when S3 is down, and every checkpoint would look removed
+        entries = fs.ls(root, detail=False)
+    except FileNotFoundError:
         return {}
     found = {}
-    for entry in fs.ls(root, detail=False):
+    for entry in entries:
         name = entry.rstrip("/").rsplit("/", 1)[-1]
         with contextlib.suppress(FileNotFoundError):
             found[name] = hashlib.sha256(fs.cat_file(f"{entry.rstrip('/')}/{MANIFEST_NAME}")).hexdigest()
