@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
+from datetime import UTC, datetime
 
 import pytest
 from temporalio.client import WorkflowFailureError
@@ -21,8 +23,12 @@ from tests.conftest import make_spec
 from tests.fakes.gce import error_body
 from tests.faults.conftest import status_of
 from tests.helpers import cancel_taken, wait_until
+from tests.test_run_e2e import record_histories
 from vaultlayer import client as vl_client
-from vaultlayer.models import Pool, RunState
+from vaultlayer import protocol
+from vaultlayer.models import Pool, RunInput, RunState, RunStatus
+from vaultlayer.secrets import hand_over
+from workflows.training_run import WORKFLOW_NAME
 
 FAILED_CREATES = 3
 CREATE = r"/zones/[^/]+/instances$"
@@ -80,3 +86,30 @@ async def test_cancel_during_provisioning_leaves_nothing(temporal_env, control, 
 
     await wait_until(no_agent_left, 30, "the agent of every deleted VM to be gone")
     figure(seconds_to_nothing_left=round(cleaned_seconds, 1))
+
+
+async def test_a_cancel_waiting_at_a_continued_runs_first_task_still_reaps(temporal_env, vl_home, tmp_path):
+    """Chaos soak seed 3 (docs/faults.md): `vl cancel` reached a run just as it continued as new, so the new run's
+    first workflow task carried the cancel. The run saw it and ended, but the cancel the SDK was still to deliver
+    cancelled the reap before it was scheduled: the run's handed-over secrets (and any host) were left. The order
+    is forced here: the continued run's input is started on a queue nobody polls, cancelled, then a worker comes."""
+    from worker.control import create_worker
+
+    spec = make_spec(tmp_path, steps=20, out=tmp_path / "w.pt", env_secrets={"TOKEN": "env:VL_TEST_TOKEN"})
+    handed = hand_over(spec.run_id, spec.env_secrets, {"local"}, {"VL_TEST_TOKEN": "planted"})
+    assert handed == protocol.handed_over_path(vl_home, spec.run_id) and handed.exists()
+    carried = RunStatus(run_id=spec.run_id, started_at=datetime.now(UTC), continued_as_new=1)
+    queue = f"vl-test-{uuid.uuid4().hex[:8]}"
+    client = temporal_env.client
+    handle = await client.start_workflow(WORKFLOW_NAME, RunInput(spec=spec, carried=carried), id=spec.run_id,
+                                         task_queue=queue)
+    await handle.cancel()  # before any worker polls: the run's first task holds its start and the cancel
+    async with create_worker(client, task_queue=queue, home=vl_home):
+        with pytest.raises(WorkflowFailureError):
+            await asyncio.wait_for(handle.result(), 60)
+    reaps = [event.activity_task_scheduled_event_attributes.activity_type.name
+             async for event in handle.fetch_history_events() if event.HasField("activity_task_scheduled_event_attributes")]
+    assert reaps == ["reap_run"], "the cancelled run's end must reap it"
+    assert not handed.exists(), "the run's end deletes its handed-over secret values"
+    assert (await status_of(client, spec.run_id)).state == RunState.CANCELLED
+    await record_histories(client, spec.run_id)  # VL_RECORD_HISTORIES: the replay guard covers the shielded reap
