@@ -89,8 +89,9 @@ async def test_cancel_during_provisioning_leaves_nothing(temporal_env, control, 
 
 
 async def test_a_cancel_waiting_at_a_continued_runs_first_task_still_reaps(temporal_env, vl_home, tmp_path):
-    """Chaos soak seed 3 (docs/faults.md): `vl cancel` reached a run just as it continued as new, so the new run's
-    first workflow task carried the cancel. The run saw it and ended, but the cancel the SDK was still to deliver
+    """Found by the chaos soak, `python bench/chaos.py --minutes 30 --seed 3` (docs/faults.md): its schedule's
+    `{"at": 65.7, "kind": "cancel-resume", "slot": 3}` (run at 77.9 s, held back by the server restart before it)
+    reached chaos-4 just as it continued as new, so the new run's first workflow task carried the cancel. The run saw it and ended, but the cancel the SDK was still to deliver
     cancelled the reap before it was scheduled: the run's handed-over secrets (and any host) were left. The order
     is forced here: the continued run's input is started on a queue nobody polls, cancelled, then a worker comes."""
     from worker.control import create_worker
