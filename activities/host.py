@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -113,6 +114,10 @@ class Uploader:
         # and commits the checkpoint. Steps whose part is stored, so a commit tried again does not upload it twice.
         self.parts_stored: set[int] = set()
         self.stop_waiting_for_nodes = asyncio.Event()  # set when the attempt ends: a part that never came stays out
+        # Another node than 0: notice id -> the step of its emergency save, whose part is stored, until node 0's
+        # commit of that step is seen (`emergency_durable`); and when storage was last asked.
+        self.emergency_parts: dict[str, int] = {}
+        self.commit_checked_at = -math.inf
 
     async def run(self, stop: asyncio.Event) -> None:
         """Upload until `stop` is set and every save staged before it is stored."""
@@ -145,6 +150,26 @@ class Uploader:
         await asyncio.to_thread(checkpoint.commit_gang_checkpoint, self.inp.storage_url, self.inp.run_id,
                                 self.inp.attempt, step, gang.nodes)
         return True
+
+    async def emergency_durable(self, notice_id: str) -> bool:
+        """Whether the save a notice asked for is a checkpoint to resume from. On another node of a gang than 0,
+        storing its own part is not enough: node 0 commits the step once every part is in, and this host reporting
+        "saved" ends the gang's attempt, so the commit is waited for here (storage asked every POLL_SECONDS)."""
+        if notice_id in self.emergency_stored:
+            return True
+        step = self.emergency_parts.get(notice_id)
+        if step is None or time.monotonic() - self.commit_checked_at < POLL_SECONDS:
+            return False
+        self.commit_checked_at = time.monotonic()
+        try:
+            committed = await asyncio.to_thread(checkpoint.gang_checkpoint_committed, self.inp.storage_url,
+                                                self.inp.run_id, self.inp.attempt, step)
+        except Exception as err:  # noqa: BLE001 - storage errors (retried inside already): ask again next poll
+            log.warning("gang commit check failed", step=step, error=str(err))
+            return False
+        if committed:
+            self.emergency_stored.add(notice_id)
+        return committed
 
     def idle(self) -> bool:
         """Nothing in flight and nothing staged."""
@@ -193,7 +218,10 @@ class Uploader:
         self.failures = 0
         self.durable_step = max(save.step, self.durable_step or 0)
         if save.emergency and save.notice_id:
-            self.emergency_stored.add(save.notice_id)
+            if gang is None or gang.node_rank == 0:  # node 0 stored it only once the gang's checkpoint was whole
+                self.emergency_stored.add(save.notice_id)
+            else:
+                self.emergency_parts[save.notice_id] = save.step
         shutil.rmtree(save.directory, ignore_errors=True)
         log.info("checkpoint stored", step=save.step, attempt=self.inp.attempt, emergency=save.emergency,
                  upload_seconds=round(time.monotonic() - began, 3))
@@ -297,9 +325,9 @@ class RunningScript:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(self.output), OUTPUT_DRAIN_SECONDS)
 
-    def emergency_save_stored(self) -> bool:
+    async def emergency_save_stored(self) -> bool:
         if self.snapshots is None:
-            return self.notice_id in self.uploader.emergency_stored
+            return await self.uploader.emergency_durable(self.notice_id)
         # Zero-code: the directory as of the notice, and every snapshot before it, is in storage.
         return self.snapshots.covered_notice == self.notice_id and self.uploader.idle()
 
@@ -539,7 +567,7 @@ class HostAgentActivities:
                 run.uploader.poll_seconds = NOTICE_POLL_SECONDS
                 ctx.log.warning("reclaim notice", deadline=notice.deadline.isoformat())
             if run.notice is not None:
-                emergency_save = emergency_save_outcome(run.emergency_save_stored(), run.notice, time.time())
+                emergency_save = emergency_save_outcome(await run.emergency_save_stored(), run.notice, time.time())
                 if emergency_save is not None:
                     return self._reclaimed(ctx, run, run.notice, emergency_save)
             with contextlib.suppress(TimeoutError):

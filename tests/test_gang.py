@@ -4,6 +4,7 @@ what the gang's attempt ended as. The whole of it under the real workflow is in 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -105,6 +106,38 @@ def test_two_nodes_that_wrote_the_same_file_never_make_a_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match="two nodes of the gang wrote model.pt"):
         checkpoint.commit_gang_checkpoint(url, run, 1, 10, 2)
     assert checkpoint.choose_checkpoint(url, run, {}).chosen is None
+
+
+async def test_a_node_other_than_0_calls_its_emergency_save_stored_only_once_node_0_committed_the_step(tmp_path):
+    """Its own part stored is not a checkpoint: "saved" ends the gang's attempt and stops node 0, so reporting it
+    before node 0's commit lost the save (CI, stop 32: the step pruned as partial, the gang resumed one step back)."""
+    from activities import host as agent
+    from vaultlayer.models import AttemptInput, GangRole
+
+    url, run = (tmp_path / "storage").as_uri(), "r-gang"
+    staging = tmp_path / "staging"
+    save = staging / protocol.committed_name(21, "n1")
+    save.mkdir(parents=True)
+    (save / "rng").mkdir()
+    (save / "rng" / "rank-00001.pt").write_bytes(b"r1")
+    protocol.write_save_record(save, protocol.SaveRecord(step=21, emergency=True, notice_id="notice-1", world_size=2))
+    inp = AttemptInput(run_id=run, attempt=1, command=["true"], workdir=str(tmp_path), storage_url=url,
+                       host=HOSTS[1], gang=GangRole(node_rank=1, addresses=["10.0.0.1", "10.0.0.2"], master_port=29400))
+    uploader = agent.Uploader(inp, staging, durable_step=20)
+    [staged_save] = agent.staged_saves(staging)
+    assert await uploader.upload(staged_save)
+    assert checkpoint.gang_nodes_missing(url, run, 1, 21, 2) == [0]
+    assert not await uploader.emergency_durable("notice-1"), "node 0's part is not even in"
+
+    node0 = staged(tmp_path, "n0", {"model.pt": b"weights", "rng/rank-00000.pt": b"r0"})
+    checkpoint.upload_checkpoint(node0, url, run, 1, 21, world_size=2, node=(0, 2))
+    uploader.commit_checked_at = -math.inf  # the next poll asks storage
+    assert not await uploader.emergency_durable("notice-1"), "every part is in, but node 0 has not committed"
+
+    checkpoint.commit_gang_checkpoint(url, run, 1, 21, 2)
+    uploader.commit_checked_at = -math.inf
+    assert await uploader.emergency_durable("notice-1")
+    assert not await uploader.emergency_durable("another notice")
 
 
 def test_a_file_named_like_a_node_manifest_is_refused():

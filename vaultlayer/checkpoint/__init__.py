@@ -36,6 +36,7 @@ from vaultlayer.checkpoint.retention import prune_checkpoints, retention_plan
 from vaultlayer.checkpoint.storage import StorageUnusable, check_writable, connect, validate_storage_url
 from vaultlayer.checkpoint.transfer import (
     commit_gang_checkpoint,
+    gang_checkpoint_committed,
     gang_nodes_missing,
     restore_checkpoint,
     upload_checkpoint,
@@ -59,6 +60,7 @@ __all__ = [
     "commit_gang_checkpoint",
     "connect",
     "describe_checkpoints",
+    "gang_checkpoint_committed",
     "gang_nodes_missing",
     "list_checkpoints",
     "parse_checkpoint_name",

@@ -134,6 +134,14 @@ def gang_nodes_missing(storage_url: str, run_id: str, attempt: int, step: int, n
     return [rank for rank in range(nodes) if node_manifest_name(rank) not in names]
 
 
+def gang_checkpoint_committed(storage_url: str, run_id: str, attempt: int, step: int) -> bool:
+    """Whether node 0 committed the gang's checkpoint (step, attempt): its manifest is stored. Before that, a
+    node's stored part is no checkpoint anyone can resume from."""
+    fs, remote_dir = url_to_fs(storage.checkpoint_url(storage_url, run_id, checkpoint_name(step, attempt)))
+    fs.invalidate_cache(remote_dir)
+    return storage.retry(lambda: fs.exists(f"{remote_dir}/{MANIFEST_NAME}"), "look for a gang's manifest")
+
+
 def commit_gang_checkpoint(storage_url: str, run_id: str, attempt: int, step: int, nodes: int) -> CheckpointRef:
     """Node 0's commit of a gang's checkpoint once every node's part is stored: one manifest listing every node's
     files (which must not overlap: each rank writes files of its own), written last like any manifest."""
