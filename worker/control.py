@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import importlib
 import os
 import signal
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
@@ -36,7 +38,28 @@ def agent_connection_env(client: Client) -> dict[str, str]:
 SANDBOX_PASSTHROUGH = ("workflows.policy", "vaultlayer", "activities")
 
 
+class _BlockingOnTolerantOfReentry(dict):
+    """importlib's per-thread "blocked on" table, whose removal tolerates a key already removed."""
+
+    def __delitem__(self, thread_id: int) -> None:
+        self.pop(thread_id, None)
+
+
+def tolerate_reentrant_imports() -> None:
+    """Python 3.11 and older: an import run by a finalizer while the same thread acquires a module lock (the GC
+    runs a `__del__` that imports, as ResourceWarnings do) removes the outer acquire's entry from importlib's
+    `_blocking_on` table, and the outer one then fails with KeyError(<thread id>) (CPython gh-91351, fixed in
+    3.12). Every sandboxed workflow imports its modules afresh, so this struck the worker at random: once in a
+    test run, as "Failed validating workflow TrainingRun". Only deadlock detection reads the table."""
+    if sys.version_info >= (3, 12):
+        return
+    bootstrap = importlib.import_module("importlib._bootstrap")
+    if not isinstance(bootstrap._blocking_on, _BlockingOnTolerantOfReentry):
+        bootstrap._blocking_on = _BlockingOnTolerantOfReentry(bootstrap._blocking_on)
+
+
 def create_worker(client: Client, task_queue: str | None = None, home: Path | None = None) -> Worker:
+    tolerate_reentrant_imports()
     activities = ControlActivities(vl_home=home or vl_home(), temporal_env=agent_connection_env(client))
     return Worker(
         client,
