@@ -40,9 +40,10 @@ def plain_env(**contract: str) -> dict[str, str]:
 
 
 def rank_errors(stderr: str) -> str:
-    """Each rank's own traceback lines first (torchrun prefixes them), then the tail: the first rank to fail is
-    the one to read, and its lines may sit far above torchrun's summary."""
-    ranks = [line for line in stderr.splitlines() if line.startswith("[rank") and "Warning" not in line]
+    """Each rank's own traceback lines first (torchrun prefixes them) and any native abort's reason, then the tail:
+    the first rank to fail is the one to read, and its lines may sit far above torchrun's summary."""
+    ranks = [line for line in stderr.splitlines() if (line.startswith("[rank") and "Warning" not in line)
+             or any(native in line for native in ("terminate called", "what():", "Fatal Python error", "Aborted"))]
     return "\n".join(ranks[-80:]) + "\n...\n" + stderr[-2000:]
 
 
