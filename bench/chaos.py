@@ -65,6 +65,7 @@ KINDS = ("reclaim-long-notice", "reclaim-short-notice", "reclaim-no-notice", "ag
 LONG_NOTICE_SECONDS, SHORT_NOTICE_SECONDS = 30.0, 3.0
 CHECKPOINT_EVERY = 10  # steps
 STEP_SECONDS = 0.2
+RUN_STEPS = (300, 450, 600)  # a run's length is one of these
 WARM_UP_SECONDS = 20.0  # before the first fault: the runs' first hosts start
 MEAN_GAP_SECONDS = 12.0  # between faults
 RECOVERY_BOUND_SECONDS = 300.0
@@ -95,6 +96,14 @@ def schedule(seed: int, minutes: float, runs: int) -> list[Fault]:
             return faults
         faults.append(Fault(at=round(at, 1), kind=rng.choice(KINDS), slot=rng.randrange(runs),
                             seconds=round(rng.uniform(2.0, 10.0), 1)))
+
+
+def run_steps(counter: int, seconds_left: float) -> int:
+    """A run's length, drawn by its number from RUN_STEPS, but none longer than the faults still to come (and a
+    minute): a long run started near the end would be waited for after every fault is over, most of a short
+    soak's time, and none of it under faults."""
+    fitting = [steps for steps in RUN_STEPS if steps * STEP_SECONDS <= seconds_left + 60] or [min(RUN_STEPS)]
+    return random.Random(counter).choice(fitting)
 
 
 @dataclasses.dataclass
@@ -232,7 +241,7 @@ class Soak:
         """Keep a run going in this slot until the soak's faults end, one lineage after another."""
         while time.monotonic() < soak_end:
             self.counter += 1
-            lineage = Lineage(slot=slot, steps=random.Random(self.counter).choice((300, 450, 600)),
+            lineage = Lineage(slot=slot, steps=run_steps(self.counter, soak_end - time.monotonic()),
                               storage=("file", "s3")[self.counter % 2],
                               out=self.scratch / "out" / f"slot{slot}-{self.counter}.json",
                               run_ids=[f"chaos-{self.counter}-{uuid.uuid4().hex[:6]}"])
