@@ -34,6 +34,49 @@ TRAIN_TINY_IN_REPO = "examples/train_tiny.py"
 SUGGEST_CONTINUE_AS_NEW_AFTER = 40
 
 
+# The suite's longest tests, longest first (seconds with the whole suite on 2 cores, 7 Dec 2026), which run
+# first: xdist hands tests out in collection order, so a long test collected late ran on after the others had
+# finished (one worker ended 120 s after the rest), where started first it runs beside the short ones. With
+# `--maxschedchunk=1` (pyproject.toml) each worker holds its test and one more: the default hands each worker
+# its first 47 tests at once, and so every one of these to the first worker (a run of 1,244 s).
+LONGEST_FIRST = (
+    "tests/faults/test_chaos.py::test_the_short_soak_holds_every_invariant",  # 250-310, mostly waiting
+    "tests/faults/test_many_reclaims.py",  # 125-130
+    "tests/test_no_progress_e2e.py::test_hosts_taken_without_notice_before_the_first_save_bring_it_forward",  # 110
+    "tests/test_distributed.py::test_torchrun_under_vl_finishes_through_two_reclaims_identically",  # 55-78 each
+    "tests/test_multinode.py::test_a_gang",  # 50-72 each
+    "tests/test_multinode.py::test_a_node_killed_without_notice",  # 47-51
+    "tests/aws/test_aws_e2e.py::test_lost_heartbeats_are_told_apart_by_the_instance_state",  # 47-61
+    "tests/test_cross_cloud.py::test_reclaimed_on_aws_the_run_finishes_on_gcp",  # 51-60
+    "tests/test_durable_checkpoints.py::test_zero_code_lightning_script_resumes_from_its_synced_directory",  # 54-58
+    "tests/test_distributed.py::test_every_rank_resumes_from_one_save_bit_identically",  # 43-57
+    "tests/faults/test_hosts.py::test_a_host_reclaimed_before_its_agent_started_is_a_reclaim_not_a_fault",  # 56
+    "tests/faults/test_control_plane.py::test_control_worker_killed_and_restarted",  # 48-53
+    "tests/test_durable_checkpoints.py::test_a_superseded_attempt_that_publishes_a_newer_step_is_ignored",  # 47-52
+    "tests/test_local_slowdown.py::test_a_run_moves_to_the_pool_with_the_lower_cost_per_step",  # 51
+    "tests/test_run_e2e.py::test_reclaims_with_notice_finish_identically",  # 37-50 each
+    "tests/faults/test_storage.py::test_a_storage_outage_during_uploads_loses_no_checkpoint",  # 45-50
+    "tests/test_durable_checkpoints.py::test_a_host_killed_mid_upload_leaves_a_partial",  # 36-44
+    "tests/faults/test_partition.py::test_partitioned_host_stops_itself_on_reconnect",  # 42
+    "tests/test_distributed.py::test_a_sharded_save_of_two_ranks_resumes_on_one",  # 41
+    "tests/aws/test_aws_e2e.py::test_spot_reclaim_with_notice_resumes_in_another_zone",  # 40-49
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The LONGEST_FIRST tests first, each followed by one of the rest: a worker's next test, held while it runs a
+    long one, is then a short one. The rest keep their order."""
+    def rank(item: pytest.Item) -> int:
+        return next((i for i, prefix in enumerate(LONGEST_FIRST) if item.nodeid.startswith(prefix)),
+                    len(LONGEST_FIRST))
+
+    ordered = sorted(items, key=rank)  # stable
+    long_count = sum(rank(item) < len(LONGEST_FIRST) for item in ordered)
+    longest, rest = ordered[:long_count], ordered[long_count:]
+    paired = [item for pair in zip(longest, rest) for item in pair]
+    items[:] = paired + longest[len(rest):] + rest[len(longest):]
+
+
 def temporal_binary() -> str:
     beside_python = Path(sysconfig.get_path("scripts")) / "temporal"
     found = str(beside_python) if beside_python.exists() else shutil.which("temporal")
