@@ -69,7 +69,7 @@ async def test_a_failure_that_is_not_the_scripts_ends_the_run_with_its_reason_an
     assert "None" not in ended_line(attempt) and reason in ended_line(attempt)
 
 
-@pytest.mark.parametrize("cause", [c for c in FailureCause if c != FailureCause.SCRIPT])
+@pytest.mark.parametrize("cause", [c for c in FailureCause if c not in (FailureCause.SCRIPT, FailureCause.RESTORE)])
 def test_each_cause_that_is_not_the_scripts_stops_the_run_at_once(cause):
     now = datetime.now(UTC)
     record = AttemptRecord(attempt=1, pool="local", outcome=AttemptOutcome.FAILED, cause=cause,
@@ -80,6 +80,27 @@ def test_each_cause_that_is_not_the_scripts_stops_the_run_at_once(cause):
     assert stop is not None and (stop.state, stop.reason, stop.exit_code) == (RunState.FAILED, record.reason, 1)
     script = record.model_copy(update={"cause": FailureCause.SCRIPT, "exit_code": 3})
     assert limit_reached(spec, RunStatus(run_id=spec.run_id, attempts=[script], script_failures=1), now) is None
+
+
+def test_a_failed_restore_is_tried_once_more_and_the_same_checkpoint_failing_twice_stops_the_run():
+    now = datetime.now(UTC)
+    spec = make_spec(REPO, steps=1, out=REPO / "unused")
+
+    def failed(attempt: int, checkpoint: str) -> AttemptRecord:
+        return AttemptRecord(attempt=attempt, pool="local", outcome=AttemptOutcome.FAILED, cause=FailureCause.RESTORE,
+                             reason=f"restore of {checkpoint} failed: bytes changed", resumed_from=checkpoint,
+                             started_at=now, ended_at=now)
+
+    once = RunStatus(run_id=spec.run_id, attempts=[failed(1, "000000000150-a1")])
+    assert limit_reached(spec, once, now) is None, "verified again, a changed checkpoint is passed over"
+    stop = limit_reached(spec, once, now, restore_retry=False)  # a history recorded before the retry replays its stop
+    assert stop is not None and stop.reason == "restore of 000000000150-a1 failed: bytes changed"
+
+    another = once.model_copy(update={"attempts": [failed(1, "000000000150-a1"), failed(2, "000000000140-a1")]})
+    assert limit_reached(spec, another, now) is None, "each checkpoint gets its own retry"
+    twice = once.model_copy(update={"attempts": [failed(1, "000000000150-a1"), failed(2, "000000000150-a1")]})
+    stop = limit_reached(spec, twice, now)
+    assert stop is not None and (stop.state, stop.exit_code) == (RunState.FAILED, 1)
 
 
 async def test_local_env_secrets_come_from_the_submitters_environment_not_the_workers(

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from vaultlayer.models import AttemptOutcome, AttemptRecord, AttemptResult, Market, RunStatus
+from vaultlayer.models import AttemptOutcome, AttemptRecord, AttemptResult, FailureCause, Market, RunStatus
 
 # Failures that are the host's, not the script's. A bug that shows on the GPU (device-side assert,
 # illegal memory access, out of memory) stays a script error.
@@ -73,7 +73,8 @@ def close_attempt(status: RunStatus, attempt: int, result: AttemptResult, now: d
         update["host_faults"] = status.host_faults + 1
         if faulty := result.faulty_host or record.host:  # a gang's: the host that failed, not node 0
             update["excluded_hosts"] = [*status.excluded_hosts, faulty]
-    elif result.outcome == AttemptOutcome.FAILED:
+    elif result.outcome == AttemptOutcome.FAILED and result.cause in (None, FailureCause.SCRIPT):
+        # The script's own failures, which limits.script_retries bounds; a restore tried again is not one.
         update["script_failures"] = status.script_failures + 1
     return status.model_copy(update=update)
 

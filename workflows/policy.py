@@ -201,10 +201,11 @@ def hours(seconds: float) -> str:
 # ---------------------------------------------------------------- decisions
 
 
-def next_placement(spec: RunSpec, status: RunStatus, now: datetime, by_work: bool = True) -> Place | Wait | Stop:
+def next_placement(spec: RunSpec, status: RunStatus, now: datetime, by_work: bool = True,
+                   restore_retry: bool = True) -> Place | Wait | Stop:
     """`by_work=False`: the ranking by price per hour and one speed for the whole run, as before pools were told
-    apart by speed; kept for bench/goodput.py to compare against."""
-    stop = limit_reached(spec, status, now)
+    apart by speed; kept for bench/goodput.py to compare against. `restore_retry`: see `limit_reached`."""
+    stop = limit_reached(spec, status, now, restore_retry)
     if stop is not None:
         return stop
     health = pool_health(spec, status, now)
@@ -391,12 +392,27 @@ def why_chosen(best: PoolHealth, candidates: int, status: RunStatus) -> str:
 # ---------------------------------------------------------------- limits and budgets
 
 
-def limit_reached(spec: RunSpec, status: RunStatus, now: datetime) -> Stop | None:
+def restore_may_be_retried(status: RunStatus) -> bool:
+    """Whether the last attempt failed its restore, and that checkpoint has not failed one before. Verification
+    runs again before the next attempt, so a checkpoint whose bytes changed after it was verified (bit rot, an
+    overwrite) is rejected then and an older one restored (chaos soak seed 4: a bit flipped between the choice
+    and the restore failed the run). The same checkpoint failing twice is a cause no retry fixes."""
+    last = status.last_ended_attempt
+    if last is None or last.cause != FailureCause.RESTORE:
+        return False
+    return not any(record is not last and record.cause == FailureCause.RESTORE
+                   and record.resumed_from == last.resumed_from for record in status.attempts)
+
+
+def limit_reached(spec: RunSpec, status: RunStatus, now: datetime, restore_retry: bool = True) -> Stop | None:
+    """`restore_retry=False`: a failed restore ends the run at once, as before `restore_may_be_retried` (the
+    workflow passes False while replaying a history recorded then)."""
     limits = spec.limits
     last = status.last_ended_attempt
     if last is not None and last.outcome == AttemptOutcome.COMPLETED:
         return Stop(RunState.SUCCEEDED, "the script finished", exit_code=0)
-    if last is not None and last.outcome == AttemptOutcome.FAILED and last.cause not in (None, FailureCause.SCRIPT):
+    if (last is not None and last.outcome == AttemptOutcome.FAILED and last.cause not in (None, FailureCause.SCRIPT)
+            and not (restore_retry and restore_may_be_retried(status))):
         # Not the script's exit: a missing secret, a failing setup command, a missing command or a broken
         # restore fail the same way on every host; retrying only hides the reason.
         return Stop(RunState.FAILED, last.reason, exit_code=1)  # the script's own code only when it failed

@@ -94,6 +94,9 @@ START_WATCH_SECONDS = 30.0
 # continued run took its first task) would otherwise cancel the reap before it is scheduled, leaving the run's
 # hosts and its handed-over secrets behind. Found by the chaos soak (seed 3, docs/faults.md).
 REAP_SHIELDED_PATCH = "reap-survives-cancel"
+# A restore that failed is tried once more, on a checkpoint verified again (policy.restore_may_be_retried);
+# asked only after such a failure, so a history recorded before it replays its stop.
+RESTORE_RETRY_PATCH = "restore-retried-once"
 
 
 def control_options(start_to_close: timedelta, retry: RetryPolicy = CONTROL_RETRY) -> dict[str, Any]:
@@ -179,9 +182,11 @@ class TrainingRun:
                 if self.moved is not None:
                     await self._run_moved()
                     continue
-                decision = policy.next_placement(spec, self.status, workflow.now())
+                retry = self._restore_retry()
+                decision = policy.next_placement(spec, self.status, workflow.now(), restore_retry=retry)
                 if isinstance(decision, policy.Place) and await self._quote_prices():
-                    decision = policy.next_placement(spec, self.status, workflow.now())  # by the prices now
+                    decision = policy.next_placement(spec, self.status, workflow.now(),  # by the prices now
+                                                     restore_retry=retry)
                 # Asked only when the limit is reached: a history recorded before it then replays unchanged.
                 stalled = None if isinstance(decision, policy.Stop) else policy.no_progress_stop(spec, self.status)
                 if stalled is not None and workflow.patched(NO_PROGRESS_PATCH):
@@ -240,6 +245,9 @@ class TrainingRun:
                 asyncio.current_task().uncancel()
         if cancelled:
             raise asyncio.CancelledError
+
+    def _restore_retry(self) -> bool:
+        return policy.restore_may_be_retried(self.status) and workflow.patched(RESTORE_RETRY_PATCH)
 
     async def _quote_prices(self) -> bool:
         """The pools' prices now (`quote_prices`) into the status, which the policy ranks by, before a placement
@@ -332,7 +340,7 @@ class TrainingRun:
     async def _run_moved(self) -> None:
         """Run the attempt a move provisioned, now that the attempt it replaces has saved and ended."""
         (record, provisioned), self.moved = self.moved, None
-        if policy.limit_reached(self.spec, self.status, workflow.now()) is not None:
+        if policy.limit_reached(self.spec, self.status, workflow.now(), self._restore_retry()) is not None:
             await self._release_all(provisioned.hosts)
             self._close(record, AttemptResult(outcome=AttemptOutcome.CANCELLED,
                                               reason="the run ended before it moved here"))

@@ -129,3 +129,40 @@ async def test_storage_outage_during_restore(temporal_env, control, vl_home, tmp
     assert_no_host_left(vl_home)
     figure(outage_seconds=round(restarted_at - stopped_at, 1), attempts_after_outage=len(status.attempts) - 1,
            seconds_to_restore_after_outage=round(restored_at - restarted_at, 1), steps_lost=status.steps_lost)
+
+
+async def test_a_checkpoint_changed_after_it_was_chosen_fails_that_restore_and_the_run_resumes_from_an_older_one(
+        temporal_env, control, vl_home, tmp_path, counter_reference, monkeypatch):
+    """Chaos soak seed 4 (30 min, 7 Dec 2026): a bit flipped in the newest checkpoint after the workflow had
+    verified and chosen it, before the next host restored it. The restore refused the bytes, rightly, and that
+    failed the whole run. Now the attempt fails, verification runs again and passes the checkpoint over."""
+    out = tmp_path / "out.json"
+    steps = 100
+    spec = make_spec(tmp_path, steps=steps, out=out, command=counter_command(steps, out, step_time=0.05))
+    client = temporal_env.client
+    points = Failpoints(tmp_path / "failpoints").install(monkeypatch)
+    before_second_restore = failpoints.before_restore(2)
+    points.arm(before_second_restore)
+    await vl_client.submit(client, spec, queue=control)
+
+    await reclaim_after_checkpoint(client, vl_home, spec.run_id, durable=20)
+    await points.wait_reached(before_second_restore, 90)
+    chosen = (await status_of(client, spec.run_id)).attempts[-1].resumed_from
+    flipped = next(path for path in (tmp_path / "storage" / spec.run_id / "checkpoints" / chosen).rglob("*")
+                   if path.is_file() and path.name != "MANIFEST.json")
+    data = bytearray(flipped.read_bytes())
+    data[len(data) // 2] ^= 0x01  # bit rot: same size, other bytes
+    flipped.write_bytes(bytes(data))
+    points.release(before_second_restore)
+
+    await asyncio.wait_for(client.get_workflow_handle(spec.run_id).result(), 180)
+    status = await status_of(client, spec.run_id)
+    assert status.state == RunState.SUCCEEDED, status.stop_reason
+    reclaimed, refused, resumed = status.attempts[0], status.attempts[1], status.attempts[2]
+    assert reclaimed.outcome == AttemptOutcome.RECLAIMED and refused.resumed_from == chosen
+    assert refused.outcome == AttemptOutcome.FAILED and refused.reason.startswith(f"restore of {chosen} failed")
+    assert resumed.resumed_from != chosen and resumed.start_step < refused.start_step, status.attempts
+    assert chosen in {bad.name for bad in status.bad_checkpoints}
+    assert status.attempts[-1].outcome == AttemptOutcome.COMPLETED
+    assert out.read_text() == counter_reference(steps)
+    assert_no_host_left(vl_home)
