@@ -398,7 +398,7 @@ class Soak:
         if self.s3_down:
             raise Skip("S3 is down already")
         self.s3_down = True
-        self.s3_outages += 1
+        self.s3_spells += 1
         self.s3.stop()
         spell = [record.began, float("inf")]
         self.storage_faults.append(spell)
@@ -415,12 +415,16 @@ class Soak:
         return f"S3 stopped for {fault.seconds} s"
 
     s3_down = False
-    s3_outages = 0  # how many have begun: a listing that spans one is not judged (`judged_listing`)
+    s3_spells = 0  # outages and slow spells begun: a listing that meets one is not judged (`judged_listing`)
+
+    def s3_disturbed(self) -> bool:
+        return self.s3_down or bool(self.proxy.delay_seconds)
 
     async def _slow_storage(self, fault, lineage, record) -> str:
         if self.proxy.delay_seconds:
             raise Skip("S3 is slow already")
         self.proxy.slow(0.5)
+        self.s3_spells += 1
         spell = [record.began, float("inf")]
         self.storage_faults.append(spell)
 
@@ -549,12 +553,12 @@ class Soak:
                 continue
             for run_id in lineage.run_ids:
                 spec = self.spec(lineage, run_id)
-                before = (self.s3_down, self.s3_outages)
+                before = (self.s3_disturbed(), self.s3_spells)
                 try:
                     present = await asyncio.to_thread(manifests, spec.storage_url, run_id)
                 except Exception:  # noqa: BLE001 - storage down or slow: the next sample sees it
                     continue
-                if not judged_listing(spec.storage_url, before, (self.s3_down, self.s3_outages)):
+                if not judged_listing(spec.storage_url, before, (self.s3_disturbed(), self.s3_spells)):
                     continue
                 fences = None
                 for (seen_run, name), digest in list(self.seen.items()):
@@ -766,9 +770,10 @@ def manifests(storage_url: str, run_id: str) -> dict[str, str]:
 
 
 def judged_listing(storage_url: str, before: tuple[bool, int], after: tuple[bool, int]) -> bool:
-    """Whether a listing may judge what was removed: for s3://, only one taken with S3 up from start to end
-    ((down, outages begun) the same before and after, and up). During an outage a manifest can read as missing
-    without an error: seed 3 (30 min, 7 Dec 2026) flagged five checkpoints "removed" in a 5.4 s outage."""
+    """Whether a listing may judge what was removed: for s3://, only one taken with S3 up and at full speed from
+    start to end ((disturbed, spells begun) the same before and after, and not disturbed). In an outage or a slow
+    spell a manifest can read as missing without an error: seeds 3 and 4 (30 min, 7 Dec 2026) flagged checkpoints
+    "removed" in a 5.4 s outage and in two slow spells, which the worker's log shows it removed only later."""
     return not storage_url.startswith("s3://") or (before == after and not before[0])
 
 
