@@ -102,7 +102,7 @@ class _Ranks:
 
 
 @functools.cache
-def _collect_garbage_before_exit() -> None:
+def _release_world_before_exit() -> None:
     """Free the process group at exit, before the interpreter's own teardown. A gloo process group left in a
     reference cycle (after `destroy_process_group`, under DDP) was otherwise freed by the final collection, when its
     worker threads can no longer take the GIL: in 9 of 85 runs of examples/train_ddp.py (2 ranks, gloo) one rank
@@ -129,7 +129,7 @@ def _find_ranks(known: _Ranks | None) -> _Ranks | None:
     if known is not None and known.group() is dist.group.WORLD:
         return known
     ranks = _Ranks(dist, sys.modules["torch"])
-    _collect_garbage_before_exit()
+    _release_world_before_exit()
     return ranks if ranks.world_size > 1 else None
 
 
