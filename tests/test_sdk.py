@@ -289,3 +289,20 @@ def test_agent_documents_read_back_as_written(tmp_path):
     record = protocol.SaveRecord(step=3, emergency=True, notice_id="n-1", created_at=2.0)
     protocol.write_save_record(tmp_path, record)
     assert protocol.read_save_record(tmp_path) == record
+
+
+def test_a_process_group_the_script_left_up_is_destroyed_at_exit_before_the_interpreters_teardown(tmp_path):
+    """The HF Trainer never destroys its group; left to the interpreter's teardown, a gloo group's destructor can
+    abort the process (a rank of the HF sample did so once in CI). The observer, registered first, runs last."""
+    script = f"""
+import atexit, torch.distributed as dist
+from vaultlayer import sdk
+atexit.register(lambda: print("up at the end:", dist.is_initialized(), flush=True))
+dist.init_process_group("gloo", init_method="file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+sdk._find_ranks(None)
+print("up after init:", dist.is_initialized(), flush=True)
+"""
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split("\n")[:2] == ["up after init: True", "up at the end: False"], done.stdout
