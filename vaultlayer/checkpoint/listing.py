@@ -290,5 +290,9 @@ def _stored_files_problem(fs: fsspec.AbstractFileSystem, remote_dir: str, manife
             return f"{entry.path}: {entry.algorithm} {digest}, manifest says {entry.digest}"
         return None
 
+    # s3fs opens a file with the ETag its cached listing holds (If-Match), so a file rewritten since can fail
+    # every read with FileExpired: the worker's long-lived filesystem failed a verification so until the run
+    # failed (chaos soak seed 4). Listed afresh, the bytes stored now are read and judged.
+    fs.invalidate_cache(remote_dir)
     problems = [problem for problem in storage.in_threads(check, manifest.files) if problem is not None]
     return problems[0] if problems else None
