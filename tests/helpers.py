@@ -187,3 +187,14 @@ class Failpoints:
 
     def release(self, name: str) -> None:
         (self.directory / f"{name}{failpoints.RELEASE}").touch()
+
+
+async def hold_second_restore(client, spec, queue: str, vl_home: Path, points: Failpoints, durable: int) -> str:
+    """Submit the run, reclaim its first attempt once a checkpoint at `durable` is stored, and return once the
+    second attempt's agent holds between "attempt accepted" and "restore begins": the point to release."""
+    point = failpoints.before_restore(2)
+    points.arm(point)
+    await vl_client.submit(client, spec, queue=queue)
+    await reclaim_after_checkpoint(client, vl_home, spec.run_id, durable=durable)
+    await points.wait_reached(point, 90)
+    return point

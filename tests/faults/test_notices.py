@@ -13,9 +13,9 @@ from pathlib import Path
 
 from tests.conftest import make_spec
 from tests.faults.conftest import assert_no_host_left, counter_command, status_of, write_instance_action
-from tests.helpers import (Failpoints, control_dir, freeze, reclaim_after_checkpoint, wait_for_script_step,
-                           wait_until)
-from vaultlayer import checkpoint, failpoints
+from tests.helpers import (Failpoints, control_dir, freeze, hold_second_restore, reclaim_after_checkpoint,
+                           wait_for_script_step, wait_until)
+from vaultlayer import checkpoint
 from vaultlayer import client as vl_client
 from vaultlayer.models import AttemptOutcome, RunState, RunStatus
 
@@ -94,13 +94,8 @@ async def test_a_notice_during_restore_saves_after_the_first_step(temporal_env, 
     out, spec = counter_spec(tmp_path)
     client = temporal_env.client
     points = Failpoints(tmp_path / "failpoints").install(monkeypatch)
-    before_second_restore = failpoints.before_restore(2)
-    points.arm(before_second_restore)
-    await vl_client.submit(client, spec, queue=control)
-    await reclaim_after_checkpoint(client, vl_home, spec.run_id, durable=10)
-
     # The second host's agent holds before its restore: the notice is there before the script takes a step.
-    await points.wait_reached(before_second_restore, 90)
+    before_second_restore = await hold_second_restore(client, spec, control, vl_home, points, durable=10)
     host_dir = vl_home / "hosts" / spec.run_id / "h-2"
     write_instance_action(host_dir / "metadata", seconds_left=10)
     points.release(before_second_restore)

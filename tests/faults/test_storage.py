@@ -18,9 +18,9 @@ import pytest
 
 from tests.conftest import assert_same_weights, make_spec
 from tests.faults.conftest import assert_no_host_left, counter_command, status_of
-from tests.helpers import Failpoints, reclaim_after_checkpoint, wait_until
+from tests.helpers import Failpoints, hold_second_restore, reclaim_after_checkpoint, wait_until
 from vaultlayer import client as vl_client
-from vaultlayer import failpoints, protocol
+from vaultlayer import protocol
 from vaultlayer.checkpoint import CheckpointState, describe_checkpoints
 from vaultlayer.models import AttemptOutcome, RunState
 
@@ -96,12 +96,7 @@ async def test_storage_outage_during_restore(temporal_env, control, vl_home, tmp
     # The second attempt's agent holds between "host provisioned, attempt accepted" and "restore begins", so the
     # outage starts exactly there, however fast or slow this machine is.
     points = Failpoints(tmp_path / "failpoints").install(monkeypatch)
-    before_second_restore = failpoints.before_restore(2)
-    points.arm(before_second_restore)
-    await vl_client.submit(client, spec, queue=control)
-
-    await reclaim_after_checkpoint(client, vl_home, spec.run_id, durable=10)
-    await points.wait_reached(before_second_restore, 90)
+    before_second_restore = await hold_second_restore(client, spec, control, vl_home, points, durable=10)
     s3_server.stop()  # the checkpoint to restore is chosen; the host has not started on it yet
     stopped_at = time.time()
     try:
@@ -141,12 +136,7 @@ async def test_a_checkpoint_changed_after_it_was_chosen_fails_that_restore_and_t
     spec = make_spec(tmp_path, steps=steps, out=out, command=counter_command(steps, out, step_time=0.05))
     client = temporal_env.client
     points = Failpoints(tmp_path / "failpoints").install(monkeypatch)
-    before_second_restore = failpoints.before_restore(2)
-    points.arm(before_second_restore)
-    await vl_client.submit(client, spec, queue=control)
-
-    await reclaim_after_checkpoint(client, vl_home, spec.run_id, durable=20)
-    await points.wait_reached(before_second_restore, 90)
+    before_second_restore = await hold_second_restore(client, spec, control, vl_home, points, durable=20)
     chosen = (await status_of(client, spec.run_id)).attempts[-1].resumed_from
     flipped = next(path for path in (tmp_path / "storage" / spec.run_id / "checkpoints" / chosen).rglob("*")
                    if path.is_file() and path.name != "MANIFEST.json")
