@@ -18,7 +18,7 @@ import pytest
 
 from tests.conftest import assert_same_weights, make_spec
 from tests.faults.conftest import assert_no_host_left, counter_command, status_of
-from tests.helpers import Failpoints, hold_second_restore, reclaim_after_checkpoint, wait_until
+from tests.helpers import Failpoints, hold_second_restore, wait_until
 from vaultlayer import client as vl_client
 from vaultlayer import protocol
 from vaultlayer.checkpoint import CheckpointState, describe_checkpoints
