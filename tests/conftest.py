@@ -4,6 +4,7 @@ worker per test on its own task queue, and helpers to run the tiny example plain
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
 import os
 import shutil
@@ -22,6 +23,7 @@ from temporalio.testing import WorkflowEnvironment
 
 from activities.providers.local import group_alive, group_members, kill_group  # noqa: F401 - used by tests
 from tests.fakes.gce import gce, gce_hosts  # noqa: F401 - fixtures: a fake GCP project, its VMs played
+from tests.helpers import made_once
 from tests.object_storage import gcs_server, s3_server  # noqa: F401 - session fixtures
 from vaultlayer import ui
 from vaultlayer.models import Limits, Pool, ProvisionResult, RunSpec
@@ -193,23 +195,16 @@ def travelling_spec(tmp_path: Path, steps: int, out: Path, **overrides) -> RunSp
     return spec
 
 
-_reference_cache: dict[int, Path] = {}
-
-
 @pytest.fixture(scope="session")
 def reference_weights(tmp_path_factory) -> Callable[[int], Path]:
     """The --out of a plain, uninterrupted `python examples/train_tiny.py --steps N` (no vl at all)."""
 
-    def run(steps: int) -> Path:
-        if steps not in _reference_cache:
-            out = tmp_path_factory.mktemp("plain") / f"plain-{steps}.pt"
-            env = {k: v for k, v in os.environ.items() if not k.startswith("VL_")}
-            subprocess.run([sys.executable, str(TRAIN_TINY), "--steps", str(steps), "--out", str(out)],
-                           check=True, env=env, cwd=REPO, capture_output=True)
-            _reference_cache[steps] = out
-        return _reference_cache[steps]
+    def make(steps: int, out: Path) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("VL_")}
+        subprocess.run([sys.executable, str(TRAIN_TINY), "--steps", str(steps), "--out", str(out)],
+                       check=True, env=env, cwd=REPO, capture_output=True)
 
-    return run
+    return lambda steps: made_once(tmp_path_factory, f"plain-{steps}.pt", functools.partial(make, steps))
 
 
 def assert_same_weights(actual: Path, expected: Path) -> None:

@@ -6,6 +6,7 @@ deadline, a free port, the script's progress, uploads settled, a frozen script, 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import os
 import signal
@@ -28,6 +29,24 @@ FOREGROUND_VL = [sys.executable, "-c", "import os, signal, sys; signal.signal(si
                                        "os.execv(sys.executable, [sys.executable, '-m', 'cli.main', *sys.argv[1:]])"]
 
 POLL_SECONDS = 0.3  # each look may be a workflow query: a faster poll loads the control plane under test
+
+
+def made_once(tmp_path_factory, name: str, make: Callable[[Path], None]) -> Path:
+    """The file `make(path)` writes, made once per test session and shared by every xdist worker: the plain
+    reference runs are whole torch processes (seconds of CPU each), and each worker used to make its own."""
+    session_dir = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        session_dir = session_dir.parent  # each worker's basetemp is popen-gwN inside the session's
+    place = session_dir / "references"
+    place.mkdir(exist_ok=True)
+    made = place / name
+    with open(place / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a second worker waits for the first one's file instead of making its own
+        if not made.exists():
+            partial = place / f"{name}.partial"
+            make(partial)
+            partial.rename(made)
+    return made
 
 
 async def wait_until(check: Callable[[], Awaitable[object]], timeout: float, what: str):

@@ -19,7 +19,7 @@ import torch
 from temporalio.client import WorkflowFailureError
 
 from tests.conftest import REPO, assert_same_weights, group_alive, host_pgids, make_spec
-from tests.helpers import wait_for_progress
+from tests.helpers import made_once, wait_for_progress
 from tests.test_run_e2e import result_of
 from vaultlayer import client as vl_client
 from vaultlayer import protocol
@@ -47,14 +47,13 @@ def rank_errors(stderr: str) -> str:
     return "\n".join(ranks[-80:]) + "\n...\n" + stderr[-2000:]
 
 
-def run_torchrun(ranks: int, script: Path, *args: str, **contract: str) -> subprocess.CompletedProcess:
-    done = subprocess.run(torchrun(ranks, script, *args), env=plain_env(**contract), cwd=REPO, capture_output=True,
+def run_torchrun(ranks: int, script: Path, *args: str, cwd: Path = REPO,
+                 **contract: str) -> subprocess.CompletedProcess:
+    """`cwd`: where a script that writes beside itself (the HF Trainer's output_dir) may write."""
+    done = subprocess.run(torchrun(ranks, script, *args), env=plain_env(**contract), cwd=cwd, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + rank_errors(done.stderr)
     return done
-
-
-_references: dict[tuple[str, int, int], Path] = {}
 
 
 @pytest.fixture(scope="session")
@@ -62,12 +61,8 @@ def torchrun_reference(tmp_path_factory):
     """The --out of a plain, uninterrupted torchrun of an example (no vl at all)."""
 
     def reference(example: str, steps: int, ranks: int = 2) -> Path:
-        key = (example, steps, ranks)
-        if key not in _references:
-            out = tmp_path_factory.mktemp("plain") / f"{example}-{steps}-{ranks}.pt"
-            run_torchrun(ranks, EXAMPLES[example], "--steps", str(steps), "--out", str(out))
-            _references[key] = out
-        return _references[key]
+        return made_once(tmp_path_factory, f"{example}-{steps}-{ranks}.pt", lambda out: run_torchrun(
+            ranks, EXAMPLES[example], "--steps", str(steps), "--out", str(out)))
 
     return reference
 
@@ -243,7 +238,7 @@ def test_framework_callbacks_agree_on_the_save_step_across_two_ranks_and_resume_
     script.write_text(propose(sample.read_text(), sample.name).source)
     steps = "24"
     reference = tmp_path / "plain.pt"
-    run_torchrun(2, sample, "--steps", steps, "--out", str(reference), **OFFLINE)
+    run_torchrun(2, sample, "--steps", steps, "--out", str(reference), cwd=tmp_path, **OFFLINE)
 
     first = tmp_path / "first"
     (first / "work").mkdir(parents=True)

@@ -25,6 +25,7 @@ from tests.helpers import (
     control_dir,
     free_port,
     hold_script,
+    made_once,
     thaw,
     wait_for_progress,
     wait_until,
@@ -47,10 +48,7 @@ def gang_torchrun(ranks_per_node: int, *args: str, node_rank: str = "$VL_NODE_RA
             str(TRAIN_DDP), *args]
 
 
-@pytest.fixture(scope="module")
-def gang_reference(tmp_path_factory) -> Path:
-    """The --out of a plain 2x2 torchrun of train_ddp.py: two torchrun processes, one per node, no vl at all."""
-    out = tmp_path_factory.mktemp("plain-gang") / "w.pt"
+def run_plain_gang(out: Path) -> None:
     port = str(free_port())
     nodes = [subprocess.Popen(gang_torchrun(2, "--steps", str(STEPS), "--out", str(out), node_rank=str(rank),
                                             master_addr="127.0.0.1", master_port=port),
@@ -59,7 +57,12 @@ def gang_reference(tmp_path_factory) -> Path:
     for node in nodes:
         stdout, stderr = node.communicate(timeout=300)
         assert node.returncode == 0, stdout[-2000:] + rank_errors(stderr)
-    return out
+
+
+@pytest.fixture(scope="session")
+def gang_reference(tmp_path_factory) -> Path:
+    """The --out of a plain 2x2 torchrun of train_ddp.py: two torchrun processes, one per node, no vl at all."""
+    return made_once(tmp_path_factory, f"gang-ddp-{STEPS}.pt", run_plain_gang)
 
 
 def gang_spec(tmp_path: Path, out: Path, ranks_per_node: int = 2, steps: int = STEPS, **overrides):
