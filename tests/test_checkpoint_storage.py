@@ -22,6 +22,7 @@ from vaultlayer.checkpoint import (
     CheckpointState,
     checkpoint_name,
     choose_checkpoint,
+    classify_checkpoints,
     describe_checkpoints,
     list_checkpoints,
     prune_checkpoints,
@@ -328,19 +329,39 @@ def test_a_directory_many_ranks_write_is_snapshotted_only_once_every_rank_has_se
 
 @pytest.mark.parametrize("storage_url", ["s3"], indirect=True)
 def test_a_file_rewritten_behind_a_cached_listing_is_read_afresh_and_its_checkpoint_rejected(tmp_path, storage_url):
-    """A file another process rewrote after this one listed it is read as it is now and judged. The soak's failure
-    (seed 4: every read FileExpired, the run failed) is not reproduced here: this passes without the cache
-    invalidation added for it too."""
+    """A file another process rewrote after this one listed it is read as it is now and judged. Chaos soak seed
+    4: s3fs opened it with the ETag of the worker's cached listing (If-Match), so every read raised FileExpired
+    and the run failed. Without the fresh listing, this fails the same way."""
     from fsspec.core import url_to_fs
 
     older = upload(tmp_path, storage_url, 10)
     upload(tmp_path, storage_url, 20)
-    assert choose_checkpoint(storage_url, RUN, {}).chosen.step == 20  # listed and read: the listing is cached
+    path = f"{remote_dir(storage_url, 20)}/model.pt"  # remote_dir clears the cache: before the listing, not after
+    assert choose_checkpoint(storage_url, RUN, {}).chosen.step == 20  # listed (with ETags) and read
     elsewhere, _ = url_to_fs(storage_url, skip_instance_cache=True)  # another process: this one's cache stays
-    path = f"{remote_dir(storage_url, 20)}/model.pt"
     data = bytearray(elsewhere.cat_file(path))
     data[len(data) // 2] ^= 0x01
     elsewhere.pipe_file(path, bytes(data))
     result = choose_checkpoint(storage_url, RUN, {})
     assert result.chosen == older
     assert [bad.name for bad in result.rejected] == ["000000000020-a1"] and "model.pt" in result.rejected[0].reason
+
+
+@pytest.mark.parametrize("storage_url", ["s3"], indirect=True)
+def test_a_restore_of_a_file_rewritten_behind_a_cached_listing_refuses_the_bytes_stored_now(tmp_path, storage_url):
+    """The restore's side of the same case: a filesystem that listed the checkpoint (its ETags) before another
+    process rewrote a file reads what is stored now and refuses it. The restore downloads with `get_file`, which
+    sends no If-Match; were it to read through `open`, every read would raise FileExpired until the retries ran
+    out, as the verification's did."""
+    from fsspec.core import url_to_fs
+
+    upload(tmp_path, storage_url, 20)
+    path = f"{remote_dir(storage_url, 20)}/model.pt"  # remote_dir clears the cache: before the listing, not after
+    chosen = choose_checkpoint(storage_url, RUN, {}).chosen
+    classify_checkpoints(storage_url, RUN, {})  # this process lists it again: its files' ETags are cached
+    elsewhere, _ = url_to_fs(storage_url, skip_instance_cache=True)
+    data = bytearray(elsewhere.cat_file(path))
+    data[len(data) // 2] ^= 0x01
+    elsewhere.pipe_file(path, bytes(data))
+    with pytest.raises(checkpoint.CheckpointError, match="model.pt: got .* manifest says"):
+        restore_checkpoint(chosen, tmp_path / "dest")

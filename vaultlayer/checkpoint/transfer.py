@@ -177,7 +177,6 @@ def restore_checkpoint(ref: CheckpointRef, dest_dir: Path) -> Manifest:
     inside `dest_dir`; both are checked before anything is written.
     """
     fs, remote_dir = url_to_fs(ref.url)
-    fs.invalidate_cache(remote_dir)  # a cached listing's ETag would fail the reads of a file rewritten since
     try:
         manifest_bytes = storage.retry(lambda: fs.cat_file(f"{remote_dir}/{MANIFEST_NAME}"), "read the manifest")
     except FileNotFoundError:
