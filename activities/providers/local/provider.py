@@ -58,6 +58,14 @@ def kill_group(pgid: int, sig: int = signal.SIGKILL) -> None:
         pass
 
 
+def _wait_gone(pgids: list[int], seconds: float = 5.0) -> None:
+    """A SIGKILLed process still runs its teardown in the kernel for a moment: released (or reaped) means gone, as
+    a cloud's terminated instance is, so wait for that too (bounded: a process stuck in the kernel is left)."""
+    deadline = time.monotonic() + seconds
+    while any(group_alive(pgid) for pgid in pgids) and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
 # Ports to listen on are picked below the kernel's ephemeral range (`free_port`); from this one up.
 LISTEN_PORTS_FROM = 10000
 _EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
@@ -283,11 +291,7 @@ class LocalProvider:
         while group_alive(pgid) and time.monotonic() < deadline:
             time.sleep(0.05)
         kill_group(pgid, signal.SIGKILL)
-        # A SIGKILLed process still runs its teardown in the kernel for a moment: released means gone, as a
-        # cloud's terminated instance is, so wait for that too (bounded: a process stuck in the kernel is left).
-        deadline = time.monotonic() + 5
-        while group_alive(pgid) and time.monotonic() < deadline:
-            time.sleep(0.02)
+        _wait_gone([pgid])
         self._await_throttle(pgid)
         self._update_tag(host, released=True)
         log.info("host released", host=host.host_id, pgid=pgid)
@@ -321,15 +325,17 @@ class LocalProvider:
 
     def reap(self, run_id: str) -> list[str]:
         self.handed_over(run_id).unlink(missing_ok=True)  # the run has ended: its secret values go
-        reaped = []
+        reaped, killed = [], []
         for tag_file in sorted((self.hosts_root / run_id).glob("*/host.json")):
             tag = json.loads(tag_file.read_text())
             if group_alive(tag["pgid"]):
                 kill_group(tag["pgid"])
                 reaped.append(tag["host_id"])
+                killed.append(tag["pgid"])
             if not tag.get("released"):
                 tag["released"] = True
                 tag_file.write_text(json.dumps(tag))
+        _wait_gone(killed)
         return reaped
 
     def live_runs(self) -> set[str]:
