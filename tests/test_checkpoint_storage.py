@@ -329,9 +329,11 @@ def test_a_directory_many_ranks_write_is_snapshotted_only_once_every_rank_has_se
 
 @pytest.mark.parametrize("storage_url", ["s3"], indirect=True)
 def test_a_file_rewritten_behind_a_cached_listing_is_read_afresh_and_its_checkpoint_rejected(tmp_path, storage_url):
-    """A file another process rewrote after this one listed it is read as it is now and judged. Chaos soak seed
-    4: s3fs opened it with the ETag of the worker's cached listing (If-Match), so every read raised FileExpired
-    and the run failed. Without the fresh listing, this fails the same way."""
+    """A file another process rewrote after this one listed it is read as it is now and judged. Found by the chaos
+    soak, `python bench/chaos.py --minutes 30 --seed 4`: at 785.7 s `reclaim-no-notice slot 2` took the host of
+    chaos-25 (s3), at 791.1 s `corrupt-newest slot 2` rewrote its 000000000050-a1/state.json, and the worker's
+    verification, opening it with the ETag of its cached listing (If-Match), got FileExpired on every read until
+    the run failed. Without the fresh listing, this fails the same way."""
     from fsspec.core import url_to_fs
 
     older = upload(tmp_path, storage_url, 10)
