@@ -59,8 +59,9 @@ def kill_group(pgid: int, sig: int = signal.SIGKILL) -> None:
 
 
 def _wait_gone(pgids: list[int], seconds: float = 5.0) -> None:
-    """A SIGKILLed process still runs its teardown in the kernel for a moment: released (or reaped) means gone, as
-    a cloud's terminated instance is, so wait for that too (bounded: a process stuck in the kernel is left)."""
+    """Until every group is gone, for at most `seconds`. After a SIGKILL too: a killed process still runs its
+    teardown in the kernel for a moment, and released (or reaped) means gone, as a cloud's terminated instance is
+    (bounded: a process stuck in the kernel is left)."""
     deadline = time.monotonic() + seconds
     while any(group_alive(pgid) for pgid in pgids) and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -287,9 +288,7 @@ class LocalProvider:
     def release(self, host: Host) -> None:
         pgid = int(host.handle["pgid"])
         kill_group(pgid, signal.SIGTERM)
-        deadline = time.monotonic() + 3
-        while group_alive(pgid) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        _wait_gone([pgid], seconds=3)  # the grace period
         kill_group(pgid, signal.SIGKILL)
         _wait_gone([pgid])
         self._await_throttle(pgid)
