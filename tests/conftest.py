@@ -32,6 +32,9 @@ REPO = Path(__file__).resolve().parent.parent
 TRAIN_TINY = REPO / "examples" / "train_tiny.py"
 # The same script as a `vl run` started in REPO names it: relative, so it is the copy in the run's code snapshot.
 TRAIN_TINY_IN_REPO = "examples/train_tiny.py"
+# The torch-free script, for tests whose subject is not PyTorch: it resumes bit-identically or not at all, and
+# starts in 0.3 s of CPU where train_tiny.py's imports take 3 s (docs/testing.md, "Where the CPU goes").
+COUNTER_TRAIN = REPO / "tests" / "faults" / "counter_train.py"
 # Small enough that continue-as-new happens after every attempt or two, so every run exercises it.
 SUGGEST_CONTINUE_AS_NEW_AFTER = 40
 
@@ -176,6 +179,26 @@ def make_spec(tmp_path: Path, steps: int, out: Path, step_time: float = 0.05, **
     )
     fields.update(overrides)
     return RunSpec(**fields)
+
+
+def counter_command(steps: int, out: Path, step_time: float = 0.0) -> list[str]:
+    return [sys.executable, str(COUNTER_TRAIN), "--steps", str(steps), "--step-time", str(step_time), "--out", str(out)]
+
+
+def make_counter_spec(tmp_path: Path, steps: int, out: Path, step_time: float = 0.05, **overrides) -> RunSpec:
+    """`make_spec` with the torch-free counter script: for a test whose subject is the orchestration."""
+    return make_spec(tmp_path, steps, out, command=counter_command(steps, out, step_time), **overrides)
+
+
+@pytest.fixture(scope="session")
+def counter_reference(tmp_path_factory) -> Callable[[int], str]:
+    """The --out of a plain, uninterrupted `counter_train.py --steps N` (no vl at all)."""
+
+    def make(steps: int, out: Path) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("VL_")}
+        subprocess.run(counter_command(steps, out), check=True, env=env, cwd=REPO, capture_output=True)
+
+    return lambda steps: made_once(tmp_path_factory, f"counter-{steps}.json", functools.partial(make, steps)).read_text()
 
 
 def travelling_spec(tmp_path: Path, steps: int, out: Path, **overrides) -> RunSpec:

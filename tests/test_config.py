@@ -21,7 +21,7 @@ from cli import main as vl_main
 from cli.cmd_run import request_from_args
 from cli.context import UsageError, warn
 from cli.main import parser
-from tests.conftest import REPO, make_spec
+from tests.conftest import REPO, make_counter_spec, make_spec
 from vaultlayer import client as vl_client
 from vaultlayer.catalog import KNOWN_PROVIDERS
 from vaultlayer.config import PoolConfig, RunConfig, load_file
@@ -323,7 +323,7 @@ def test_the_no_progress_limit_from_the_file_and_the_flag_and_a_scheduled_reclai
     flagged = spec_from(["run", "-f", "project/conf/vl.yaml", "--max-attempts-without-progress", "7",
                          "--reclaim-every", "9s", "--notice-seconds", "0"])
     assert flagged.limits.max_attempts_without_progress == 7 and flagged.notice_seconds == 0
-    assert make_spec(project, steps=1, out=project / "x").limits.max_attempts_without_progress == 10
+    assert make_counter_spec(project, steps=1, out=project / "x").limits.max_attempts_without_progress == 10
     for bad in (["--max-attempts-without-progress", "0"], ["--notice-seconds", "-1"]):
         with pytest.raises(RunRequestError, match=bad[0]):
             spec_from(["run", "-f", "project/conf/vl.yaml", *bad])

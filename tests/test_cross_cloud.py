@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 
 from tests.aws.conftest import aws, ec2_proxy, moto_port  # noqa: F401 - fixtures
-from tests.conftest import assert_same_weights, make_spec
+from tests.conftest import make_counter_spec
 from tests.helpers import wait_until
 from vaultlayer import client as vl_client
 from vaultlayer.models import AttemptOutcome, Pool, RunState, RunStatus
@@ -26,12 +26,12 @@ async def training_on_attempt(client, run_id: str, attempt: int, past_step: int)
 
 
 async def test_reclaimed_on_aws_the_run_finishes_on_gcp(temporal_env, control, aws, gce,  # noqa: F811
-                                                      gce_hosts, tmp_path, reference_weights):
-    out = tmp_path / "w.pt"
+                                                      gce_hosts, tmp_path, counter_reference):
+    out = tmp_path / "out.json"
     pools = [Pool(provider="aws", region="", zone=zone, gpu="A10G", gpu_count=1)
              for zone in ("us-east-1a", "us-east-1b")]
     pools.append(Pool(provider="gcp", region="", zone="us-central1-a", gpu="L4", gpu_count=1))
-    spec = make_spec(tmp_path, steps=400, out=out, pools=pools)
+    spec = make_counter_spec(tmp_path, steps=400, out=out, pools=pools)
     client = temporal_env.client
     await vl_client.submit(client, spec, queue=control)
 
@@ -53,6 +53,6 @@ async def test_reclaimed_on_aws_the_run_finishes_on_gcp(temporal_env, control, a
                for a in on_aws), on_aws
     assert on_gcp.pool == "gcp/us-central1-a/L4:1/spot" and on_gcp.outcome == AttemptOutcome.COMPLETED
     assert on_gcp.start_step == on_aws[-1].durable_step > 0  # resumed on GCP from AWS's checkpoint
-    assert_same_weights(out, reference_weights(400))
+    assert out.read_text() == counter_reference(400)
     aws.assert_nothing_left()
     assert not gce.labelled()

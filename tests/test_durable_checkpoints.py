@@ -21,7 +21,7 @@ import pytest
 
 from cli.cmd_run import request_from_args
 from cli.main import parser
-from tests.conftest import REPO, assert_same_weights, group_members, make_spec
+from tests.conftest import REPO, assert_same_weights, group_members, make_counter_spec, make_spec
 from tests.helpers import wait_until
 from tests.object_storage import ManifestHoldingProxy, storage_fs
 from tests.test_checkpoint_storage import CORRUPTIONS
@@ -128,16 +128,16 @@ async def test_each_corruption_is_reported_quarantined_and_the_run_resumes_from_
 
 @S3
 async def test_a_host_killed_mid_upload_leaves_a_partial_that_is_never_resumed_and_is_removed(
-        temporal_env, control, vl_home, tmp_path, reference_weights, storage_url, s3_server, monkeypatch):
+        temporal_env, control, vl_home, tmp_path, counter_reference, storage_url, s3_server, monkeypatch):
     proxy = ManifestHoldingProxy(s3_server.port)
     proxy.start()
     # fsspec reads this when imported, so only hosts started from now on reach storage through the proxy.
     monkeypatch.setenv("FSSPEC_S3_ENDPOINT_URL", proxy.url)
     try:
-        out = tmp_path / "w.pt"
+        out = tmp_path / "out.json"
         # Retention every second while attempts run, keeping 2: what an attempt resumed from must survive it.
-        spec = make_spec(tmp_path, steps=150, out=out, heartbeat_timeout_seconds=3.0, storage_url=storage_url,
-                         keep_checkpoints=2, prune_every_seconds=1.0)
+        spec = make_counter_spec(tmp_path, steps=150, out=out, heartbeat_timeout_seconds=3.0, storage_url=storage_url,
+                                 keep_checkpoints=2, prune_every_seconds=1.0)
         client = temporal_env.client
         await vl_client.submit(client, spec, queue=control)
 
@@ -172,7 +172,7 @@ async def test_a_host_killed_mid_upload_leaves_a_partial_that_is_never_resumed_a
     assert second.resumed_from == last_complete.name and second.start_step < partial.step
     assert partial.name not in [name for name, _, _ in list_checkpoints(storage_url, spec.run_id)], \
         "the partial upload of the dead host is still there"
-    assert_same_weights(out, reference_weights(150))
+    assert out.read_text() == counter_reference(150)
 
     # Retention: the newest two complete checkpoints, and the one the last attempt resumed from.
     ended = [record.attempt for record in status.attempts]
@@ -183,9 +183,9 @@ async def test_a_host_killed_mid_upload_leaves_a_partial_that_is_never_resumed_a
 
 
 async def test_a_superseded_attempt_that_publishes_a_newer_step_is_ignored(
-        temporal_env, control, vl_home, tmp_path, reference_weights, storage_url):
-    out = tmp_path / "w.pt"
-    spec = make_spec(tmp_path, steps=300, out=out, heartbeat_timeout_seconds=3.0, storage_url=storage_url)
+        temporal_env, control, vl_home, tmp_path, counter_reference, storage_url):
+    out = tmp_path / "out.json"
+    spec = make_counter_spec(tmp_path, steps=300, out=out, heartbeat_timeout_seconds=3.0, storage_url=storage_url)
     client = temporal_env.client
     await vl_client.submit(client, spec, queue=control)
 
@@ -213,7 +213,7 @@ async def test_a_superseded_attempt_that_publishes_a_newer_step_is_ignored(
     assert third.start_step == status.attempts[1].durable_step < stale.step
     assert {bad.name: bad.reason for bad in status.bad_checkpoints}[stale.name] == \
         f"fenced: attempt 1 ended at step {fence}"
-    assert_same_weights(out, reference_weights(300))
+    assert out.read_text() == counter_reference(300)
 
 
 async def test_zero_code_lightning_script_resumes_from_its_synced_directory(

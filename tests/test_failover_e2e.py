@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from temporalio.client import WorkflowFailureError
 
-from tests.conftest import assert_same_weights, make_spec
+from tests.conftest import make_counter_spec
 from tests.helpers import control_dir, wait_until
 from vaultlayer import checkpoint, protocol
 from vaultlayer import client as vl_client
@@ -31,11 +31,11 @@ async def outcome_of(client, run_id: str, fails: bool = False, timeout: float = 
 
 
 async def test_two_pools_one_reclaimed_on_every_attempt_fails_over_and_finishes(
-        temporal_env, control, vl_home, tmp_path, reference_weights):
-    out = tmp_path / "w.pt"
+        temporal_env, control, vl_home, tmp_path, counter_reference):
+    out = tmp_path / "out.json"
     # Every attempt in the flaky pool is reclaimed 3 s in; 150 padded steps need more than that.
-    spec = make_spec(tmp_path, steps=150, out=out, pools=[FLAKY, STEADY], reclaim_every_seconds=3.0,
-                     reclaim_only_in=["flaky"], limits=Limits(max_reclaims=3, max_host_faults=0))
+    spec = make_counter_spec(tmp_path, steps=150, out=out, pools=[FLAKY, STEADY], reclaim_every_seconds=3.0,
+                             reclaim_only_in=["flaky"], limits=Limits(max_reclaims=3, max_host_faults=0))
     await vl_client.submit(temporal_env.client, spec, queue=control)
     status = await outcome_of(temporal_env.client, spec.run_id)
 
@@ -43,7 +43,7 @@ async def test_two_pools_one_reclaimed_on_every_attempt_fails_over_and_finishes(
     assert [(a.pool, a.outcome) for a in status.attempts] == [
         (FLAKY.key, AttemptOutcome.RECLAIMED), (STEADY.key, AttemptOutcome.COMPLETED)]
     assert f"{FLAKY.key} reclaimed" in status.attempts[1].placement_reason
-    assert_same_weights(out, reference_weights(150))
+    assert out.read_text() == counter_reference(150)
     # Cost: each attempt's host price for the time it was held; the run's total is their sum.
     for record in status.attempts:
         held_hours = (record.ended_at - record.running_at).total_seconds() / 3600
@@ -58,8 +58,8 @@ async def test_a_deadline_reached_mid_attempt_saves_and_stops_naming_the_limit(t
     # The deadline is a wall-clock limit: 2000 steps of 0.05 s cannot end before it. The host need not have
     # trained by then: a notice the script finds at its first step is saved there (tests/faults/test_notices.py).
     deadline = datetime.now(UTC) + timedelta(seconds=30)
-    spec = make_spec(tmp_path, steps=2000, out=tmp_path / "w.pt", checkpoint_every="1000",
-                     limits=Limits(deadline=deadline))
+    spec = make_counter_spec(tmp_path, steps=2000, out=tmp_path / "out.json", checkpoint_every="1000",
+                             limits=Limits(deadline=deadline))
     await vl_client.submit(temporal_env.client, spec, queue=control)
     control_files = control_dir(vl_home, spec.run_id, "h-1", 1)
 
@@ -77,7 +77,8 @@ async def test_a_deadline_reached_mid_attempt_saves_and_stops_naming_the_limit(t
 
 
 async def test_a_gpu_fault_excludes_its_host_and_has_its_own_budget(temporal_env, control, vl_home, tmp_path):
-    spec = make_spec(tmp_path, steps=10, out=tmp_path / "w.pt", limits=Limits(max_host_faults=1, max_reclaims=0))
+    spec = make_counter_spec(tmp_path, steps=10, out=tmp_path / "out.json",
+                             limits=Limits(max_host_faults=1, max_reclaims=0))
     spec.command = [sys.executable, "-c",
                     "import sys; print('RuntimeError: CUDA error: uncorrectable ECC error encountered'); sys.exit(1)"]
     await vl_client.submit(temporal_env.client, spec, queue=control)

@@ -27,7 +27,7 @@ from activities.notices import NoticeError, parse_instance_action
 from activities.providers.aws import ImdsNoticeSource
 from activities.providers.gcp import GceMetadataNoticeSource
 from activities.providers.local import MetadataDirNoticeSource
-from tests.conftest import make_spec
+from tests.conftest import make_counter_spec
 from vaultlayer import checkpoint
 from vaultlayer import client as vl_client
 from vaultlayer.config import ConfigError, load_file
@@ -268,7 +268,7 @@ async def test_garbage_into_a_run_fails_no_workflow_task(temporal_env, vl_home, 
                         lambda client: {"TEMPORAL_ADDRESS": "127.0.0.1:9", "TEMPORAL_NAMESPACE": "default"})
     client = temporal_env.client
     queue = f"vl-test-{uuid.uuid4().hex[:8]}"
-    spec = make_spec(tmp_path, steps=3, out=tmp_path / "w.pt", heartbeat_timeout_seconds=2.0)
+    spec = make_counter_spec(tmp_path, steps=3, out=tmp_path / "out.json", heartbeat_timeout_seconds=2.0)
     host = GarbageHost()
     hosts = [Worker(client, task_queue=f"vl-host-{spec.run_id}-h-{n}", activities=[host.run_attempt])
              for n in (1, 2)]

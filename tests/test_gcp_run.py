@@ -14,7 +14,7 @@ import pytest
 from temporalio.client import WorkflowFailureError
 
 from activities.providers.gcp import label_value
-from tests.conftest import REPO, assert_same_weights, make_spec, travelling_spec
+from tests.conftest import REPO, assert_same_weights, make_counter_spec, make_spec, travelling_spec
 from tests.fakes.gce import stockout
 from tests.helpers import wait_until
 from tests.test_multinode import gang_torchrun
@@ -75,8 +75,8 @@ async def test_a_preempted_vm_fails_over_to_another_zone(temporal_env, control, 
 
 async def test_an_exhausted_zone_moves_the_run_on(temporal_env, control, gce, gce_hosts, tmp_path):
     gce.insert_errors["us-central1-a"] = stockout(gce.project, "us-central1-a", with_details=True)
-    spec = make_spec(tmp_path, steps=20, out=tmp_path / "w.pt",
-                     pools=[gcp_pool("us-central1-a"), gcp_pool("us-central1-f")])
+    spec = make_counter_spec(tmp_path, steps=20, out=tmp_path / "out.json",
+                             pools=[gcp_pool("us-central1-a"), gcp_pool("us-central1-f")])
     client = temporal_env.client
     await vl_client.submit(client, spec, queue=control)
 
@@ -128,7 +128,7 @@ async def test_a_gang_of_two_vms_runs_one_ddp_job_under_a_placement_policy_and_l
 
 async def test_cancel_deletes_every_vm_labelled_with_the_run(temporal_env, temporal_address, control, gce,
                                                              gce_hosts, vl_home, tmp_path):
-    spec = make_spec(tmp_path, steps=2000, out=tmp_path / "w.pt", pools=[gcp_pool("us-central1-a")])
+    spec = make_counter_spec(tmp_path, steps=2000, out=tmp_path / "out.json", pools=[gcp_pool("us-central1-a")])
     client = temporal_env.client
     await vl_client.submit(client, spec, queue=control)
     await checkpointed(client, spec.run_id, 10)
@@ -162,8 +162,8 @@ async def test_cancel_deletes_every_vm_labelled_with_the_run(temporal_env, tempo
 
 async def test_an_agent_that_cannot_start_is_a_host_fault(temporal_env, control, gce, gce_hosts, tmp_path):
     del gce.secrets["vaultlayer-temporal"]  # the hosts cannot learn where the cluster is
-    spec = make_spec(tmp_path, steps=20, out=tmp_path / "w.pt", pools=[gcp_pool("us-central1-a")],
-                     start_timeout_seconds=10.0, limits=Limits(max_host_faults=0))
+    spec = make_counter_spec(tmp_path, steps=20, out=tmp_path / "out.json", pools=[gcp_pool("us-central1-a")],
+                             start_timeout_seconds=10.0, limits=Limits(max_host_faults=0))
     client = temporal_env.client
     # The workflow's delete of the VM (after the 10 s start timeout) waits until the VM powered itself off: on
     # a loaded machine the failing agent may take longer than that to start and exit.

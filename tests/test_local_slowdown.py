@@ -23,7 +23,7 @@ from activities.control import ControlActivities
 from activities.providers.base import ProviderConfigError
 from activities.providers.local import LocalProvider, group_alive, group_members, kill_group, throttle
 from tests.conftest import host_pgids, make_spec
-from tests.faults.conftest import counter_command
+from tests.conftest import counter_command
 from tests.helpers import Failpoints, wait_for_progress, wait_until
 from tests.test_run_e2e import record_histories
 from vaultlayer import client as vl_client

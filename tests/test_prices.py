@@ -24,7 +24,7 @@ from temporalio.testing import ActivityEnvironment
 import activities.control
 import worker.control
 from activities.control import PRICE_CACHE_VARIABLE, ControlActivities
-from tests.conftest import REPO, make_spec
+from tests.conftest import COUNTER_TRAIN, make_spec
 from tests.test_run_e2e import record_histories
 from vaultlayer import catalog
 from vaultlayer import client as vl_client
@@ -46,7 +46,6 @@ from workflows import policy
 
 REGION = "us-east-1"
 SECRET_KEY = "s3cret-key-never-shown"  # moto takes any credentials; no answer or log line may hold this one
-COUNTER_TRAIN = REPO / "tests" / "faults" / "counter_train.py"
 NOW = datetime(2026, 1, 5, 12, 0, tzinfo=UTC)
 
 

@@ -23,7 +23,7 @@ from temporalio.worker import Worker
 
 import activities.control
 
-from tests.conftest import make_spec, temporal_binary
+from tests.conftest import make_counter_spec, make_spec, temporal_binary
 from tests.helpers import wait_until
 from tests.test_run_e2e import record_histories
 from vaultlayer import client as vl_client
@@ -63,7 +63,7 @@ async def _past_step(client, run_id: str, step: int) -> bool:
 
 async def test_search_attributes_and_details_follow_the_run_through_a_reclaim(temporal_env, control, tmp_path):
     client = temporal_env.client
-    spec = make_spec(tmp_path, steps=160, out=tmp_path / "w.pt", search_attributes=True)
+    spec = make_counter_spec(tmp_path, steps=160, out=tmp_path / "out.json", search_attributes=True)
     handle = await vl_client.submit(client, spec, queue=control)
 
     async def running():
@@ -179,9 +179,9 @@ async def test_after_a_refused_move_the_workflow_shows_the_attempt_that_runs_on(
     # not held to), and the spot pool refused 5 min ago, after the slack reached the line.
     now = datetime.now(UTC)
     submitted = now - timedelta(seconds=7260)
-    spec = make_spec(tmp_path, steps=0, out=tmp_path / "w.pt", pools=[spot, on_demand], total_steps=1000,
-                     work_seconds=7200, submitted_at=submitted, search_attributes=True,
-                     limits=Limits(deadline=submitted + timedelta(seconds=13860)))
+    spec = make_counter_spec(tmp_path, steps=0, out=tmp_path / "out.json", pools=[spot, on_demand], total_steps=1000,
+                             work_seconds=7200, submitted_at=submitted, search_attributes=True,
+                             limits=Limits(deadline=submitted + timedelta(seconds=13860)))
     refused = AttemptRecord(attempt=1, pool=spot.key, outcome=AttemptOutcome.REFUSED, refusal=Refusal.NO_CAPACITY,
                             started_at=now - timedelta(seconds=320), ended_at=now - timedelta(seconds=310))
     carried = RunStatus(run_id=spec.run_id, started_at=submitted, durable_step=500, attempts=[refused])

@@ -15,7 +15,7 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
 from tests.browser import Browser, chromium
-from tests.conftest import make_spec, temporal_binary
+from tests.conftest import make_counter_spec, temporal_binary
 from tests.helpers import free_port, wait_until
 from tests.test_cli import cli_env, vl  # noqa: F401 - cli_env is a fixture
 from vaultlayer import client as vl_client
@@ -40,7 +40,7 @@ async def test_the_ui_link_shows_the_runs_step(browser_path, cli_env, vl_home, t
         dev_server_existing_path=temporal_binary(), data_converter=pydantic_data_converter, ui=True, ui_port=ui_port,
         dev_server_extra_args=ui.dev_server_args())
     client, queue = env.client, f"vl-test-{uuid.uuid4().hex[:8]}"
-    spec = make_spec(tmp_path, steps=2000, out=tmp_path / "w.pt", search_attributes=True)
+    spec = make_counter_spec(tmp_path, steps=2000, out=tmp_path / "out.json", search_attributes=True)
     try:
         async with create_worker(client, task_queue=queue, home=vl_home):  # the UI's details query needs it
             await vl_client.submit(client, spec, queue=queue)

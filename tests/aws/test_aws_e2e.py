@@ -16,7 +16,7 @@ import pytest
 from temporalio.client import WorkflowFailureError
 
 from tests.aws.conftest import MOTO_AMI, REGION, SECRET_NAME
-from tests.conftest import REPO, TRAIN_TINY, assert_same_weights, make_spec, travelling_spec
+from tests.conftest import REPO, TRAIN_TINY, assert_same_weights, make_counter_spec, make_spec, travelling_spec
 from tests.helpers import wait_until
 from tests.test_multinode import gang_torchrun
 from vaultlayer import client as vl_client
@@ -84,7 +84,8 @@ async def test_spot_reclaim_with_notice_resumes_in_another_zone(temporal_env, co
 async def test_capacity_error_in_one_zone_moves_placement_on(temporal_env, control, aws, tmp_path):
     aws.proxy.refuse("us-east-1a", "InsufficientInstanceCapacity")
     aws.proxy.fail_next("us-east-1b", "RequestLimitExceeded")  # throttled once on the way
-    spec = make_spec(tmp_path, steps=20, out=tmp_path / "w.pt", pools=zone_pools("us-east-1a", "us-east-1b"))
+    spec = make_counter_spec(tmp_path, steps=20, out=tmp_path / "out.json",
+                             pools=zone_pools("us-east-1a", "us-east-1b"))
     client = temporal_env.client
     await vl_client.submit(client, spec, queue=control)
     status = await result_of(client, spec.run_id)
@@ -131,10 +132,10 @@ async def test_a_gang_of_two_instances_runs_one_ddp_job_and_leaves_no_instance_o
 
 
 async def test_lost_heartbeats_are_told_apart_by_the_instance_state(temporal_env, control, aws, tmp_path,
-                                                                     reference_weights):
-    out = tmp_path / "w.pt"
-    spec = make_spec(tmp_path, steps=150, out=out, step_time=0.1, heartbeat_timeout_seconds=5.0,
-                     pools=zone_pools("us-east-1a", "us-east-1b"))
+                                                                     counter_reference):
+    out = tmp_path / "out.json"
+    spec = make_counter_spec(tmp_path, steps=150, out=out, step_time=0.1, heartbeat_timeout_seconds=5.0,
+                             pools=zone_pools("us-east-1a", "us-east-1b"))
     client = temporal_env.client
     await vl_client.submit(client, spec, queue=control)
 
@@ -151,15 +152,15 @@ async def test_lost_heartbeats_are_told_apart_by_the_instance_state(temporal_env
     assert reclaimed.outcome == AttemptOutcome.RECLAIMED
     assert "host gone (terminated: Server.SpotInstanceTermination" in reclaimed.reason
     assert last.outcome == AttemptOutcome.COMPLETED and zone_of(aws, status, 3) == "us-east-1b"
-    assert_same_weights(out, reference_weights(150))
+    assert out.read_text() == counter_reference(150)
     aws.assert_nothing_left()
 
 
 async def test_an_agent_that_never_starts_is_a_host_fault_and_its_instance_released(temporal_env, control, aws,
                                                                                     tmp_path):
     aws.player.booting = False  # the instance runs, its bootstrap never brings the agent up
-    spec = make_spec(tmp_path, steps=10, out=tmp_path / "w.pt", start_timeout_seconds=3.0,
-                     pools=zone_pools("us-east-1a"), limits=Limits(max_host_faults=0))
+    spec = make_counter_spec(tmp_path, steps=10, out=tmp_path / "out.json", start_timeout_seconds=3.0,
+                             pools=zone_pools("us-east-1a"), limits=Limits(max_host_faults=0))
     client = temporal_env.client
     await vl_client.submit(client, spec, queue=control)
     status = await result_of(client, spec.run_id)
@@ -172,7 +173,7 @@ async def test_an_agent_that_never_starts_is_a_host_fault_and_its_instance_relea
 
 
 async def test_cancel_terminates_everything_tagged_with_the_run(temporal_env, control, aws, tmp_path):
-    spec = make_spec(tmp_path, steps=2000, out=tmp_path / "w.pt", pools=zone_pools("us-east-1a"))
+    spec = make_counter_spec(tmp_path, steps=2000, out=tmp_path / "out.json", pools=zone_pools("us-east-1a"))
     client = temporal_env.client
     await vl_client.submit(client, spec, queue=control)
     status = await on_host_with_checkpoint(client, spec.run_id, 1)
@@ -206,7 +207,7 @@ async def test_a_worker_start_sweeps_finished_runs_and_vl_reap_the_rest(temporal
     idle_queue = f"vl-nobody-{uuid.uuid4().hex[:8]}"
 
     async def run_on_idle_queue() -> str:
-        spec = make_spec(tmp_path, steps=10, out=tmp_path / "w.pt")
+        spec = make_counter_spec(tmp_path, steps=10, out=tmp_path / "out.json")
         await client.start_workflow("TrainingRun", RunInput(spec=spec), id=spec.run_id, task_queue=idle_queue)
         return spec.run_id
 

@@ -1,5 +1,5 @@
-"""What the fault tests share: a Temporal dev server of a test's own (to kill), a TCP proxy to cut, the torch-free
-counter script and its uninterrupted reference, the no-leak check, and the figure each test reports.
+"""What the fault tests share: a Temporal dev server of a test's own (to kill), a TCP proxy to cut, the no-leak
+check, and the figure each test reports.
 
 Every test here injects one fault into a real run (real Temporal server, real `vl agent` processes, real
 scripts; the 200-reclaim test alone serves its hosts' agents in-process, tests/faults/inproc_hosts.py) and
@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import subprocess
-import sys
 import threading
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -24,35 +22,10 @@ from temporalio.api.enums.v1 import EventType
 from temporalio.client import WorkflowQueryFailedError
 
 from activities.providers.local import NOTICE_RELATIVE_PATH
-from tests.conftest import REPO, SUGGEST_CONTINUE_AS_NEW_AFTER, group_alive, temporal_binary
+from tests.conftest import SUGGEST_CONTINUE_AS_NEW_AFTER, group_alive, temporal_binary
 from tests.helpers import free_port
 from vaultlayer import client as vl_client
 from vaultlayer.models import RunStatus
-
-COUNTER_TRAIN = Path(__file__).resolve().parent / "counter_train.py"
-
-
-def counter_command(steps: int, out: Path, step_time: float = 0.0) -> list[str]:
-    return [sys.executable, str(COUNTER_TRAIN), "--steps", str(steps), "--step-time", str(step_time), "--out", str(out)]
-
-
-_counter_cache: dict[int, str] = {}
-
-
-@pytest.fixture(scope="session")
-def counter_reference(tmp_path_factory) -> Callable[[int], str]:
-    """The --out of a plain, uninterrupted `counter_train.py --steps N` (no vl at all)."""
-
-    def run(steps: int) -> str:
-        if steps not in _counter_cache:
-            out = tmp_path_factory.mktemp("counter") / f"plain-{steps}.json"
-            env = {k: v for k, v in os.environ.items() if not k.startswith("VL_")}
-            subprocess.run(counter_command(steps, out), check=True, env=env, cwd=REPO, capture_output=True)
-            _counter_cache[steps] = out.read_text()
-        return _counter_cache[steps]
-
-    return run
-
 
 def write_instance_action(metadata_dir: Path, seconds_left: float, action: str = "terminate") -> None:
     """A reclaim notice as the local provider (and AWS IMDS) gives it: `spot/instance-action`, atomically."""

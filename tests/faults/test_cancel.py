@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 import pytest
 from temporalio.client import WorkflowFailureError
 
-from tests.conftest import make_spec
+from tests.conftest import make_counter_spec
 from tests.fakes.gce import error_body
 from tests.faults.conftest import status_of
 from tests.helpers import cancel_taken, wait_until
@@ -42,8 +42,8 @@ async def test_cancel_during_provisioning_leaves_nothing(temporal_env, control, 
         hold = gce.hold_next("POST", CREATE)  # the retry that would go through waits, unanswered
     else:
         hold = gce.hold_operations("insert")  # the VM stays PROVISIONING
-    spec = make_spec(tmp_path, steps=20, out=tmp_path / "w.pt",
-                     pools=[Pool(provider="gcp", region="", zone="us-central1-a", gpu="L4", gpu_count=1)])
+    spec = make_counter_spec(tmp_path, steps=20, out=tmp_path / "out.json",
+                             pools=[Pool(provider="gcp", region="", zone="us-central1-a", gpu="L4", gpu_count=1)])
     client = temporal_env.client
     handle = client.get_workflow_handle(spec.run_id)
 
@@ -96,7 +96,7 @@ async def test_a_cancel_waiting_at_a_continued_runs_first_task_still_reaps(tempo
     is forced here: the continued run's input is started on a queue nobody polls, cancelled, then a worker comes."""
     from worker.control import create_worker
 
-    spec = make_spec(tmp_path, steps=20, out=tmp_path / "w.pt", env_secrets={"TOKEN": "env:VL_TEST_TOKEN"})
+    spec = make_counter_spec(tmp_path, steps=20, out=tmp_path / "out.json", env_secrets={"TOKEN": "env:VL_TEST_TOKEN"})
     handed = hand_over(spec.run_id, spec.env_secrets, {"local"}, {"VL_TEST_TOKEN": "planted"})
     assert handed == protocol.handed_over_path(vl_home, spec.run_id) and handed.exists()
     carried = RunStatus(run_id=spec.run_id, started_at=datetime.now(UTC), continued_as_new=1)

@@ -17,7 +17,7 @@ import uuid
 
 from temporalio.service import RPCError
 
-from tests.conftest import REPO, assert_same_weights, make_spec
+from tests.conftest import REPO, make_counter_spec
 from tests.faults.conftest import DevServer, assert_no_host_left, status_of
 from tests.helpers import control_dir, hold_script, thaw, wait_for_script_step, wait_until
 from vaultlayer import client as vl_client
@@ -28,7 +28,7 @@ OUTAGE_STEPS = 40  # the server stays down while the host trains this many steps
 
 
 async def test_control_worker_killed_and_restarted(temporal_env, temporal_address, vl_home, tmp_path,
-                                                   reference_weights, figure):
+                                                   counter_reference, figure):
     queue = f"vl-test-{uuid.uuid4().hex[:8]}"
     env = {**os.environ, "TEMPORAL_ADDRESS": temporal_address, "VL_TASK_QUEUE": queue, "VL_HOME": str(vl_home)}
 
@@ -38,8 +38,8 @@ async def test_control_worker_killed_and_restarted(temporal_env, temporal_addres
 
     worker = start_worker()
     try:
-        out = tmp_path / "w.pt"
-        spec = make_spec(tmp_path, steps=400, out=out)
+        out = tmp_path / "out.json"
+        spec = make_counter_spec(tmp_path, steps=400, out=out)
         client = temporal_env.client
         await vl_client.submit(client, spec, queue=queue)
 
@@ -62,7 +62,7 @@ async def test_control_worker_killed_and_restarted(temporal_env, temporal_addres
         status = await status_of(client, spec.run_id)
         assert status.state == RunState.SUCCEEDED
         assert [a.outcome for a in status.attempts] == [AttemptOutcome.RECLAIMED, AttemptOutcome.COMPLETED]
-        assert_same_weights(out, reference_weights(400))
+        assert out.read_text() == counter_reference(400)
         assert_no_host_left(vl_home)
         figure(seconds_to_take_commands=round(seconds_to_take_commands, 1), steps_lost=status.steps_lost)
     finally:
@@ -70,7 +70,7 @@ async def test_control_worker_killed_and_restarted(temporal_env, temporal_addres
         worker.wait()
 
 
-async def test_dev_server_killed_and_restarted_on_the_same_database(vl_home, tmp_path, reference_weights, figure):
+async def test_dev_server_killed_and_restarted_on_the_same_database(vl_home, tmp_path, counter_reference, figure):
     """The script is held (SIGSTOP) at the two moments the test must act before it moves on: once trained and
     checkpointed, until the control plane has heard so; and once trained through the outage, until it hears
     again after the restart. So a fast script cannot finish unheard, and a slow host cannot miss the outage."""
@@ -79,8 +79,8 @@ async def test_dev_server_killed_and_restarted_on_the_same_database(vl_home, tmp
     try:
         client = await server.connect()
         queue = f"vl-test-{uuid.uuid4().hex[:8]}"
-        out = tmp_path / "w.pt"
-        spec = make_spec(tmp_path, steps=200, out=out, heartbeat_timeout_seconds=10.0)
+        out = tmp_path / "out.json"
+        spec = make_counter_spec(tmp_path, steps=200, out=out, heartbeat_timeout_seconds=10.0)
         control = control_dir(vl_home, spec.run_id, "h-1", 1)
         async with create_worker(client, task_queue=queue, home=vl_home):
             handle = await vl_client.submit(client, spec, queue=queue)
@@ -114,7 +114,7 @@ async def test_dev_server_killed_and_restarted_on_the_same_database(vl_home, tmp
         server.kill()
     assert status.state == RunState.SUCCEEDED, status.stop_reason
     assert after.step >= before.step + OUTAGE_STEPS
-    assert_same_weights(out, reference_weights(200))
+    assert out.read_text() == counter_reference(200)
     assert_no_host_left(vl_home)
     figure(outage_seconds=round(restarted_at - killed_at, 1), seconds_to_resume=round(resumed_at - restarted_at, 1),
            attempts=len(status.attempts), steps_lost=status.steps_lost)

@@ -11,8 +11,8 @@ import json
 import os
 import signal
 
-from tests.conftest import assert_same_weights, group_members, make_spec
-from tests.faults.conftest import assert_no_host_left, counter_command, status_of
+from tests.conftest import counter_command, group_members, make_counter_spec, make_spec
+from tests.faults.conftest import assert_no_host_left, status_of
 from tests.helpers import Failpoints, freeze, wait_until
 from tests.test_run_e2e import record_histories
 from vaultlayer import checkpoint, failpoints, protocol
@@ -21,9 +21,9 @@ from vaultlayer.models import AttemptOutcome, RunState
 
 
 async def test_host_agent_killed_while_its_script_lives_on(temporal_env, control, vl_home, tmp_path,
-                                                           reference_weights, figure):
-    out = tmp_path / "w.pt"
-    spec = make_spec(tmp_path, steps=150, out=out, heartbeat_timeout_seconds=3.0)
+                                                           counter_reference, figure):
+    out = tmp_path / "out.json"
+    spec = make_counter_spec(tmp_path, steps=150, out=out, heartbeat_timeout_seconds=3.0)
     client = temporal_env.client
     await vl_client.submit(client, spec, queue=control)
 
@@ -42,7 +42,7 @@ async def test_host_agent_killed_while_its_script_lives_on(temporal_env, control
     assert first.outcome == AttemptOutcome.HOST_FAULT and "heartbeats stopped while the host is running" in first.reason
     assert second.start_step == first.durable_step >= 20
     assert status.state == RunState.SUCCEEDED
-    assert_same_weights(out, reference_weights(150))
+    assert out.read_text() == counter_reference(150)
     assert not group_members(pgid) or all(state == "Z" for _, state in group_members(pgid))
     assert_no_host_left(vl_home)
     figure(steps_lost=status.steps_lost, resumed_from=second.start_step)

@@ -19,9 +19,9 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Replayer
 
 from activities.providers import PROVIDERS
-from tests.conftest import SUGGEST_CONTINUE_AS_NEW_AFTER, make_spec
+from tests.conftest import SUGGEST_CONTINUE_AS_NEW_AFTER, counter_command, make_spec
 from tests.faults import inproc_hosts
-from tests.faults.conftest import counter_command, scripts_alive, status_of
+from tests.faults.conftest import scripts_alive, status_of
 from vaultlayer import client as vl_client
 from vaultlayer.models import AttemptOutcome, Limits, Pool, RunState
 from workflows.training_run import TrainingRun

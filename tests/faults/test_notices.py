@@ -11,8 +11,8 @@ import asyncio
 import json
 from pathlib import Path
 
-from tests.conftest import make_spec
-from tests.faults.conftest import assert_no_host_left, counter_command, status_of, write_instance_action
+from tests.conftest import counter_command, make_spec
+from tests.faults.conftest import assert_no_host_left, status_of, write_instance_action
 from tests.helpers import (Failpoints, control_dir, freeze, hold_second_restore, reclaim_after_checkpoint,
                            wait_for_script_step, wait_until)
 from vaultlayer import checkpoint
