@@ -49,10 +49,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.faults.conftest import (  # noqa: E402 - the repository is on the path from here
+from tests.conftest import counter_command  # noqa: E402 - the repository is on the path from here
+from tests.faults.conftest import (  # noqa: E402
     CuttableProxy,
     DevServer,
-    counter_command,
     host_tags,
     scripts_alive,
     write_instance_action,
