@@ -292,7 +292,11 @@ async def test_connect_waits_out_a_server_that_is_starting_and_fails_at_once_oth
     assert not answers
 
 
-STALLED_QUERIES = {"left": 0}
+# What the next status queries meet: a thread that stalls past the SDK's deadlock detector, then answers late
+# failures that carry the detector's code without a stall.
+STALLED_QUERIES = {"stall": 0, "late": 0}
+# The failure the SDK gives a query whose thread did not yield in time (temporalio.worker._workflow).
+DETECTOR_FAILURE = "[TMPRL1101] Potential deadlock detected: workflow didn't yield within 2 second(s)."
 
 
 @workflow.defn(name=vl_client.WORKFLOW_NAME)
@@ -310,11 +314,18 @@ class StallingRun:
 
     @workflow.query(name="status")
     def status(self) -> RunStatus:
-        if STALLED_QUERIES["left"] > 0:
-            STALLED_QUERIES["left"] -= 1
+        if STALLED_QUERIES["stall"] > 0:
+            STALLED_QUERIES["stall"] -= 1
+            # Spin until the detector interrupts: past its 2 s the SDK fails the query and raises an exception
+            # into this thread. A fixed 2.5 s spin raced it: on a loaded machine a detector that fired later
+            # than that met a handler that had returned.
             began = time.monotonic()
-            while time.monotonic() - began < 2.5:
+            while time.monotonic() - began < 120:
                 pass
+            raise AssertionError("the SDK's deadlock detector never interrupted a query spinning for 120 s")
+        if STALLED_QUERIES["late"] > 0:
+            STALLED_QUERIES["late"] -= 1
+            raise RuntimeError(DETECTOR_FAILURE)
         return RunStatus(run_id=self.spec.run_id, started_at=workflow.now(), state=RunState.RUNNING)
 
     @workflow.query(name="spec")
@@ -334,14 +345,17 @@ async def test_status_asks_again_when_a_starved_worker_answered_too_late(tempora
         handle = await client.start_workflow(vl_client.WORKFLOW_NAME, RunInput(spec=spec), id=spec.run_id,
                                              task_queue=queue)
         assert (await vl_client.spec(client, spec.run_id)).run_id == spec.run_id  # the run is up, its worker too
-        STALLED_QUERIES["left"] = 1
+        STALLED_QUERIES["stall"] = 1
         status = await vl_client.status(client, spec.run_id)
-        assert STALLED_QUERIES["left"] == 0, "the query did not reach the stalling handler"
+        assert STALLED_QUERIES["stall"] == 0, "the query did not reach the stalling handler"
         assert status.run_id == spec.run_id and status.state == RunState.RUNNING
 
+        # A worker that stays starved still fails, after its retries. These failures are raised, not real stalls:
+        # a second real one on the same run once left the worker unable to shut down (run 34, docs/testing.md).
         monkeypatch.setattr(vl_client, "QUERY_STALL_RETRIES", 1)
-        STALLED_QUERIES["left"] = 2  # a worker that stays starved still fails, after its retries
+        STALLED_QUERIES["late"] = 2
         with pytest.raises(WorkflowQueryFailedError, match="TMPRL1101"):
             await vl_client.status(client, spec.run_id)
+        assert STALLED_QUERIES["late"] == 0, "the retry did not reach the worker"
         await handle.signal(StallingRun.finish)
         await asyncio.wait_for(handle.result(), 30)
