@@ -22,8 +22,7 @@ from temporalio.testing import ActivityEnvironment
 from activities.control import ControlActivities
 from activities.providers.base import ProviderConfigError
 from activities.providers.local import LocalProvider, group_alive, group_members, kill_group, throttle
-from tests.conftest import host_pgids, make_spec
-from tests.conftest import counter_command
+from tests.conftest import host_pgids, make_counter_spec
 from tests.helpers import Failpoints, wait_for_progress, wait_until
 from tests.test_run_e2e import record_histories
 from vaultlayer import client as vl_client
@@ -216,10 +215,11 @@ async def test_a_run_moves_to_the_pool_with_the_lower_cost_per_step(temporal_env
     (vl_home / "local.toml").write_text("[slowdown]\nslow = 10.0\n")
     out = tmp_path / "out.json"
     slow, fast = Pool(zone="slow", price_per_hour=1.0), Pool(zone="fast", price_per_hour=1.2)
-    spec = make_spec(tmp_path, steps=100_000, out=out, command=counter_command(100_000, out, step_time=0.01),
-                     pools=[slow, fast], total_steps=100_000, changeover_seconds=2.0, notice_seconds=5.0,
-                     speed_prior_seconds=0.0,  # seconds of measurement are all the policy goes by
-                     start_timeout_seconds=300.0)  # the product's: a move that waited it out would outlast the guard
+    spec = make_counter_spec(tmp_path, steps=100_000, out=out, step_time=0.01,
+                             pools=[slow, fast], total_steps=100_000, changeover_seconds=2.0, notice_seconds=5.0,
+                             speed_prior_seconds=0.0,  # seconds of measurement are all the policy goes by
+                             # the product's start timeout: a move that waited it out would outlast the guard
+                             start_timeout_seconds=300.0)
     client = temporal_env.client
     handle = client.get_workflow_handle(spec.run_id)
     await vl_client.submit(client, spec, queue=control)

@@ -12,7 +12,6 @@ import asyncio
 import logging
 import os
 import shlex
-import sys
 import uuid
 from datetime import UTC, datetime
 
@@ -24,7 +23,7 @@ from temporalio.testing import ActivityEnvironment
 import activities.control
 import worker.control
 from activities.control import PRICE_CACHE_VARIABLE, ControlActivities
-from tests.conftest import COUNTER_TRAIN, make_spec
+from tests.conftest import counter_command, make_spec
 from tests.test_run_e2e import record_histories
 from vaultlayer import catalog
 from vaultlayer import client as vl_client
@@ -231,8 +230,8 @@ def test_quotes_that_reverse_the_list_prices_reverse_the_placement():
 
 def counter_spec(tmp_path, pools: list[Pool], **overrides) -> RunSpec:
     out = tmp_path / "counter.json"
-    command = [sys.executable, str(COUNTER_TRAIN), "--steps", "5", "--out", str(out)]
-    return make_spec(tmp_path, steps=5, out=out, pools=pools, checkpoint_every="2", **{"command": command, **overrides})
+    return make_spec(tmp_path, steps=5, out=out, pools=pools, checkpoint_every="2",
+                     **{"command": counter_command(5, out), **overrides})
 
 
 async def finished(client, run_id: str) -> RunStatus:
@@ -300,8 +299,7 @@ async def test_the_quotes_in_the_status_are_what_ranked_the_pools_placement_by_p
     monkeypatch.setattr(catalog.catalog("local"), "current_price", current_price, raising=False)
     monkeypatch.setenv(PRICE_CACHE_VARIABLE, "0")  # each placement reads again
     marker, out = tmp_path / "failed-once", tmp_path / "counter.json"
-    fails_once = f"test -e {marker} || {{ touch {marker}; exit 3; }}; " + shlex.join(
-        [sys.executable, str(COUNTER_TRAIN), "--steps", "5", "--out", str(out)])
+    fails_once = f"test -e {marker} || {{ touch {marker}; exit 3; }}; " + shlex.join(counter_command(5, out))
     spec = counter_spec(tmp_path, [listed_cheap, listed_dear], command=["/bin/sh", "-c", fails_once],
                         limits=Limits(script_retries=1, max_host_faults=0))
     await vl_client.submit(temporal_env.client, spec, queue=control)

@@ -11,7 +11,7 @@ import json
 import os
 import signal
 
-from tests.conftest import counter_command, group_members, make_counter_spec, make_spec
+from tests.conftest import group_members, make_counter_spec
 from tests.faults.conftest import assert_no_host_left, status_of
 from tests.helpers import Failpoints, freeze, wait_until
 from tests.test_run_e2e import record_histories
@@ -52,8 +52,8 @@ async def test_reclaim_during_the_very_first_step_resumes_from_scratch(temporal_
                                                                       counter_reference, figure):
     out = tmp_path / "out.json"
     steps = 20  # the first checkpoint comes after 10 steps, 5 s: long after the reclaim
-    spec = make_spec(tmp_path, steps=steps, out=out, command=counter_command(steps, out, step_time=0.5),
-                     heartbeat_timeout_seconds=2.0)
+    spec = make_counter_spec(tmp_path, steps=steps, out=out, step_time=0.5,
+                             heartbeat_timeout_seconds=2.0)
     client = temporal_env.client
     await vl_client.submit(client, spec, queue=control)
     host_dir = vl_home / "hosts" / spec.run_id / "h-1"
@@ -100,8 +100,8 @@ async def test_a_host_reclaimed_before_its_agent_started_is_a_reclaim_not_a_faul
     points.arm(held)
     out = tmp_path / "out.json"
     steps = 20
-    spec = make_spec(tmp_path, steps=steps, out=out, command=counter_command(steps, out),
-                     start_timeout_seconds=300.0)  # the product's: waited out, the run would outlast the guard
+    spec = make_counter_spec(tmp_path, steps=steps, out=out, step_time=0.0,
+                             start_timeout_seconds=300.0)  # the product's: waited out, the run would outlast the guard
     client = temporal_env.client
     handle = client.get_workflow_handle(spec.run_id)
     await vl_client.submit(client, spec, queue=control)

@@ -19,7 +19,7 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Replayer
 
 from activities.providers import PROVIDERS
-from tests.conftest import SUGGEST_CONTINUE_AS_NEW_AFTER, counter_command, make_spec
+from tests.conftest import SUGGEST_CONTINUE_AS_NEW_AFTER, make_counter_spec
 from tests.faults import inproc_hosts
 from tests.faults.conftest import scripts_alive, status_of
 from vaultlayer import client as vl_client
@@ -46,9 +46,9 @@ async def test_200_reclaims_keep_history_bounded_and_replayable(temporal_env, co
                                                                  counter_reference, figure):
     out = tmp_path / "out.json"
     steps = RECLAIMS
-    spec = make_spec(tmp_path, steps=steps, out=out, command=counter_command(steps, out), checkpoint_every=None,
-                     pools=[Pool(provider=inproc_hosts.NAME)], notice_seconds=10.0,
-                     limits=Limits(max_reclaims=RECLAIMS + 50))
+    spec = make_counter_spec(tmp_path, steps=steps, out=out, step_time=0.0, checkpoint_every=None,
+                             pools=[Pool(provider=inproc_hosts.NAME)], notice_seconds=10.0,
+                             limits=Limits(max_reclaims=RECLAIMS + 50))
     client = temporal_env.client
     began = time.monotonic()
     handle = await vl_client.submit(client, spec, queue=control)

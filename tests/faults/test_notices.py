@@ -11,7 +11,7 @@ import asyncio
 import json
 from pathlib import Path
 
-from tests.conftest import counter_command, make_spec
+from tests.conftest import make_counter_spec
 from tests.faults.conftest import assert_no_host_left, status_of, write_instance_action
 from tests.helpers import (Failpoints, control_dir, freeze, hold_second_restore, reclaim_after_checkpoint,
                            wait_for_script_step, wait_until)
@@ -24,8 +24,8 @@ STEPS = 100
 
 def counter_spec(tmp_path: Path, **overrides):
     out = tmp_path / "out.json"
-    return out, make_spec(tmp_path, steps=STEPS, out=out, command=counter_command(STEPS, out, step_time=0.05),
-                          checkpoint_every="10", **overrides)
+    return out, make_counter_spec(tmp_path, steps=STEPS, out=out, step_time=0.05,
+                                  checkpoint_every="10", **overrides)
 
 
 async def on_host(client, run_id: str, host_id: str, durable: int = 0) -> RunStatus:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import counter_command, make_counter_spec, make_spec
+from tests.conftest import make_counter_spec
 from tests.faults.conftest import assert_no_host_left, status_of
 from tests.helpers import Failpoints, hold_second_restore, wait_until
 from vaultlayer import client as vl_client
@@ -90,8 +90,8 @@ async def test_storage_outage_during_restore(temporal_env, control, vl_home, tmp
                                              s3_server, monkeypatch, figure):
     out = tmp_path / "out.json"
     steps = 100
-    spec = make_spec(tmp_path, steps=steps, out=out, command=counter_command(steps, out, step_time=0.05),
-                     storage_url=storage_url)
+    spec = make_counter_spec(tmp_path, steps=steps, out=out, step_time=0.05,
+                             storage_url=storage_url)
     client = temporal_env.client
     # The second attempt's agent holds between "host provisioned, attempt accepted" and "restore begins", so the
     # outage starts exactly there, however fast or slow this machine is.
@@ -133,7 +133,7 @@ async def test_a_checkpoint_changed_after_it_was_chosen_fails_that_restore_and_t
     failed the whole run. Now the attempt fails, verification runs again and passes the checkpoint over."""
     out = tmp_path / "out.json"
     steps = 100
-    spec = make_spec(tmp_path, steps=steps, out=out, command=counter_command(steps, out, step_time=0.05))
+    spec = make_counter_spec(tmp_path, steps=steps, out=out, step_time=0.05)
     client = temporal_env.client
     points = Failpoints(tmp_path / "failpoints").install(monkeypatch)
     before_second_restore = await hold_second_restore(client, spec, control, vl_home, points, durable=20)
