@@ -183,6 +183,19 @@ def test_a_deadline_that_cannot_be_met_stops_the_run_at_the_deadline():
     assert result.finished_hours is None and result.stop_reason.startswith("limit deadline=")
 
 
+def test_starts_fall_at_every_point_of_a_tick_not_on_its_boundary():
+    """Traces change at tick boundaries only: a policy that asks once a tick from a start on a boundary would see
+    each change the moment it happens. The starts' phases within the tick must cover it instead."""
+    world = simulate.World(simulate.synthetic_traces(1, market="choppy"))
+    tick = min(t.gap_seconds for t in world.traces.values())
+    starts = simulate.start_offsets(world, 40)
+    phases = sorted(start % tick for start in starts)
+    assert len(set(round(p, 6) for p in phases)) == 40
+    widest_gap = max(b - a for a, b in zip(phases, [*phases[1:], phases[0] + tick]))
+    assert widest_gap < tick / 10
+    assert all(0 <= b - a < world.seconds / 40 + tick for a, b in zip(starts, starts[1:]))  # still spread evenly
+
+
 def test_targets_hold_on_traces_no_constant_was_chosen_on():
     """36 h deadline, 24 h job: every run meets it, at no more than 40% of on-demand."""
     model = simulate.Model(deadline_hours=36)

@@ -38,6 +38,7 @@ from workflows import accounting, policy
 
 EPOCH = datetime(2000, 1, 1, tzinfo=UTC)  # simulated time starts here; only differences matter
 PROVIDER = "trace"
+GOLDEN_FRACTION = (math.sqrt(5) - 1) / 2  # start phases within a tick: `start_offsets`
 
 
 @dataclass(frozen=True)
@@ -588,8 +589,14 @@ class Summary:
 
 
 def start_offsets(world: World, count: int) -> list[float]:
-    """`count` start times spread evenly over the traces."""
-    return [world.seconds * i / count for i in range(count)]
+    """`count` start times spread evenly over the traces, each at its own point within a tick.
+
+    A trace changes only at its tick boundaries. Were every start on one, a policy that asks once a tick from its
+    start (Uniform Progress) would ask at the very moment each change happens, which no real policy can: real
+    capacity comes and goes at any second. The phase within the tick runs through the golden ratio's multiples, so
+    the starts cover it evenly whatever their number."""
+    tick = min(t.gap_seconds for t in world.traces.values())
+    return [world.seconds * i / count + (i * GOLDEN_FRACTION) % 1.0 * tick for i in range(count)]
 
 
 def compare(strategies: dict[str, StrategyFactory], traces: list[Trace], model: Model, starts: int) -> list[Summary]:
