@@ -3,7 +3,8 @@ chosen on: the claim of docs/policy.md ("never dearer than Uniform Progress at 1
 
 For each set of traces and each deadline, both policies run from the same start offsets; the table gives each
 one's attainment and mean cost relative to on-demand, and the difference (ours - UP, in points of on-demand
-cost: negative is cheaper). A row where VaultLayer misses a deadline UP meets, or costs more, is marked "<-".
+cost: negative is cheaper) with two standard errors of it over the starts. A row where VaultLayer misses a deadline UP
+meets, or costs more, is marked "<-"; "beyond 2 SE" where it costs more by more than the noise of its starts.
 
     python bench/policy_slices.py                  # real slices, and synthetic seeds 100-109 of every market
     python bench/policy_slices.py --seeds 200 210  # other held-out seeds
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -70,10 +72,22 @@ def measure(job: tuple[str, list[simulate.Trace], int, float, int]) -> dict:
     name, traces, nodes, deadline, starts = job
     model = simulate.Model(deadline_hours=deadline, nodes=nodes)
     ours, uniform = simulate.compare({p: baselines.STRATEGIES[p] for p in POLICIES}, traces, model, starts)
+    unit = model.work_hours * model.on_demand_price * model.nodes
     return {"slice": name, "deadline_h": deadline, "ours_attainment": ours.attainment,
             "up_attainment": uniform.attainment, "ours_cost": ours.cost_vs_ondemand,
             "up_cost": uniform.cost_vs_ondemand, "ours_reclaims": ours.mean_reclaims,
-            "up_reclaims": uniform.mean_reclaims}
+            "up_reclaims": uniform.mean_reclaims,
+            "diff_se": paired_standard_error([(a.cost - b.cost) / unit for a, b in zip(ours.results, uniform.results)])}
+
+
+def paired_standard_error(differences: list[float]) -> float:
+    """The standard error of the mean of per-start differences (both policies run from the same starts): how far
+    the slice's difference could move with other starts. Two of them is the line between noise and a real gap."""
+    n = len(differences)
+    if n < 2:
+        return math.inf
+    mean = sum(differences) / n
+    return math.sqrt(sum((d - mean) ** 2 for d in differences) / (n - 1) / n)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,11 +96,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="synthetic seeds FIRST..END-1 of every market (default 100 110)")
     parser.add_argument("--starts", type=int, default=40, help="start offsets per slice (default 40)")
     parser.add_argument("--deadlines", type=float, nargs="+", default=[36.0, 28.0], metavar="HOURS")
+    parser.add_argument("--markets", nargs="+", default=["real", *simulate.MARKETS],
+                        choices=["real", *simulate.MARKETS], help="the sets to run (default: all)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     began = time.monotonic()
-    slices = real_slices() + synthetic_slices(range(*args.seeds))
+    slices = [s for s in real_slices() + synthetic_slices(range(*args.seeds))
+              if s[0].split()[0].rstrip(":") in args.markets]
     jobs = [(name, traces, nodes, deadline, args.starts) for name, traces, nodes in slices
             for deadline in args.deadlines]
     with ProcessPoolExecutor(args.workers) as pool:
@@ -94,24 +111,31 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    print(f"{'slice':<28} {'deadline':>8} {'ours':>8} {'UP':>8} {'diff':>7} {'reclaims ours/UP':>17} {'attained ours/UP':>17}")
-    worse = 0
+    print(f"{'slice':<28} {'deadline':>8} {'ours':>8} {'UP':>8} {'diff':>7} {'2 SE':>6} {'reclaims ours/UP':>17} "
+          f"{'attained ours/UP':>17}")
+    worse = beyond_noise = 0
     for row in rows:
-        diff = (row["ours_cost"] - row["up_cost"]) * 100
+        diff, noise = (row["ours_cost"] - row["up_cost"]) * 100, 2 * row["diff_se"] * 100
         behind = row["ours_attainment"] < row["up_attainment"] or diff > 0.005
         worse += behind
+        clear = row["ours_attainment"] < row["up_attainment"] or diff > noise
+        beyond_noise += clear
         print(f"{row['slice']:<28} {row['deadline_h']:>7g}h {row['ours_cost']:>8.2%} {row['up_cost']:>8.2%} "
-              f"{diff:>+7.2f} {row['ours_reclaims']:>8.1f}/{row['up_reclaims']:<8.1f} "
-              f"{row['ours_attainment']:>7.1%}/{row['up_attainment']:<7.1%}{'  <-' if behind else ''}")
+              f"{diff:>+7.2f} {noise:>6.2f} {row['ours_reclaims']:>8.1f}/{row['up_reclaims']:<8.1f} "
+              f"{row['ours_attainment']:>7.1%}/{row['up_attainment']:<7.1%}{'  <-' if behind else ''}"
+              f"{' beyond 2 SE' if clear else ''}")
     for market in ["real", *simulate.MARKETS]:
         for deadline in args.deadlines:
             group = [r for r in rows if r["slice"].startswith(market) and r["deadline_h"] == deadline]
             if group:
                 ours = sum(r["ours_cost"] for r in group) / len(group)
                 uniform = sum(r["up_cost"] for r in group) / len(group)
-                print(f"mean of {len(group)} {market} slices at {deadline:g} h: ours {ours:.2%}, UP {uniform:.2%}, "
+                noise = 2 * math.sqrt(sum(r["diff_se"] ** 2 for r in group)) / len(group)
+                print(f"mean of {len(group)} {market} slices at {deadline:g} h: ours {ours:.2%}, UP {uniform:.2%} "
+                      f"({(ours - uniform) * 100:+.2f} points, 2 SE {noise * 100:.2f}), "
                       f"ours cheaper or equal on {sum(r['ours_cost'] <= r['up_cost'] + 5e-5 for r in group)}")
-    print(f"{worse} of {len(rows)} rows where VaultLayer is dearer or attains less ({time.monotonic() - began:.0f} s)")
+    print(f"{worse} of {len(rows)} rows where VaultLayer is dearer or attains less; {beyond_noise} where it is dearer "
+          f"by more than two standard errors of the paired difference ({time.monotonic() - began:.0f} s)")
     return 0
 
 

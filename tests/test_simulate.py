@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import goodput
+from bench import goodput, policy_slices
 from tests.conftest import REPO
 from vaultlayer.models import AttemptOutcome, RunState, RunStatus
 from workflows import baselines, policy, simulate
@@ -194,6 +194,14 @@ def test_starts_fall_at_every_point_of_a_tick_not_on_its_boundary():
     widest_gap = max(b - a for a, b in zip(phases, [*phases[1:], phases[0] + tick]))
     assert widest_gap < tick / 10
     assert all(0 <= b - a < world.seconds / 40 + tick for a, b in zip(starts, starts[1:]))  # still spread evenly
+
+
+def test_the_slice_table_tells_a_gap_from_the_noise_of_its_starts():
+    """bench/policy_slices.py marks a dearer slice "beyond 2 SE" only past two standard errors of the mean of the
+    per-start differences (both policies run from the same starts)."""
+    assert policy_slices.paired_standard_error([1.0, 2.0, 3.0, 4.0]) == pytest.approx((5 / 3 / 4) ** 0.5)
+    assert policy_slices.paired_standard_error([0.2] * 10) == pytest.approx(0.0, abs=1e-12)
+    assert policy_slices.paired_standard_error([0.2]) == float("inf")  # one start says nothing of the noise
 
 
 def test_targets_hold_on_traces_no_constant_was_chosen_on():
