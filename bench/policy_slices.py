@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -72,22 +73,20 @@ def measure(job: tuple[str, list[simulate.Trace], int, float, int]) -> dict:
     name, traces, nodes, deadline, starts = job
     model = simulate.Model(deadline_hours=deadline, nodes=nodes)
     ours, uniform = simulate.compare({p: baselines.STRATEGIES[p] for p in POLICIES}, traces, model, starts)
-    unit = model.work_hours * model.on_demand_price * model.nodes
     return {"slice": name, "deadline_h": deadline, "ours_attainment": ours.attainment,
             "up_attainment": uniform.attainment, "ours_cost": ours.cost_vs_ondemand,
             "up_cost": uniform.cost_vs_ondemand, "ours_reclaims": ours.mean_reclaims,
             "up_reclaims": uniform.mean_reclaims,
-            "diff_se": paired_standard_error([(a.cost - b.cost) / unit for a, b in zip(ours.results, uniform.results)])}
+            "diff_se": paired_standard_error([(a.cost - b.cost) / model.on_demand_cost
+                                              for a, b in zip(ours.results, uniform.results)])}
 
 
 def paired_standard_error(differences: list[float]) -> float:
     """The standard error of the mean of per-start differences (both policies run from the same starts): how far
     the slice's difference could move with other starts. Two of them is the line between noise and a real gap."""
-    n = len(differences)
-    if n < 2:
+    if len(differences) < 2:
         return math.inf
-    mean = sum(differences) / n
-    return math.sqrt(sum((d - mean) ** 2 for d in differences) / (n - 1) / n)
+    return statistics.stdev(differences) / math.sqrt(len(differences))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -187,7 +187,7 @@ def test_starts_fall_at_every_point_of_a_tick_not_on_its_boundary():
     """Traces change at tick boundaries only: a policy that asks once a tick from a start on a boundary would see
     each change the moment it happens. The starts' phases within the tick must cover it instead."""
     world = simulate.World(simulate.synthetic_traces(1, market="choppy"))
-    tick = min(t.gap_seconds for t in world.traces.values())
+    tick = world.tick_seconds
     starts = simulate.start_offsets(world, 40)
     phases = sorted(start % tick for start in starts)
     assert len(set(round(p, 6) for p in phases)) == 40

@@ -126,7 +126,7 @@ class UniformProgress(_Baseline):
     def __init__(self, world: World, start: float) -> None:
         super().__init__(world, start)
         self.safety_net = False
-        self.tick = min(t.gap_seconds for t in world.traces.values())
+        self.tick = world.tick_seconds
 
     def progress(self, spec: RunSpec, status: RunStatus, now: datetime) -> tuple[float, float, float]:
         """(done, elapsed, time left) in seconds of uninterrupted work."""

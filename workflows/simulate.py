@@ -228,6 +228,11 @@ class World:
     def seconds(self) -> float:
         return min(t.seconds for t in self.traces.values())
 
+    @property
+    def tick_seconds(self) -> float:
+        """The shortest trace tick: no capacity changes between two of them."""
+        return min(t.gap_seconds for t in self.traces.values())
+
     def price(self, pool: Pool, at: float, model: Model) -> float | None:
         """What a host of `pool` costs at `at`: its zone's price series, else the pool's price."""
         trace = self.traces.get(pool.zone or "")
@@ -291,6 +296,11 @@ class Model:
     @property
     def work_seconds(self) -> float:
         return self.work_hours * 3600
+
+    @property
+    def on_demand_cost(self) -> float:
+        """The work done on on-demand hosts, without interruption: the unit of every relative cost."""
+        return self.work_hours * self.on_demand_price * self.nodes
 
     def wall_seconds(self, work: float, checkpoints: bool) -> float:
         """Wall time for `work` seconds of training, periodic saves included."""
@@ -595,8 +605,7 @@ def start_offsets(world: World, count: int) -> list[float]:
     start (Uniform Progress) would ask at the very moment each change happens, which no real policy can: real
     capacity comes and goes at any second. The phase within the tick runs through the golden ratio's multiples, so
     the starts cover it evenly whatever their number."""
-    tick = min(t.gap_seconds for t in world.traces.values())
-    return [world.seconds * i / count + (i * GOLDEN_FRACTION) % 1.0 * tick for i in range(count)]
+    return [world.seconds * i / count + (i * GOLDEN_FRACTION) % 1.0 * world.tick_seconds for i in range(count)]
 
 
 def compare(strategies: dict[str, StrategyFactory], traces: list[Trace], model: Model, starts: int) -> list[Summary]:
@@ -621,8 +630,7 @@ def summarize(name: str, model: Model, results: list[RunResult]) -> Summary:
         attainment=sum(c <= model.deadline_hours for c in completions) / len(results),
         mean_completion_h=sum(finite) / len(finite) if finite else None,
         p95_completion_h=None if p95 == math.inf else p95,
-        cost_vs_ondemand=sum(r.cost for r in results) / len(results)
-        / (model.work_hours * model.on_demand_price * model.nodes),
+        cost_vs_ondemand=sum(r.cost for r in results) / len(results) / model.on_demand_cost,
         mean_cost=sum(r.cost for r in results) / len(results),
         mean_reclaims=sum(r.reclaims for r in results) / len(results),
         horizon_h=model.horizon_factor * model.deadline_hours,
